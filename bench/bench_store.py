@@ -1,0 +1,164 @@
+"""Event store benchmark, run by hand (not a test):
+
+    pip install -e . eventsourcing && python bench/bench_store.py [--events 1000000] [--dir /var/tmp]
+
+Prints, in one run, side by side:
+  (a) append throughput of our store at FULL and NORMAL durability with batches of 1, 64 and 1024 events;
+  (c) the same workload through the ``eventsourcing`` library's SQLite recorder (one ``insert_events`` call
+      per batch, so the same group commit);
+  (b) the time to rebuild the registry of a 1,000,000-event log: the start-up path (``load_registry``:
+      the latest snapshot, then the tail) and a full fold of every event (``rebuild(store.read())``).
+Put the log on a real disk (``--dir``) to measure fsync; a tmpfs hides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from events import EventStore, Join, Link, Listen, Message, Unlink, rebuild  # noqa: E402
+from events.projection import Registry, apply  # noqa: E402
+
+LOBBY, SESSION = "bench", "s1"
+BATCHES = (1, 64, 1024)
+
+
+def workload(count: int) -> list[Message]:
+    """``count`` chat-sized custom messages, as a busy lobby logs them."""
+    return [
+        Message(lobby=LOBBY, session=SESSION, at=1_700_000_000_000_000 + i, username=f"user{i % 50}",
+                message={"type": "game/move", "payload": {"x": i % 19, "y": i % 7, "turn": i}})
+        for i in range(count)
+    ]
+
+
+def time_ours(folder: Path, durability: str, batch: int, seconds: float) -> float:
+    path = folder / f"ours-{durability}-{batch}.db"
+    events = workload(batch)
+    with EventStore(path, durability=durability) as store:
+        appended, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            store.append(events)
+            appended += batch
+    return appended / elapsed
+
+
+def time_eventsourcing(folder: Path, batch: int, seconds: float) -> float | None:
+    try:
+        from eventsourcing.persistence import StoredEvent
+        from eventsourcing.sqlite import SQLiteAggregateRecorder, SQLiteDatastore
+    except ImportError:
+        return None
+    import orjson
+
+    datastore = SQLiteDatastore(str(folder / f"es-{batch}.db"))
+    recorder = SQLiteAggregateRecorder(datastore)
+    recorder.create_table()
+    states = [orjson.dumps(e.data()) for e in workload(batch)]
+    originator = uuid.uuid4()
+    version, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        recorder.insert_events(
+            [StoredEvent(originator_id=originator, originator_version=version + i, topic="game/move", state=s)
+             for i, s in enumerate(states)]
+        )
+        version += batch
+    return version / elapsed
+
+
+def build_big_log(path: Path, count: int, snapshot_every: int) -> None:
+    """A realistic log: 200 users coming and going, linking and unlinking, and mostly custom messages.
+    Snapshots every ``snapshot_every`` events, as the server writes them."""
+    rng = random.Random(7)
+    at = 1_700_000_000_000_000
+    registry = Registry()
+    batch: list = []
+    linked: list[str] = []
+    with EventStore(path, durability="normal") as store:
+
+        def emit(event) -> None:
+            batch.append(event)
+            apply(registry, event)
+
+        emit(Listen(lobby=LOBBY, session=SESSION, at=at, port=8082))
+        joined: set[str] = set()
+        total = 1
+        while total < count:
+            at += 10
+            name = f"user{rng.randrange(200)}"
+            roll = rng.random()
+            if name not in joined:
+                emit(Join(lobby=LOBBY, session=SESSION, at=at, username=name))
+                joined.add(name)
+            elif roll < 0.03 and name not in linked:
+                emit(Link(lobby=LOBBY, session=SESSION, at=at, username=name))
+                linked.append(name)
+            elif roll < 0.06 and name in linked:
+                emit(Unlink(lobby=LOBBY, session=SESSION, at=at, username=name, reason="dropped"))
+                linked.remove(name)
+            elif linked:
+                who = rng.choice(linked)
+                emit(Message(lobby=LOBBY, session=SESSION, at=at, username=who,
+                             message={"type": "game/move", "payload": {"n": total}}))
+            else:
+                continue
+            total += 1
+            if len(batch) == 1024 or total >= count:
+                seqs = store.append(batch)
+                registry.seq = seqs[-1]
+                batch.clear()
+                if registry.seq // snapshot_every != (registry.seq - len(seqs)) // snapshot_every:
+                    store.save_snapshot(registry)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000, help="size of the log to rebuild")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per append measurement")
+    parser.add_argument("--snapshot-every", type=int, default=10_000)
+    parser.add_argument("--dir", default=None, help="folder for the logs (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    folder = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
+    try:
+        print(f"# python bench/bench_store.py {' '.join(argv or sys.argv[1:])}  (logs in {folder})")
+        print("\n(a, c) append throughput, events/s (higher is better)")
+        print(f"{'batch':>6} {'ours FULL':>12} {'ours NORMAL':>12} {'eventsourcing':>14} {'ours FULL / es':>15}")
+        for batch in BATCHES:
+            seconds = args.seconds if batch > 1 else min(args.seconds, 1.0)
+            full = time_ours(folder, "full", batch, seconds)
+            normal = time_ours(folder, "normal", batch, seconds)
+            es = time_eventsourcing(folder, batch, seconds)
+            es_text = f"{es:14,.0f}" if es else f"{'not installed':>14}"
+            ratio = f"{full / es:15.2f}" if es else f"{'-':>15}"
+            print(f"{batch:>6} {full:12,.0f} {normal:12,.0f} {es_text} {ratio}")
+
+        path = folder / "big.db"
+        start = time.perf_counter()
+        build_big_log(path, args.events, args.snapshot_every)
+        print(f"\n(b) registry rebuild of a {args.events:,}-event log (built in {time.perf_counter() - start:.1f} s)")
+        with EventStore.open_readonly(path) as store:
+            start = time.perf_counter()
+            registry = store.load_registry(LOBBY)
+            startup = time.perf_counter() - start
+            start = time.perf_counter()
+            full = rebuild(store.read(lobby=LOBBY))
+            fold = time.perf_counter() - start
+        assert registry == full, "snapshot + tail differs from a full fold"
+        print(f"  start-up path (latest snapshot + tail): {startup:.3f} s")
+        print(f"  full fold of every event:               {fold:.3f} s  ({args.events / fold:,.0f} events/s)")
+        print(f"  registry: {len(full.users)} users, {len(full.linked())} linked, at seq {full.seq}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The events of a lobby: frozen dataclasses, one per type, and their mapping to log rows.
+
+Every event carries where it happened (``lobby``, ``session``), when (``at``: UTC microseconds since the
+epoch) and, once stored, its place in the log (``seq``: gapless and increasing, ``None`` before the store
+assigned it). The auth string a client sends is never part of an event: :class:`Link` only records
+whether one was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import orjson
+
+__all__ = [
+    "Event",
+    "Listen",
+    "Join",
+    "Link",
+    "Message",
+    "Send",
+    "Broadcast",
+    "Unlink",
+    "Leave",
+    "Close",
+    "EVENT_TYPES",
+    "LIFECYCLE_TYPES",
+    "event_from_row",
+    "event_to_row",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    type: ClassVar[str] = ""
+
+    lobby: str
+    session: str
+    at: int
+    seq: int | None = None
+
+    @property
+    def time(self) -> datetime:
+        """``at`` as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.at / 1_000_000, tz=timezone.utc)
+
+    def with_seq(self, seq: int) -> Event:
+        return dataclasses.replace(self, seq=seq)
+
+    def data(self) -> dict[str, Any]:
+        """The type-specific fields, as stored in the ``data`` column (``username`` has its own column)."""
+        return {name: getattr(self, name) for name in _DATA_FIELDS[type(self)]}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view: the common fields, ``type`` and the type-specific fields."""
+        return {
+            "seq": self.seq,
+            "lobby": self.lobby,
+            "session": self.session,
+            "at": self.at,
+            "type": self.type,
+            "username": getattr(self, "username", None),
+            **self.data(),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen(Event):
+    """A session starts: the server listens. ``port`` is ``None`` when not known (a server on a socket)."""
+
+    type: ClassVar[str] = "listen"
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Join(Event):
+    type: ClassVar[str] = "join"
+    username: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Link(Event):
+    """A connection linked to the user. ``auth`` says whether the link request carried an auth string."""
+
+    type: ClassVar[str] = "link"
+    username: str
+    auth: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message(Event):
+    """A custom message from a linked user to the server: the whole frame (``type`` and ``payload``)."""
+
+    type: ClassVar[str] = "message"
+    username: str
+    message: Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Send(Event):
+    """The application sent a custom message to one user."""
+
+    type: ClassVar[str] = "send"
+    username: str
+    message: Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Broadcast(Event):
+    """The application sent a custom message to every linked user but ``skip`` (one record per call)."""
+
+    type: ClassVar[str] = "broadcast"
+    message: Any
+    skip: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unlink(Event):
+    """The user's connection was detached; ``reason`` says why (``requested``, ``dropped``, ``kick``, ...)."""
+
+    type: ClassVar[str] = "unlink"
+    username: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leave(Event):
+    type: ClassVar[str] = "leave"
+    username: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Close(Event):
+    """A session ends cleanly. ``reason`` is ``close`` (every user kicked) or ``server restart`` (users kept)."""
+
+    type: ClassVar[str] = "close"
+    reason: str = "close"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls for cls in (Listen, Join, Link, Message, Send, Broadcast, Unlink, Leave, Close)
+}
+#: The types that change the registry or the session; custom messages do not.
+LIFECYCLE_TYPES: frozenset[str] = frozenset({"listen", "join", "link", "unlink", "leave", "close"})
+
+_COMMON_COLUMNS = frozenset({"lobby", "session", "at", "seq", "username"})
+
+Row = tuple[int | None, str, str, int, str, str | None, bytes | None]
+
+
+def event_to_row(event: Event, seq: int) -> Row:
+    """The row ``(seq, lobby, session, at, type, username, data)`` that stores ``event`` at ``seq``."""
+    data = event.data()
+    return (
+        seq,
+        event.lobby,
+        event.session,
+        event.at,
+        event.type,
+        getattr(event, "username", None),
+        orjson.dumps(data) if data else None,
+    )
+
+
+def event_from_row(row: Row) -> Event:
+    """The event a stored row holds. Unknown keys in ``data`` (written by a newer minor version) are dropped."""
+    seq, lobby, session, at, type_, username, data = row
+    try:
+        cls = EVENT_TYPES[type_]
+    except KeyError:
+        raise ValueError(f"seq {seq}: unknown event type {type_!r}") from None
+    fields = orjson.loads(data) if data else {}
+    if username is not None:
+        fields["username"] = username
+    allowed = _FIELD_NAMES[cls]
+    if not fields.keys() <= allowed:
+        fields = {key: value for key, value in fields.items() if key in allowed}
+    return cls(seq=seq, lobby=lobby, session=session, at=at, **fields)
+
+
+_FIELD_NAMES = {cls: frozenset(f.name for f in dataclasses.fields(cls)) for cls in EVENT_TYPES.values()}
+_DATA_FIELDS = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in _COMMON_COLUMNS) for cls in EVENT_TYPES.values()
+}

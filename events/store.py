@@ -1,0 +1,351 @@
+"""The event log: one SQLite table of events, owned through sqlite-utils.
+
+- Schema through sqlite-utils ``Migrations`` (set ``krmx-lobby``); the schema version is the number of
+  migrations applied. ``PRAGMA application_id`` marks the file as ours, so another application's
+  database is recognised and never touched.
+- WAL journal; ``synchronous=FULL`` by default (in WAL mode ``NORMAL`` may roll back committed
+  transactions after a power loss), ``durability="normal"`` to trade that for speed.
+- ``append`` writes a batch in one transaction (group commit) and assigns gapless, increasing seqs.
+- Reads are lazy iterators over a cursor: the log is never loaded whole.
+- ``EventStore.open_readonly`` reads a file while a server writes it (WAL readers see whole transactions).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+import orjson
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from .errors import EventLogError
+from .model import Event, event_from_row, event_to_row
+from .projection import Registry, rebuild
+
+__all__ = ["EventStore", "SessionInfo", "APPLICATION_ID", "SCHEMA_VERSION", "MEMORY"]
+
+#: ``PRAGMA application_id`` of our logs: "KRMX" in ASCII.
+APPLICATION_ID = 0x4B524D58
+MEMORY = ":memory:"
+Durability = Literal["full", "normal"]
+
+migrations = Migrations("krmx-lobby")
+
+
+@migrations()
+def m001_events(db: Database) -> None:
+    db["events"].create(  # type: ignore[union-attr]
+        {
+            "seq": int,
+            "lobby": str,
+            "session": str,
+            "at": int,
+            "type": str,
+            "username": str,
+            "data": bytes,
+        },
+        pk="seq",
+        not_null={"lobby", "session", "at", "type"},
+    )
+    # Reads by session use this index; reads by user scan (offline work), which keeps appends fast.
+    db["events"].create_index(["lobby", "session", "seq"])  # type: ignore[union-attr]
+
+
+@migrations()
+def m002_snapshots(db: Database) -> None:
+    # Registry snapshots, so that start-up folds only the tail of the log. Derived data: a log without
+    # snapshots (written before this migration) folds from its first event and gives the same registry.
+    db["snapshots"].create(  # type: ignore[union-attr]
+        {"lobby": str, "seq": int, "session": str, "closed": int, "users": bytes},
+        pk=("lobby", "seq"),
+        not_null={"lobby", "seq", "closed", "users"},
+    )
+
+
+_KNOWN_MIGRATIONS = [m.name for m in migrations._migrations]
+SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
+
+_COLUMNS = "seq, lobby, session, at, type, username, data"
+_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One run of a lobby, from its ``listen`` to its ``close`` (or to the crash that ended it)."""
+
+    lobby: str
+    session: str
+    first_seq: int
+    last_seq: int
+    start: int
+    last_at: int
+    #: ``at`` of the ``close`` event; ``None`` when the session ended without close (a crash) or still runs.
+    end: int | None
+    users: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def closed(self) -> bool:
+        return self.end is not None
+
+    @property
+    def events(self) -> int:
+        return sum(self.counts.values())
+
+
+class EventStore:
+    """An event log in one SQLite file (or in memory with ``":memory:"``).
+
+    >>> store = EventStore(":memory:")
+    >>> store.append([...])  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = MEMORY, *, durability: Durability = "full") -> None:
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
+        self.path = str(path)
+        self.readonly = False
+        self.durability = durability
+        if self.path != MEMORY:
+            target = Path(self.path)
+            if target.is_dir():
+                raise EventLogError(f"{self.path}: is a directory, not an event log")
+            if not target.parent.exists():
+                raise EventLogError(f"{self.path}: folder {str(target.parent)!r} does not exist")
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise EventLogError(f"{self.path}: cannot open: {error}") from None
+        self.db = Database(conn, execute_plugins=False)
+        try:
+            self._check_identity()
+            self._migrate()
+            if self.path != MEMORY:
+                self.db.enable_wal()
+            self.db.execute(f"PRAGMA synchronous={durability.upper()}")
+        except sqlite3.Error as error:
+            self.db.close()
+            raise EventLogError(f"{self.path}: {error}") from None
+        except EventLogError:
+            self.db.close()
+            raise
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> EventStore:
+        """Open an existing log for reading only; works while a server writes the same file."""
+        self = cls.__new__(cls)
+        self.path = str(path)
+        self.readonly = True
+        self.durability = "full"
+        if not Path(self.path).exists():
+            raise EventLogError(f"{self.path}: no such file")
+        if Path(self.path).is_dir():
+            raise EventLogError(f"{self.path}: is a directory, not an event log")
+        uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise EventLogError(f"{self.path}: cannot open: {error}") from None
+        self.db = Database(conn, execute_plugins=False)
+        try:
+            if not self._check_identity():
+                raise EventLogError(f"{self.path}: is empty, not an event log")
+            # An older log stays readable as it is: a read-only open never migrates (snapshots are optional).
+            if "events" not in self.db.table_names():
+                raise EventLogError(f"{self.path}: is not a complete krmx-lobby event log (no events table)")
+        except sqlite3.Error as error:
+            self.db.close()
+            raise EventLogError(f"{self.path}: {error}") from None
+        except EventLogError:
+            self.db.close()
+            raise
+        return self
+
+    # -- opening ----------------------------------------------------------------------------------------
+
+    def _check_identity(self) -> bool:
+        """Raise unless this is our log or an empty database; return whether it is ours already."""
+        try:
+            app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
+            tables = self.db.table_names()
+        except sqlite3.DatabaseError as error:
+            raise EventLogError(f"{self.path}: not an SQLite database ({error})") from None
+        if app_id == APPLICATION_ID:
+            applied = [m.name for m in migrations.applied(self.db)]
+            unknown = [name for name in applied if name not in _KNOWN_MIGRATIONS]
+            if unknown:
+                raise EventLogError(
+                    f"{self.path}: schema version {len(applied)} is newer than this krmx-lobby supports "
+                    f"(version {SCHEMA_VERSION}; unknown migrations: {', '.join(unknown)}); upgrade krmx-lobby"
+                )
+            return True
+        if app_id != 0:
+            raise EventLogError(
+                f"{self.path}: is a database of another application (application_id {app_id:#x}); "
+                "refusing to touch it"
+            )
+        if tables:
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise EventLogError(
+                f"{self.path}: is a database of another application (tables: {shown}); refusing to touch it"
+            )
+        return False
+
+    def _migrate(self) -> None:
+        if migrations.pending(self.db):
+            with self.db.atomic():
+                self.db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self.readonly else self.durability
+        return f"<EventStore {self.path} ({mode})>"
+
+    # -- writing ----------------------------------------------------------------------------------------
+
+    def append(self, events: Sequence[Event]) -> list[int]:
+        """Append ``events`` in one transaction; return the seqs assigned to them, in order.
+
+        The events' own ``seq`` (usually ``None``) is ignored: the store assigns the next ones.
+        """
+        if self.readonly:
+            raise EventLogError(f"{self.path}: opened read-only, cannot append")
+        if not events:
+            return []
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            first = (conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0) + 1
+            conn.executemany(_INSERT, [event_to_row(event, seq) for seq, event in enumerate(events, first)])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return list(range(first, first + len(events)))
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last event, 0 for an empty log."""
+        return self.db.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+
+    def read(
+        self,
+        from_seq: int = 1,
+        to_seq: int | None = None,
+        *,
+        lobby: str | None = None,
+        session: str | None = None,
+        username: str | None = None,
+        types: Iterable[str] | None = None,
+    ) -> Iterator[Event]:
+        """The events with ``from_seq <= seq <= to_seq`` matching every filter given, in seq order, lazily."""
+        where = ["seq >= ?"]
+        params: list[object] = [from_seq]
+        if to_seq is not None:
+            where.append("seq <= ?")
+            params.append(to_seq)
+        for column, value in (("lobby", lobby), ("session", session), ("username", username)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if types is not None:
+            wanted = sorted(set(types))
+            where.append(f"type IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+        sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq"
+        return self._iterate(sql, params)
+
+    def _iterate(self, sql: str, params: list[object]) -> Iterator[Event]:
+        cursor = self.db.conn.execute(sql, params)
+        try:
+            while rows := cursor.fetchmany(4096):
+                for row in rows:
+                    yield event_from_row(row)
+        finally:
+            cursor.close()
+
+    # -- snapshots --------------------------------------------------------------------------------------
+
+    def save_snapshot(self, registry: Registry) -> None:
+        """Store ``registry`` (a fold of this log up to ``registry.seq``) so :meth:`load_registry` can resume."""
+        if registry.lobby is None or registry.seq is None:
+            raise ValueError("cannot snapshot an empty registry")
+        if registry.seq > self.last_seq:
+            raise ValueError(f"registry at seq {registry.seq} is ahead of the log (last seq {self.last_seq})")
+        users = orjson.dumps(list(registry.users.items()))
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT OR REPLACE INTO snapshots (lobby, seq, session, closed, users) VALUES (?, ?, ?, ?, ?)",
+                [registry.lobby, registry.seq, registry.session, int(registry.closed), users],
+            )
+
+    def load_registry(self, lobby: str, to_seq: int | None = None) -> Registry:
+        """The registry of ``lobby`` after ``to_seq`` (default: the whole log): the latest snapshot at or
+        before that point, then a fold of the events after it. Equal to a full fold of the log."""
+        registry = Registry()
+        from_seq = 1
+        if "snapshots" in self.db.table_names():
+            bound = to_seq if to_seq is not None else self.last_seq
+            row = self.db.execute(
+                "SELECT seq, session, closed, users FROM snapshots WHERE lobby = ? AND seq <= ? "
+                "ORDER BY seq DESC LIMIT 1",
+                [lobby, bound],
+            ).fetchone()
+            if row is not None:
+                seq, session, closed, users = row
+                registry.lobby, registry.seq, registry.session, registry.closed = lobby, seq, session, bool(closed)
+                registry.users = dict(orjson.loads(users))
+                from_seq = seq + 1
+        return rebuild(self.read(from_seq, to_seq, lobby=lobby), registry)
+
+    def lobbies(self) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT DISTINCT lobby FROM events ORDER BY lobby")]
+
+    def sessions(self, lobby: str | None = None) -> list[SessionInfo]:
+        """Every session in the log (of ``lobby``, if given), in the order they started."""
+        where, params = ("WHERE lobby = ?", [lobby]) if lobby is not None else ("", [])
+        counts: dict[tuple[str, str], dict[str, int]] = {}
+        for lobby_, session, type_, count in self.db.execute(
+            f"SELECT lobby, session, type, count(*) FROM events {where} GROUP BY lobby, session, type", params
+        ):
+            counts.setdefault((lobby_, session), {})[type_] = count
+        result = []
+        for lobby_, session, first, last, start, last_at, end, users in self.db.execute(
+            f"""SELECT lobby, session, min(seq), max(seq), min(at), max(at),
+                       max(CASE WHEN type = 'close' THEN at END), count(DISTINCT username)
+                FROM events {where} GROUP BY lobby, session ORDER BY min(seq)""",
+            params,
+        ):
+            result.append(
+                SessionInfo(
+                    lobby=lobby_,
+                    session=session,
+                    first_seq=first,
+                    last_seq=last,
+                    start=start,
+                    last_at=last_at,
+                    end=end,
+                    users=users,
+                    counts=counts.get((lobby_, session), {}),
+                )
+            )
+        return result

@@ -1,0 +1,1 @@
+"""krmx-lobby: an event-sourced Krmx lobby server and client."""

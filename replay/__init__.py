@@ -1,0 +1,1 @@
+"""Offline tools over krmx-lobby event logs."""

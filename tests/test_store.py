@@ -1,0 +1,244 @@
+"""The SQLite event log: appends, reads, sessions, read-only access and the errors of a bad file."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import types
+
+import pytest
+from freezegun import freeze_time
+from sqlite_utils import Database
+
+from events import APPLICATION_ID, EventLogError, EventStore, Join, now_us
+from events.store import SCHEMA_VERSION, migrations
+
+from .factories import Events
+
+
+def test_append_assigns_gapless_increasing_seqs(store):
+    """Each batch gets the seqs right after the last one, in the order given."""
+    ev = Events()
+    assert store.append([ev.listen(), ev.join("alice")]) == [1, 2]
+    assert store.append([ev.link("alice")]) == [3]
+    assert store.append([]) == []
+    assert store.last_seq == 3
+    assert [e.seq for e in store.read()] == [1, 2, 3]
+
+
+def test_events_round_trip_with_their_data(store):
+    """What is read back equals what was appended, with its seq."""
+    ev = Events()
+    appended = [
+        ev.listen(port=9000),
+        ev.join("alice"),
+        ev.link("alice", auth=True),
+        ev.message("alice", {"type": "poker/fold", "payload": {"hand": [1, 2]}}),
+        ev.send("alice", {"type": "poker/folded"}),
+        ev.broadcast({"type": "poker/tick", "payload": None}, skip="alice"),
+        ev.unlink("alice", reason="dropped"),
+        ev.leave("alice", reason="kick"),
+        ev.close(),
+    ]
+    seqs = store.append(appended)
+    assert list(store.read()) == [event.with_seq(seq) for event, seq in zip(appended, seqs)]
+
+
+def test_read_filters_by_seq_range_lobby_session_user_and_type(store):
+    ev1, ev2 = Events(lobby="a", session="s1"), Events(lobby="b", session="s2")
+    store.append([ev1.listen(), ev2.listen(), ev1.join("alice"), ev2.join("bob"), ev1.link("alice")])
+    assert [e.seq for e in store.read(2, 4)] == [2, 3, 4]
+    assert [e.seq for e in store.read(4)] == [4, 5]
+    assert [e.seq for e in store.read(lobby="b")] == [2, 4]
+    assert [e.seq for e in store.read(session="s1")] == [1, 3, 5]
+    assert [e.seq for e in store.read(username="alice")] == [3, 5]
+    assert [e.seq for e in store.read(types=["join", "link"], lobby="a")] == [3, 5]
+
+
+def test_read_is_lazy(store):
+    """A read is an iterator that fetches as it goes, not a list of the whole log."""
+    ev = Events()
+    store.append([ev.listen()] + [ev.join(f"user{i}") for i in range(10_000)])
+    events = store.read()
+    assert isinstance(events, types.GeneratorType)
+    assert next(events).type == "listen"
+    assert next(events).username == "user0"
+
+
+def test_reopen_keeps_every_event(db_path):
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen(), ev.join("alice")])
+        store.append([ev.link("alice")])
+    with EventStore(db_path) as store:
+        assert [(e.seq, e.type) for e in store.read()] == [(1, "listen"), (2, "join"), (3, "link")]
+        assert store.append([ev.unlink("alice")]) == [4]
+
+
+def test_file_log_uses_wal_and_full_durability_by_default(db_path):
+    with EventStore(db_path) as store:
+        assert store.db.journal_mode == "wal"
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with EventStore(db_path, durability="normal") as store:
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def test_bad_durability_is_refused(db_path):
+    with pytest.raises(ValueError, match="durability"):
+        EventStore(db_path, durability="fast")
+
+
+def test_sessions_lists_start_end_and_counts(store):
+    ev1, ev2 = Events(session="s1"), Events(session="s2", at=1_800_000_000_000_000)
+    store.append([ev1.listen(), ev1.join("alice"), ev1.link("alice"), ev1.unlink("alice"), ev1.close()])
+    store.append([ev2.listen(), ev2.join("bob"), ev2.link("bob")])
+    first, second = store.sessions()
+    assert (first.session, first.first_seq, first.last_seq, first.closed) == ("s1", 1, 5, True)
+    assert first.start == 1_700_000_000_000_001 and first.end == 1_700_000_000_000_005
+    assert first.counts == {"listen": 1, "join": 1, "link": 1, "unlink": 1, "close": 1}
+    assert first.users == 1 and first.events == 5
+    assert (second.session, second.closed, second.end) == ("s2", False, None)
+    assert second.counts == {"listen": 1, "join": 1, "link": 1}
+    assert store.sessions(lobby="elsewhere") == []
+
+
+def test_readonly_open_reads_while_a_writer_appends(db_path):
+    ev = Events()
+    with EventStore(db_path) as writer:
+        writer.append([ev.listen(), ev.join("alice")])
+        reader = EventStore.open_readonly(db_path)
+        assert reader.last_seq == 2
+        writer.append([ev.link("alice")])
+        assert [e.type for e in reader.read()] == ["listen", "join", "link"]
+        with pytest.raises(EventLogError, match="read-only"):
+            reader.append([ev.unlink("alice")])
+        reader.close()
+
+
+def test_reader_sees_whole_batches_never_part_of_one(db_path):
+    """While batches of 50 are appended, every read sees a multiple of 50 events."""
+    ev = Events()
+    batch_size = 50
+    with EventStore(db_path, durability="normal") as writer:
+        writer.append([ev.listen()] + [ev.join(f"warm{i}") for i in range(batch_size - 1)])
+        done = threading.Event()
+        seen: list[int] = []
+
+        def read_repeatedly() -> None:
+            with EventStore.open_readonly(db_path) as reader:
+                while not done.is_set():
+                    seen.append(sum(1 for _ in reader.read()))
+
+        thread = threading.Thread(target=read_repeatedly)
+        thread.start()
+        try:
+            for batch in range(40):
+                writer.append([ev.join(f"u{batch}-{i}") for i in range(batch_size)])
+        finally:
+            done.set()
+            thread.join()
+    assert seen, "the reader never ran"
+    assert all(count % batch_size == 0 for count in seen), sorted(set(seen))
+
+
+def test_timestamps_come_from_the_frozen_clock():
+    with freeze_time("2026-11-27 21:03:00.123456"):
+        assert now_us() == 1_795_813_380_123_456
+        event = Join(lobby="main", session="s", at=now_us(), username="bob")
+    assert event.time.isoformat() == "2026-11-27T21:03:00.123456+00:00"
+
+
+# -- files that are not our log ----------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(db_path):
+    db_path.write_bytes(b"this is a text file, not a database\n" * 10)
+    before = db_path.read_bytes()
+    with pytest.raises(EventLogError, match=f"{db_path}: not an SQLite database"):
+        EventStore(db_path)
+    with pytest.raises(EventLogError, match="not an SQLite database"):
+        EventStore.open_readonly(db_path)
+    assert db_path.read_bytes() == before
+
+
+def test_a_database_of_another_application_is_refused_and_left_alone(db_path):
+    other = Database(db_path)
+    other["customers"].insert({"name": "Ada"})
+    other.close()
+    with pytest.raises(EventLogError, match=r"another application \(tables: customers\)"):
+        EventStore(db_path)
+    with pytest.raises(EventLogError, match="another application"):
+        EventStore.open_readonly(db_path)
+    assert list(Database(db_path)["customers"].rows) == [{"name": "Ada"}]
+
+
+def test_a_database_with_another_application_id_is_refused(db_path):
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA application_id=1234")
+    conn.commit()
+    conn.close()
+    with pytest.raises(EventLogError, match="application_id 0x4d2"):
+        EventStore(db_path)
+
+
+def test_a_schema_newer_than_this_code_is_refused(db_path):
+    with EventStore(db_path) as store:
+        store.append([Events().listen()])
+        store.db["_sqlite_migrations"].insert(
+            {"migration_set": "krmx-lobby", "name": "m999_from_the_future", "applied_at": "2030-01-01"}
+        )
+    with pytest.raises(EventLogError, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
+        EventStore(db_path)
+    with pytest.raises(EventLogError, match="newer than this krmx-lobby supports"):
+        EventStore.open_readonly(db_path)
+    assert Database(db_path)["events"].count == 1
+
+
+def test_readonly_open_of_a_missing_file_or_a_folder_fails_clearly(tmp_path):
+    with pytest.raises(EventLogError, match="no such file"):
+        EventStore.open_readonly(tmp_path / "missing.db")
+    with pytest.raises(EventLogError, match="is a directory"):
+        EventStore.open_readonly(tmp_path)
+    with pytest.raises(EventLogError, match="is a directory"):
+        EventStore(tmp_path)
+    with pytest.raises(EventLogError, match="does not exist"):
+        EventStore(tmp_path / "nowhere" / "lobby.db")
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_readonly_open_of_an_empty_database_fails_clearly(db_path):
+    db_path.touch()
+    with pytest.raises(EventLogError, match="is empty"):
+        EventStore.open_readonly(db_path)
+
+
+def test_a_version_1_log_stays_readable_and_is_migrated_on_write(db_path):
+    """A log written before the snapshots table existed reads as it is and migrates when opened to write."""
+    db = Database(db_path)
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    migrations.apply(db, stop_before="m002_snapshots")
+    db.close()
+    legacy = sqlite3.connect(db_path)
+    legacy.execute(
+        "INSERT INTO events (seq, lobby, session, at, type, username, data) VALUES "
+        "(1, 'main', 's1', 10, 'listen', NULL, NULL), (2, 'main', 's1', 11, 'join', 'alice', NULL)"
+    )
+    legacy.commit()
+    legacy.close()
+    with EventStore.open_readonly(db_path) as reader:
+        assert [e.type for e in reader.read()] == ["listen", "join"]
+        assert list(reader.load_registry("main").users) == ["alice"]
+        assert "snapshots" not in reader.db.table_names()
+    with EventStore(db_path) as store:
+        assert "snapshots" in store.db.table_names()
+        assert [m.name for m in migrations.applied(store.db)] == ["m001_events", "m002_snapshots"]
+        assert list(store.load_registry("main").users) == ["alice"]
+
+
+def test_message_bodies_are_stored_as_json(db_path):
+    """The data column holds orjson bytes that any SQLite tool can read with json_extract."""
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen(), ev.join("al"), ev.link("al"), ev.message("al", {"type": "x/y", "payload": 3})])
+        row = store.db.execute("SELECT json_extract(data, '$.message.payload') FROM events WHERE seq = 4").fetchone()
+    assert row == (3,)
