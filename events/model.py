@@ -28,8 +28,8 @@ __all__ = [
     "Close",
     "EVENT_TYPES",
     "LIFECYCLE_TYPES",
+    "encode_data",
     "event_from_row",
-    "event_to_row",
 ]
 
 
@@ -51,8 +51,11 @@ class Event:
         return dataclasses.replace(self, seq=seq)
 
     def data(self) -> dict[str, Any]:
-        """The type-specific fields, as stored in the ``data`` column (``username`` has its own column)."""
-        return {name: getattr(self, name) for name in _DATA_FIELDS[type(self)]}
+        """The type-specific fields, as stored in the ``data`` column (``username`` has its own column).
+
+        Each type spells its own out: this runs once per appended event.
+        """
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view: the common fields, ``type`` and the type-specific fields."""
@@ -74,6 +77,9 @@ class Listen(Event):
     type: ClassVar[str] = "listen"
     port: int | None = None
 
+    def data(self) -> dict[str, Any]:
+        return {"port": self.port}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Join(Event):
@@ -89,6 +95,9 @@ class Link(Event):
     username: str
     auth: bool = False
 
+    def data(self) -> dict[str, Any]:
+        return {"auth": self.auth}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message(Event):
@@ -97,6 +106,9 @@ class Message(Event):
     type: ClassVar[str] = "message"
     username: str
     message: Any
+
+    def data(self) -> dict[str, Any]:
+        return {"message": self.message}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +119,9 @@ class Send(Event):
     username: str
     message: Any
 
+    def data(self) -> dict[str, Any]:
+        return {"message": self.message}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Broadcast(Event):
@@ -115,6 +130,9 @@ class Broadcast(Event):
     type: ClassVar[str] = "broadcast"
     message: Any
     skip: str | None = None
+
+    def data(self) -> dict[str, Any]:
+        return {"message": self.message, "skip": self.skip}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,12 +143,18 @@ class Unlink(Event):
     username: str
     reason: str
 
+    def data(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Leave(Event):
     type: ClassVar[str] = "leave"
     username: str
     reason: str
+
+    def data(self) -> dict[str, Any]:
+        return {"reason": self.reason}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +163,9 @@ class Close(Event):
 
     type: ClassVar[str] = "close"
     reason: str = "close"
+
+    def data(self) -> dict[str, Any]:
+        return {"reason": self.reason}
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -149,26 +176,21 @@ LIFECYCLE_TYPES: frozenset[str] = frozenset({"listen", "join", "link", "unlink",
 
 _COMMON_COLUMNS = frozenset({"lobby", "session", "at", "seq", "username"})
 
-Row = tuple[int | None, str, str, int, str, str | None, bytes | None]
+Row = tuple[int, int, int, str, str | None, bytes | None]
 
 
-def event_to_row(event: Event, seq: int) -> Row:
-    """The row ``(seq, lobby, session, at, type, username, data)`` that stores ``event`` at ``seq``."""
+def encode_data(event: Event) -> bytes | None:
+    """The ``data`` column of ``event``: its type-specific fields as orjson bytes, ``None`` when it has none."""
     data = event.data()
-    return (
-        seq,
-        event.lobby,
-        event.session,
-        event.at,
-        event.type,
-        getattr(event, "username", None),
-        orjson.dumps(data) if data else None,
-    )
+    return orjson.dumps(data) if data else None
 
 
-def event_from_row(row: Row) -> Event:
-    """The event a stored row holds. Unknown keys in ``data`` (written by a newer minor version) are dropped."""
-    seq, lobby, session, at, type_, username, data = row
+def event_from_row(row: Row, lobby: str, session: str) -> Event:
+    """The event a stored row ``(seq, sid, at, type, username, data)`` of ``lobby``/``session`` holds.
+
+    Unknown keys in ``data`` (written by a newer minor version) are dropped.
+    """
+    seq, _sid, at, type_, username, data = row
     try:
         cls = EVENT_TYPES[type_]
     except KeyError:
@@ -184,5 +206,10 @@ def event_from_row(row: Row) -> Event:
 
 _FIELD_NAMES = {cls: frozenset(f.name for f in dataclasses.fields(cls)) for cls in EVENT_TYPES.values()}
 _DATA_FIELDS = {
-    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name not in _COMMON_COLUMNS) for cls in EVENT_TYPES.values()
+    cls: frozenset(f.name for f in dataclasses.fields(cls) if f.name not in _COMMON_COLUMNS)
+    for cls in EVENT_TYPES.values()
 }
+# Each type's data() must name exactly its own fields.
+for _cls, _names in _DATA_FIELDS.items():
+    _probe = {f.name: None for f in dataclasses.fields(_cls)}
+    assert set(_cls(**_probe).data()) == _names, _cls

@@ -26,7 +26,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .errors import EventLogError
-from .model import Event, event_from_row, event_to_row
+from .model import Event, encode_data, event_from_row
 from .projection import Registry, rebuild
 
 __all__ = ["EventStore", "SessionInfo", "APPLICATION_ID", "SCHEMA_VERSION", "MEMORY"]
@@ -41,21 +41,35 @@ migrations = Migrations("krmx-lobby")
 
 @migrations()
 def m001_events(db: Database) -> None:
-    db["events"].create(  # type: ignore[union-attr]
-        {
-            "seq": int,
-            "lobby": str,
-            "session": str,
-            "at": int,
-            "type": str,
-            "username": str,
-            "data": bytes,
-        },
-        pk="seq",
-        not_null={"lobby", "session", "at", "type"},
+    # One row per session, so event rows stay small (a session id, not two strings) and reads by session
+    # walk a seq range of the primary key: the events table needs no secondary index, which keeps appends
+    # fast. first_seq/last_seq are kept up to date by every append.
+    db.execute(
+        """CREATE TABLE sessions (
+            sid INTEGER PRIMARY KEY,
+            lobby TEXT NOT NULL,
+            session TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            UNIQUE (lobby, session)
+        )"""
     )
-    # Reads by session use this index; reads by user scan (offline work), which keeps appends fast.
-    db["events"].create_index(["lobby", "session", "seq"])  # type: ignore[union-attr]
+    db.execute(
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY,
+            sid INTEGER NOT NULL REFERENCES sessions (sid),
+            at INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            username TEXT,
+            data BLOB
+        )"""
+    )
+    # For people with the sqlite3 shell: the log with lobby and session spelled out.
+    db.execute(
+        """CREATE VIEW log AS
+           SELECT e.seq, s.lobby, s.session, e.at, e.type, e.username, e.data
+           FROM events e JOIN sessions s USING (sid)"""
+    )
 
 
 @migrations()
@@ -72,8 +86,8 @@ def m002_snapshots(db: Database) -> None:
 _KNOWN_MIGRATIONS = [m.name for m in migrations._migrations]
 SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
 
-_COLUMNS = "seq, lobby, session, at, type, username, data"
-_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = "seq, sid, at, type, username, data"
+_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +138,8 @@ class EventStore:
         except sqlite3.Error as error:
             raise EventLogError(f"{self.path}: cannot open: {error}") from None
         self.db = Database(conn, execute_plugins=False)
+        self._sids: dict[tuple[str, str], int] = {}
+        self._sessions_by_sid: dict[int, tuple[str, str]] = {}
         try:
             self._check_identity()
             self._migrate()
@@ -154,6 +170,8 @@ class EventStore:
         except sqlite3.Error as error:
             raise EventLogError(f"{self.path}: cannot open: {error}") from None
         self.db = Database(conn, execute_plugins=False)
+        self._sids = {}
+        self._sessions_by_sid = {}
         try:
             if not self._check_identity():
                 raise EventLogError(f"{self.path}: is empty, not an event log")
@@ -232,13 +250,45 @@ class EventStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             first = (conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0) + 1
-            conn.executemany(_INSERT, [event_to_row(event, seq) for seq, event in enumerate(events, first)])
+            sids = self._sids
+            touched: dict[int, int] = {}
+            rows = []
+            seq = first
+            for event in events:
+                key = (event.lobby, event.session)
+                sid = sids.get(key)
+                if sid is None:
+                    sid = self._sid(key, seq)
+                touched[sid] = seq
+                rows.append((seq, sid, event.at, event.type, getattr(event, "username", None), encode_data(event)))
+                seq += 1
+            conn.executemany(_INSERT, rows)
+            conn.executemany("UPDATE sessions SET last_seq = ? WHERE sid = ?", [(v, k) for k, v in touched.items()])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            # A new session row may have been rolled back with the batch.
+            self._sids.clear()
+            self._sessions_by_sid.clear()
             raise
-        return list(range(first, first + len(events)))
+        return list(range(first, seq))
+
+    def _sid(self, key: tuple[str, str], first_seq: int) -> int:
+        """The id of session ``key``, created (inside the caller's transaction) if new."""
+        row = self.db.conn.execute("SELECT sid FROM sessions WHERE lobby = ? AND session = ?", key).fetchone()
+        if row is None:
+            cursor = self.db.conn.execute(
+                "INSERT INTO sessions (lobby, session, first_seq, last_seq) VALUES (?, ?, ?, ?)",
+                (*key, first_seq, first_seq),
+            )
+            sid = cursor.lastrowid
+            assert sid is not None
+        else:
+            sid = row[0]
+        self._sids[key] = sid
+        self._sessions_by_sid[sid] = key
+        return sid
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -263,10 +313,25 @@ class EventStore:
         if to_seq is not None:
             where.append("seq <= ?")
             params.append(to_seq)
-        for column, value in (("lobby", lobby), ("session", session), ("username", username)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
+        if session is not None:
+            # A session is a seq range: walk it on the primary key.
+            found = self.db.execute(
+                "SELECT sid, first_seq, last_seq FROM sessions WHERE session = ?"
+                + (" AND lobby = ?" if lobby is not None else ""),
+                [session] + ([lobby] if lobby is not None else []),
+            ).fetchall()
+            if not found:
+                return iter(())
+            where.append(f"sid IN ({', '.join('?' * len(found))})")
+            params.extend(sid for sid, _, _ in found)
+            where.append("seq BETWEEN ? AND ?")
+            params.extend([min(first for _, first, _ in found), max(last for _, _, last in found)])
+        elif lobby is not None:
+            where.append("sid IN (SELECT sid FROM sessions WHERE lobby = ?)")
+            params.append(lobby)
+        if username is not None:
+            where.append("username = ?")
+            params.append(username)
         if types is not None:
             wanted = sorted(set(types))
             where.append(f"type IN ({', '.join('?' * len(wanted))})")
@@ -274,12 +339,21 @@ class EventStore:
         sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq"
         return self._iterate(sql, params)
 
+    def _session_of(self, sid: int) -> tuple[str, str]:
+        key = self._sessions_by_sid.get(sid)
+        if key is None:
+            for row_sid, lobby, session in self.db.execute("SELECT sid, lobby, session FROM sessions"):
+                self._sessions_by_sid[row_sid] = (lobby, session)
+            key = self._sessions_by_sid[sid]
+        return key
+
     def _iterate(self, sql: str, params: list[object]) -> Iterator[Event]:
         cursor = self.db.conn.execute(sql, params)
+        session_of = self._session_of
         try:
             while rows := cursor.fetchmany(4096):
                 for row in rows:
-                    yield event_from_row(row)
+                    yield event_from_row(row, *session_of(row[1]))
         finally:
             cursor.close()
 
@@ -318,21 +392,28 @@ class EventStore:
         return rebuild(self.read(from_seq, to_seq, lobby=lobby), registry)
 
     def lobbies(self) -> list[str]:
-        return [row[0] for row in self.db.execute("SELECT DISTINCT lobby FROM events ORDER BY lobby")]
+        return [row[0] for row in self.db.execute("SELECT DISTINCT lobby FROM sessions ORDER BY lobby")]
 
     def sessions(self, lobby: str | None = None) -> list[SessionInfo]:
         """Every session in the log (of ``lobby``, if given), in the order they started."""
-        where, params = ("WHERE lobby = ?", [lobby]) if lobby is not None else ("", [])
-        counts: dict[tuple[str, str], dict[str, int]] = {}
-        for lobby_, session, type_, count in self.db.execute(
-            f"SELECT lobby, session, type, count(*) FROM events {where} GROUP BY lobby, session, type", params
+        where, params = ("WHERE s.lobby = ?", [lobby]) if lobby is not None else ("", [])
+        counts: dict[int, dict[str, int]] = {}
+        for sid, type_, count in self.db.execute(
+            f"SELECT e.sid, e.type, count(*) FROM events e JOIN sessions s USING (sid) {where} "
+            "GROUP BY e.sid, e.type",
+            params,
         ):
-            counts.setdefault((lobby_, session), {})[type_] = count
+            counts.setdefault(sid, {})[type_] = count
         result = []
-        for lobby_, session, first, last, start, last_at, end, users in self.db.execute(
-            f"""SELECT lobby, session, min(seq), max(seq), min(at), max(at),
-                       max(CASE WHEN type = 'close' THEN at END), count(DISTINCT username)
-                FROM events {where} GROUP BY lobby, session ORDER BY min(seq)""",
+        for sid, lobby_, session, first, last, start, last_at, end, users in self.db.execute(
+            f"""SELECT s.sid, s.lobby, s.session, s.first_seq, s.last_seq,
+                       (SELECT at FROM events WHERE seq = s.first_seq),
+                       (SELECT at FROM events WHERE seq = s.last_seq),
+                       (SELECT max(at) FROM events WHERE seq BETWEEN s.first_seq AND s.last_seq
+                                                     AND sid = s.sid AND type = 'close'),
+                       (SELECT count(DISTINCT username) FROM events WHERE seq BETWEEN s.first_seq AND s.last_seq
+                                                                      AND sid = s.sid)
+                FROM sessions s {where} ORDER BY s.first_seq""",
             params,
         ):
             result.append(
@@ -345,7 +426,7 @@ class EventStore:
                     last_at=last_at,
                     end=end,
                     users=users,
-                    counts=counts.get((lobby_, session), {}),
+                    counts=counts.get(sid, {}),
                 )
             )
         return result

@@ -219,9 +219,10 @@ def test_a_version_1_log_stays_readable_and_is_migrated_on_write(db_path):
     migrations.apply(db, stop_before="m002_snapshots")
     db.close()
     legacy = sqlite3.connect(db_path)
+    legacy.execute("INSERT INTO sessions (sid, lobby, session, first_seq, last_seq) VALUES (1, 'main', 's1', 1, 2)")
     legacy.execute(
-        "INSERT INTO events (seq, lobby, session, at, type, username, data) VALUES "
-        "(1, 'main', 's1', 10, 'listen', NULL, NULL), (2, 'main', 's1', 11, 'join', 'alice', NULL)"
+        "INSERT INTO events (seq, sid, at, type, username, data) VALUES "
+        "(1, 1, 10, 'listen', NULL, NULL), (2, 1, 11, 'join', 'alice', NULL)"
     )
     legacy.commit()
     legacy.close()
@@ -240,5 +241,5 @@ def test_message_bodies_are_stored_as_json(db_path):
     ev = Events()
     with EventStore(db_path) as store:
         store.append([ev.listen(), ev.join("al"), ev.link("al"), ev.message("al", {"type": "x/y", "payload": 3})])
-        row = store.db.execute("SELECT json_extract(data, '$.message.payload') FROM events WHERE seq = 4").fetchone()
+        row = store.db.execute("SELECT json_extract(data, '$.message.payload') FROM log WHERE seq = 4").fetchone()
     assert row == (3,)
