@@ -1,0 +1,518 @@
+"""The Krmx server protocol as a sans-I/O state machine.
+
+Inputs go in (a connection opened, a frame received, a connection closed, an authentication result, a
+server-side call); a list of *effects* comes out, in the order they must take effect:
+
+- :class:`Record`: an event to append to the log. The registry projection has already been fed it; a
+  listener for it may run only once it is committed.
+- :class:`SendFrame`: bytes to write, as a text frame, to one connection.
+- :class:`CloseConnection`: a connection to terminate.
+- :class:`Authenticate`: ask the application whether a link request may proceed; answer with
+  :meth:`ServerProtocol.authenticated`.
+
+No sockets, no clock, no disk: the driver sets :attr:`ServerProtocol.now` (UTC microseconds) before each
+input, appends the recorded events, writes the frames and calls the listeners. Every rule of KRMX.md lives
+in this module; users change only through :func:`events.apply`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from events import Broadcast, Close, Event, Join, Leave, Link, Listen, Message, Registry, Send, Unlink, apply
+from events.projection import recovery_events
+
+from .errors import ServerError
+
+__all__ = [
+    "ServerProtocol",
+    "Record",
+    "SendFrame",
+    "CloseConnection",
+    "Authenticate",
+    "Resume",
+    "Effect",
+    "is_valid_username",
+    "parse_frame",
+    "DEFAULT_VERSIONS",
+    "PROTOCOL_VERSION",
+]
+
+#: The protocol version our server and client speak (the official 0.5.x clients send "0.5.x").
+PROTOCOL_VERSION = "0.5.5"
+#: Client versions accepted by default: the published 0.5 and 0.6 lines.
+DEFAULT_VERSIONS = ("0.5", "0.6")
+
+_USERNAME = re.compile(r"[a-zA-Z](?!.*[._@-]{2})[a-zA-Z0-9._@-]{0,30}[a-zA-Z0-9]")
+
+
+def is_valid_username(username: str) -> bool:
+    """The Krmx default rule: 2-32 ASCII letters, digits and ``. - @ _``, starting with a letter, ending
+    with a letter or digit, no two special characters in a row."""
+    return _USERNAME.fullmatch(username) is not None
+
+
+# -- effects ------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Record:
+    event: Event
+
+
+@dataclass(slots=True)
+class SendFrame:
+    connection: Hashable
+    data: bytes
+
+
+@dataclass(slots=True)
+class CloseConnection:
+    connection: Hashable
+    reason: str
+
+
+@dataclass(slots=True)
+class Authenticate:
+    connection: Hashable
+    ticket: int
+    username: str
+    is_new_user: bool
+    auth: str | None
+
+
+@dataclass(slots=True)
+class Resume:
+    """Call :meth:`ServerProtocol.resume` here, after the listeners of the effects before it ran.
+
+    A new user's link waits behind its join, so the join listeners see the user joined but not linked
+    (as in the reference, where they run synchronously in between)."""
+
+    connection: Hashable
+    ticket: int
+
+
+Effect = Record | SendFrame | CloseConnection | Authenticate | Resume
+
+
+# -- frames -------------------------------------------------------------------------------------------------
+
+
+def parse_frame(data: str | bytes) -> dict[str, Any] | None:
+    """A Krmx message, or ``None`` when the frame is not a JSON object with a string ``type`` (strict JSON;
+    binary frames are UTF-8 like text frames; nesting deeper than orjson's 1024 levels is invalid)."""
+    try:
+        message = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if type(message) is not dict or type(message.get("type")) is not str:
+        return None
+    return message
+
+
+def encode(type_: str, payload: Any = None) -> bytes:
+    if payload is None:
+        return orjson.dumps({"type": type_})
+    return orjson.dumps({"type": type_, "payload": payload})
+
+
+def _about(type_: str, username: str) -> bytes:
+    return orjson.dumps({"type": type_, "payload": {"username": username}})
+
+
+ACCEPTED = encode("krmx/accepted")
+
+
+def rejected(reason: str) -> bytes:
+    return encode("krmx/rejected", {"reason": reason})
+
+
+# -- connection state ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Connection:
+    username: str | None = None
+    #: The ticket of the authentication this connection waits for; its later frames queue meanwhile.
+    pending: int | None = None
+    pending_link: tuple[str, str | None] | None = None
+    queue: deque[str | bytes] = field(default_factory=deque)
+
+
+class ServerProtocol:
+    """One lobby's Krmx server rules. Drive it from one thread; every method returns the effects to apply."""
+
+    def __init__(
+        self,
+        registry: Registry | None = None,
+        *,
+        lobby: str = "main",
+        accept_new_users: bool = True,
+        username_predicate: Callable[[str], bool] = is_valid_username,
+        versions: Iterable[str] = DEFAULT_VERSIONS,
+        authenticates: bool = False,
+    ) -> None:
+        self.registry = registry if registry is not None else Registry()
+        self.lobby = lobby
+        self.session: str | None = None
+        self.accept_new_users = accept_new_users
+        self.username_predicate = username_predicate
+        self.versions = tuple(versions)
+        if not self.versions:
+            raise ValueError("at least one protocol version must be accepted")
+        #: Whether link requests go to the application (an authenticate listener exists).
+        self.authenticates = authenticates
+        self.status = "initializing"
+        #: The time of the current input, set by the driver.
+        self.now = 0
+        self._connections: dict[Hashable, _Connection] = {}
+        self._user_connection: dict[str, Hashable] = {}
+        #: Users accepted and joined whose link waits for a Resume: taken for rule 7, not yet linked.
+        self._linking: dict[str, Hashable] = {}
+        self._tickets = 0
+        self._out: list[Effect] = []
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    @property
+    def users(self) -> list[dict[str, Any]]:
+        return self.registry.as_list()
+
+    def connection_of(self, username: str) -> Hashable | None:
+        return self._user_connection.get(username)
+
+    def username_of(self, connection: Hashable) -> str | None:
+        state = self._connections.get(connection)
+        return state.username if state is not None else None
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # -- helpers ----------------------------------------------------------------------------------------
+
+    def _take(self) -> list[Effect]:
+        out, self._out = self._out, []
+        return out
+
+    def _record(self, event: Event) -> None:
+        apply(self.registry, event)
+        self._out.append(Record(event))
+
+    def _common(self) -> dict[str, Any]:
+        assert self.session is not None
+        return {"lobby": self.lobby, "session": self.session, "at": self.now}
+
+    def _send(self, connection: Hashable, data: bytes) -> None:
+        self._out.append(SendFrame(connection, data))
+
+    def _to_linked(self, data: bytes, skip: str | None = None) -> None:
+        for username, connection in self._user_connection.items():
+            if username != skip:
+                self._out.append(SendFrame(connection, data))
+
+    def _valid(self, username: str) -> bool:
+        try:
+            return bool(self.username_predicate(username))
+        except Exception:  # an application predicate that fails says no
+            return False
+
+    def _can_only(self, action: str, *statuses: str) -> None:
+        if self.status not in statuses:
+            raise ServerError(f"cannot {action} when the server is {self.status}")
+
+    # -- lifecycle of the server ------------------------------------------------------------------------
+
+    def listen(self, session: str, port: int | None = None) -> list[Effect]:
+        """Start ``session``: record ``listen``, then recover a previous session that never closed."""
+        self._can_only("start listening", "initializing", "starting")
+        self.session = session
+        self.status = "listening"
+        previous = self.registry.copy()
+        self._record(Listen(**self._common(), port=port))
+        for event in recovery_events(previous, session=session, at=self.now):
+            self._record(event)
+        return self._take()
+
+    def close(self, *, keep_users: bool = False) -> list[Effect]:
+        """Krmx ``close()``: every user leaves (kicked) in join order, every connection is closed, ``close``
+        is recorded. With ``keep_users`` (a deploy) linked users are unlinked with reason ``server restart``
+        instead and stay in the lobby for the next start."""
+        self._can_only("close", "listening")
+        self.status = "closing"
+        if keep_users:
+            for username in self.registry.linked():
+                self._unlink(username, "server restart")
+        else:
+            for username in list(self.registry.users):
+                self._leave(username, "close")
+        self._linking.clear()
+        for connection, state in self._connections.items():
+            state.pending = None  # a link whose authentication is still pending is not accepted
+            self._out.append(CloseConnection(connection, "server closed"))
+        self._connections.clear()
+        self._record(Close(**self._common(), reason="server restart" if keep_users else "close"))
+        return self._take()
+
+    def closed(self) -> None:
+        """The driver finished closing (listeners ran, sockets closed)."""
+        self.status = "closed"
+
+    # -- connections ------------------------------------------------------------------------------------
+
+    def connect(self, connection: Hashable) -> list[Effect]:
+        if connection in self._connections:
+            raise ServerError(f"connection {connection!r} is already open")
+        if self.status != "listening":
+            return [CloseConnection(connection, f"server is {self.status}")]
+        self._connections[connection] = _Connection()
+        return []
+
+    def disconnect(self, connection: Hashable, reason: str = "dropped") -> list[Effect]:
+        """The connection is gone (close frame, drop, missed pings, a cut-off): unlink its user if linked."""
+        state = self._connections.pop(connection, None)
+        if state is not None and state.username is not None:
+            self._unlink(state.username, reason)
+        return self._take()
+
+    def receive(self, connection: Hashable, data: str | bytes) -> list[Effect]:
+        """A frame arrived on ``connection`` (text or binary, handled alike)."""
+        state = self._connections.get(connection)
+        if state is None:
+            return []
+        if state.pending is not None:
+            state.queue.append(data)
+            return []
+        self._handle(connection, state, data)
+        return self._take()
+
+    def _handle(self, connection: Hashable, state: _Connection, data: str | bytes) -> None:
+        message = parse_frame(data)
+        if state.username is None:
+            if message is None:
+                self._send(connection, rejected("invalid message"))
+            else:
+                self._link_request(connection, state, message)
+            return
+        username = state.username
+        if message is None:
+            self._unlink(username, "invalid message")
+            return
+        type_ = message["type"]
+        if type_ == "krmx/link" or type_ == "krmx/unlink":
+            self._unlink(username, "requested" if type_ == "krmx/unlink" else "link while linked")
+        elif type_ == "krmx/leave":
+            self._leave(username, "requested")
+        elif type_.startswith("krmx/"):
+            self._unlink(username, "reserved type")
+        else:
+            self._record(Message(**self._common(), username=username, message=message))
+
+    # -- linking ----------------------------------------------------------------------------------------
+
+    def _link_request(self, connection: Hashable, state: _Connection, message: dict[str, Any]) -> None:
+        if message["type"] != "krmx/link":
+            self._send(connection, rejected("unlinked connection"))
+            return
+        payload = message.get("payload")
+        if (
+            type(payload) is not dict
+            or type(payload.get("username")) is not str
+            or type(payload.get("version")) is not str
+            or ("auth" in payload and type(payload["auth"]) is not str)
+        ):
+            self._send(connection, rejected("invalid link request"))
+            return
+        username: str = payload["username"]
+        version: str = payload["version"]
+        auth: str | None = payload.get("auth")
+        if not any(version.startswith(accepted) for accepted in self.versions):
+            server = "|".join(f"{accepted}.*" for accepted in self.versions)
+            self._send(connection, rejected(f"krmx server version mismatch (server={server},client={version})"))
+            return
+        if not self._valid(username):
+            self._send(connection, rejected("invalid username"))
+            return
+        reason = self._link_blocker(username)
+        if reason is not None:
+            self._send(connection, rejected(reason))
+            return
+        if not self.authenticates:
+            self._accept(connection, state, username, auth)
+            return
+        self._tickets += 1
+        state.pending = self._tickets
+        state.pending_link = (username, auth)
+        self._out.append(
+            Authenticate(connection, self._tickets, username, username not in self.registry.users, auth)
+        )
+
+    def _link_blocker(self, username: str) -> str | None:
+        """Rules 6 and 7: the rejection reason, if any, for linking to ``username`` now."""
+        linked = self.registry.users.get(username)
+        if linked is None and not self.accept_new_users:
+            return "server is not accepting new users"
+        if linked or username in self._linking:
+            return f"user {username} is already linked to a connection"
+        return None
+
+    def authenticated(self, connection: Hashable, ticket: int, reason: str | None) -> list[Effect]:
+        """The application's answer to :class:`Authenticate`: ``None`` accepts, a string rejects.
+
+        What may have changed meanwhile is checked again: the connection closed (nothing happens), the
+        server is closing (not accepted), the user got linked or removed (rules 6 and 7 again)."""
+        state = self._connections.get(connection)
+        if state is None or state.pending != ticket or state.pending_link is None:
+            return []
+        username, auth = state.pending_link
+        state.pending = None
+        state.pending_link = None
+        if reason is None and self.status != "listening":
+            reason = f"server is {self.status}"
+        if reason is None:
+            reason = self._link_blocker(username)
+        if reason is not None:
+            self._send(connection, rejected(reason))
+        else:
+            self._accept(connection, state, username, auth)
+        self._drain(connection, state)
+        return self._take()
+
+    def resume(self, connection: Hashable, ticket: int) -> list[Effect]:
+        """Link a new user after its join listeners ran (see :class:`Resume`)."""
+        state = self._connections.get(connection)
+        if state is None or state.pending != ticket or state.pending_link is None:
+            # The connection closed (or the server closed) meanwhile: the user stays joined and unlinked.
+            for username, waiting in list(self._linking.items()):
+                if waiting == connection:
+                    del self._linking[username]
+            return self._take()
+        username, auth = state.pending_link
+        del self._linking[username]
+        state.pending = None
+        state.pending_link = None
+        self._link(connection, state, username, auth)
+        self._drain(connection, state)
+        return self._take()
+
+    def _drain(self, connection: Hashable, state: _Connection) -> None:
+        """Handle the frames that waited behind an authentication or a link, in order, until one waits again."""
+        while state.queue and state.pending is None and connection in self._connections:
+            self._handle(connection, state, state.queue.popleft())
+
+    def _accept(self, connection: Hashable, state: _Connection, username: str, auth: str | None) -> None:
+        self._send(connection, ACCEPTED)
+        if username in self.registry.users:
+            self._link(connection, state, username, auth)
+            return
+        self._join(username)
+        self._tickets += 1
+        state.pending = self._tickets
+        state.pending_link = (username, auth)
+        self._linking[username] = connection
+        self._out.append(Resume(connection, self._tickets))
+
+    def _link(self, connection: Hashable, state: _Connection, username: str, auth: str | None) -> None:
+        # The new connection learns every user in join order, itself included; the others learn it linked.
+        event = Link(**self._common(), username=username, auth=auth is not None)
+        apply(self.registry, event)
+        state.username = username
+        self._user_connection[username] = connection
+        out = self._out
+        for other, linked in self.registry.users.items():
+            out.append(SendFrame(connection, _about("krmx/joined", other)))
+            if linked:
+                out.append(SendFrame(connection, _about("krmx/linked", other)))
+        self._to_linked(_about("krmx/linked", username), skip=username)
+        out.append(Record(event))
+
+    # -- the user lifecycle, shared by client frames and server calls ----------------------------------
+
+    def _join(self, username: str) -> None:
+        self._to_linked(_about("krmx/joined", username))
+        self._record(Join(**self._common(), username=username))
+
+    def _unlink(self, username: str, reason: str) -> None:
+        data = _about("krmx/unlinked", username)
+        connection = self._user_connection.pop(username)
+        state = self._connections.get(connection)
+        if state is not None:  # still open: it hears its own unlink too
+            state.username = None
+            self._send(connection, data)
+        self._to_linked(data)
+        self._record(Unlink(**self._common(), username=username, reason=reason))
+
+    def _leave(self, username: str, reason: str) -> None:
+        left = _about("krmx/left", username)
+        connection = self._user_connection.get(username)
+        if connection is not None:
+            self._unlink(username, reason)
+            if connection in self._connections:
+                self._send(connection, left)
+        self._to_linked(left)
+        self._record(Leave(**self._common(), username=username, reason=reason))
+
+    # -- the server API ---------------------------------------------------------------------------------
+
+    def _existing(self, username: str, action: str) -> bool:
+        linked = self.registry.users.get(username)
+        if linked is None:
+            raise ServerError(f"cannot {action} a user that does not exist ({username!r})")
+        return linked
+
+    def join(self, username: str) -> list[Effect]:
+        """Server-side join: the user starts unlinked."""
+        self._can_only("join a user", "listening")
+        if username in self.registry.users:
+            raise ServerError(f"cannot join a user that already exists ({username!r})")
+        if not isinstance(username, str) or not self._valid(username):
+            raise ServerError(f"cannot join a user with an invalid username ({username!r})")
+        self._join(username)
+        return self._take()
+
+    def kick(self, username: str) -> list[Effect]:
+        self._can_only("kick a user", "listening")
+        self._existing(username, "kick")
+        self._leave(username, "kick")
+        return self._take()
+
+    def unlink(self, username: str, reason: str = "server") -> list[Effect]:
+        self._can_only("unlink a user", "listening")
+        if not self._existing(username, "unlink"):
+            raise ServerError(f"cannot unlink a user that is not linked ({username!r})")
+        self._unlink(username, reason)
+        return self._take()
+
+    def send(self, username: str, message: dict[str, Any]) -> list[Effect]:
+        self._can_only("send a message", "listening", "closing")
+        data = self._custom(message)
+        if not self._existing(username, "send a message to"):
+            raise ServerError(f"cannot send a message to a user that is not linked ({username!r})")
+        self._record(Send(**self._common(), username=username, message=message))
+        self._send(self._user_connection[username], data)
+        return self._take()
+
+    def broadcast(self, message: dict[str, Any], skip: str | None = None) -> list[Effect]:
+        self._can_only("broadcast a message", "listening", "closing")
+        data = self._custom(message)
+        self._record(Broadcast(**self._common(), message=message, skip=skip))
+        self._to_linked(data, skip=skip)
+        return self._take()
+
+    @staticmethod
+    def _custom(message: dict[str, Any]) -> bytes:
+        """The frame of an application message; raise unless it is a JSON object with a non-``krmx/`` type."""
+        if type(message) is not dict or type(message.get("type")) is not str:
+            raise ServerError(f"a message must be a dict with a string 'type', not {message!r:.100}")
+        if message["type"].startswith("krmx/"):
+            raise ServerError(f"the krmx/ prefix is reserved for the protocol: {message['type']!r}")
+        try:
+            return orjson.dumps(message)
+        except TypeError as error:
+            raise ServerError(f"message is not JSON-serialisable: {error}") from None

@@ -1,0 +1,561 @@
+"""The asyncio Krmx server: websockets for I/O, :mod:`lobby.protocol` for the rules, the event log first.
+
+A *turn* handles every input that arrived since the last one (frames of all connections, closed
+connections, authentication results), in arrival order:
+
+1. the protocol core turns each input into effects (events to record, frames, closes, auth requests);
+2. the events of the turn are appended to the log in **one transaction** (group commit);
+3. only then do listeners run, at their place in the effects; whatever the application does from a listener
+   (send, broadcast, kick, ...) is recorded in the next transaction of the same turn;
+4. when nothing is left to commit, the frames of the turn are written, each connection's in order.
+
+So no frame reaches a client and no listener sees an event before that event is in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import signal
+import uuid
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from events import Event, EventStore, now_us
+
+from .errors import ServerError
+from .protocol import (
+    DEFAULT_VERSIONS,
+    Authenticate,
+    CloseConnection,
+    Effect,
+    Record,
+    Resume,
+    SendFrame,
+    ServerProtocol,
+    is_valid_username,
+)
+
+__all__ = ["Server", "ServerConfig", "AuthInfo", "QueryRule", "DEFAULT_MAX_FRAME_SIZE", "LISTENER_EVENTS"]
+
+#: Frames up to 4 MiB must be handled (the Krmx conformance suite sends them); larger ones close the connection.
+DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
+LISTENER_EVENTS = ("listen", "authenticate", "join", "link", "message", "unlink", "leave", "close", "event")
+
+#: A required query parameter: ``True`` present, ``False`` absent, a string equal, a callable a predicate.
+QueryRule = bool | str | Callable[[str | None], bool]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every option of a server. Built once (from code, CLI flags or ``LOBBY_*`` variables), never read deep."""
+
+    host: str = "127.0.0.1"
+    port: int = 8082
+    #: The websocket path; other paths get HTTP 404.
+    path: str = "/"
+    db: str = "lobby.db"
+    durability: Literal["full", "normal"] = "full"
+    lobby: str = "main"
+    accept_new_users: bool = True
+    username_predicate: Callable[[str], bool] = is_valid_username
+    query_params: dict[str, QueryRule] = field(default_factory=dict)
+    #: Seconds between pings; a connection that has not answered the previous ping by then is terminated.
+    ping_interval: float | None = 15.0
+    auth_timeout: float = 10.0
+    versions: tuple[str, ...] = DEFAULT_VERSIONS
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    #: permessage-deflate: off, like the reference server (it costs CPU on every frame of every fan-out).
+    compression: bool = False
+    #: Write a registry snapshot every this many events, so start-up folds only the tail of the log.
+    snapshot_every: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, not {self.port}")
+        if not self.path.startswith("/"):
+            object.__setattr__(self, "path", "/" + self.path)
+        if self.durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {self.durability!r}")
+        if self.ping_interval is not None and self.ping_interval <= 0:
+            raise ValueError("ping_interval must be positive (or None to disable pings)")
+        if self.auth_timeout <= 0:
+            raise ValueError("auth_timeout must be positive")
+        if self.max_frame_size < 1024:
+            raise ValueError("max_frame_size must be at least 1024 bytes")
+        if not self.versions:
+            raise ValueError("at least one client version line must be accepted")
+        if self.snapshot_every < 1:
+            raise ValueError("snapshot_every must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthInfo:
+    """What an authenticate listener learns about a link request (the auth string is never logged)."""
+
+    is_new_user: bool
+    auth: str | None
+
+
+Listener = Callable[..., Any]
+
+
+class Server:
+    """A Krmx lobby server whose users live in an event log.
+
+    >>> server = Server(db="lobby.db")
+    >>> @server.on("message")
+    ... def on_message(username, message): ...
+    >>> server.run()  # doctest: +SKIP  (or: await server.start(); ...; await server.close())
+    """
+
+    def __init__(self, config: ServerConfig | None = None, *, clock: Callable[[], int] = now_us, **options: Any):
+        self.config = dataclasses.replace(config or ServerConfig(), **options)
+        self._clock = clock
+        self._listeners: dict[str, list[Listener]] = {}
+        self._status = "initializing"
+        self.core: ServerProtocol | None = None
+        self.store: EventStore | None = None
+        self.session: str | None = None
+        self.port: int | None = None
+        self._log = structlog.get_logger("lobby")
+        self._inbox: list[Callable[[], list[Effect]]] = []
+        self._turn_scheduled = False
+        self._next_stage: list[tuple[list[Any], list[Effect]]] | None = None
+        self._slot: list[Any] | None = None
+        self._auth_tasks: set[asyncio.Task[None]] = set()
+        self._ws_server: Any = None
+        self._since_snapshot = 0
+        self.fatal: BaseException | None = None
+
+    # -- the application API ----------------------------------------------------------------------------
+
+    def configure(self, **options: Any) -> None:
+        """Change options before the server starts (the CLI applies its flags this way)."""
+        if self._status != "initializing":
+            raise ServerError(f"cannot configure when the server is {self._status}")
+        self.config = dataclasses.replace(self.config, **options)
+
+    def on(self, event: str, listener: Listener | None = None) -> Any:
+        """Register ``listener`` for ``event``; without a listener, return a decorator.
+
+        Listeners: ``listen(port)``, ``authenticate(username, info)`` (raise to reject: the exception's
+        message is the reason; may be async, see ``auth_timeout``), ``join(username)``, ``link(username)``,
+        ``message(username, message)``, ``unlink(username)``, ``leave(username)``, ``close()``, and
+        ``event(event)`` for every committed :class:`events.Event`.
+        """
+        if event not in LISTENER_EVENTS:
+            raise ValueError(f"unknown server event {event!r}; expected one of {', '.join(LISTENER_EVENTS)}")
+
+        def register(fn: Listener) -> Listener:
+            if event == "authenticate" and self._listeners.get("authenticate"):
+                raise ServerError("only one authenticate listener can be registered")
+            self._listeners.setdefault(event, []).append(fn)
+            if self.core is not None:
+                self.core.authenticates = bool(self._listeners.get("authenticate"))
+            return fn
+
+        return register if listener is None else register(listener)
+
+    @property
+    def status(self) -> str:
+        """initializing, starting, listening, closing or closed."""
+        return self._status
+
+    @property
+    def users(self) -> list[dict[str, Any]]:
+        """``[{"username": ..., "isLinked": ...}]`` in join order."""
+        return self.core.users if self.core is not None else []
+
+    def join(self, username: str) -> None:
+        self._call(self._require_core().join, username)
+
+    def kick(self, username: str) -> None:
+        self._call(self._require_core().kick, username)
+
+    def unlink(self, username: str) -> None:
+        self._call(self._require_core().unlink, username)
+
+    def send(self, username: str, message: dict[str, Any]) -> None:
+        self._call(self._require_core().send, username, message)
+
+    def broadcast(self, message: dict[str, Any], skip: str | None = None) -> None:
+        self._call(self._require_core().broadcast, message, skip)
+
+    def _require_core(self) -> ServerProtocol:
+        if self.core is None:
+            raise ServerError(f"cannot do that when the server is {self._status}")
+        return self.core
+
+    # -- starting and stopping --------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Open the log, rebuild the registry, listen; return the port. Recovers a session that crashed."""
+        if self._status != "initializing":
+            raise ServerError(f"cannot start listening when the server is {self._status}")
+        config = self.config
+        self._status = "starting"
+        try:
+            self.store = EventStore(config.db, durability=config.durability)
+            registry = self.store.load_registry(config.lobby)
+        except BaseException:
+            self._status = "initializing"
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+            raise
+        self.core = ServerProtocol(
+            registry,
+            lobby=config.lobby,
+            accept_new_users=config.accept_new_users,
+            username_predicate=config.username_predicate,
+            versions=config.versions,
+            authenticates=bool(self._listeners.get("authenticate")),
+        )
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._ws_server = await serve(
+                self._handle_connection,
+                config.host,
+                config.port,
+                process_request=self._check_request,
+                max_size=config.max_frame_size,
+                ping_interval=config.ping_interval,
+                ping_timeout=config.ping_interval,
+                compression="deflate" if config.compression else None,
+                server_header=None,
+            )
+        except OSError:
+            self._status = "initializing"
+            self.core = None
+            self.store.close()
+            self.store = None
+            raise
+        sockets = list(self._ws_server.sockets)
+        self.port = sockets[0].getsockname()[1] if sockets else config.port
+        self.session = uuid.uuid4().hex[:12]
+        self._status = "listening"
+        self._log = structlog.get_logger("lobby").bind(lobby=config.lobby, session=self.session)
+        self._log.info(
+            "listening", host=config.host, port=self.port, db=str(config.db), users=len(registry.users),
+            recovering=registry.needs_recovery,
+        )
+        self._call(self.core.listen, self.session, self.port)
+        return self.port
+
+    async def close(self, *, keep_users: bool = False) -> None:
+        """Krmx close: every user kicked, connections closed, ``close`` logged. With ``keep_users`` (a
+        deploy), linked users are unlinked with reason ``server restart`` and come back on the next start."""
+        if self._status != "listening":
+            raise ServerError(f"cannot close when the server is {self._status}")
+        self._status = "closing"
+        for task in self._auth_tasks:
+            task.cancel()
+        core = self._require_core()
+        self._call(core.close, keep_users=keep_users)
+        core.closed()
+        self._ws_server.close()
+        await self._ws_server.wait_closed()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.store is not None:
+            if self.core is not None and self.core.registry.seq is not None and self.fatal is None:
+                self.store.save_snapshot(self.core.registry)
+            self.store.close()
+            self.store = None
+        self._status = "closed"
+        self._log.info("closed")
+
+    def run(self) -> int:
+        """Serve until SIGINT or SIGTERM, then close the Krmx way; return the process exit code."""
+        return asyncio.run(self._run_until_signal())
+
+    async def _run_until_signal(self, keep_users_on_stop: bool = False) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        self._stop_event = stop
+        await self.start()
+        await stop.wait()
+        if self.fatal is not None:
+            return 1
+        self._log.info("stopping", keep_users=keep_users_on_stop)
+        await self.close(keep_users=keep_users_on_stop)
+        return 0
+
+    # -- connections ------------------------------------------------------------------------------------
+
+    def _check_request(self, connection: ServerConnection, request: Any) -> Any:
+        """Before the upgrade: the path and the required query parameters (otherwise no websocket at all)."""
+        url = urlsplit(request.path)
+        if url.path != self.config.path:
+            return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        if self.config.query_params:
+            query = {key: values[-1] for key, values in parse_qs(url.query, keep_blank_values=True).items()}
+            for name, rule in self.config.query_params.items():
+                value = query.get(name)
+                if rule is True:
+                    ok = value is not None
+                elif rule is False:
+                    ok = value is None
+                elif isinstance(rule, str):
+                    ok = value == rule
+                else:
+                    try:
+                        ok = bool(rule(value))
+                    except Exception:
+                        ok = False
+                if not ok:
+                    return connection.respond(HTTPStatus.FORBIDDEN, f"query parameter {name!r} is not valid\n")
+        return None
+
+    async def _handle_connection(self, ws: ServerConnection) -> None:
+        self._submit(lambda: self._require_core().connect(ws))
+        try:
+            async for data in ws:
+                self._submit(lambda data=data: self._require_core().receive(ws, data))
+        except ConnectionClosed:
+            pass
+        self._submit(lambda: self._require_core().disconnect(ws, _unlink_reason(ws)))
+
+    # -- turns ------------------------------------------------------------------------------------------
+
+    def _submit(self, action: Callable[[], list[Effect]]) -> None:
+        self._inbox.append(action)
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self._turn_scheduled = False
+        inbox, self._inbox = self._inbox, []
+        if self.core is None or self.fatal is not None:
+            return
+        self.core.now = self._clock()
+        root: list[Any] = []
+        stage: list[tuple[list[Any], list[Effect]]] = []
+        for action in inbox:
+            effects = action()
+            if effects:
+                slot: list[Any] = []
+                root.append(slot)
+                stage.append((slot, effects))
+        if stage:
+            self._run(root, stage)
+
+    def _call(self, method: Callable[..., list[Effect]], *args: Any, **kwargs: Any) -> None:
+        """A server-side call: from inside a listener, it joins the current turn at the listener's place;
+        from anywhere else, it is a turn of its own, committed and written before the call returns."""
+        core = self._require_core()
+        if self._next_stage is not None and self._slot is not None:
+            effects = method(*args, **kwargs)
+            slot: list[Any] = []
+            self._slot.append(slot)
+            self._next_stage.append((slot, effects))
+            return
+        core.now = self._clock()
+        effects = method(*args, **kwargs)
+        root: list[Any] = [effects_slot := []]
+        self._run(root, [(effects_slot, effects)])
+
+    def _run(self, root: list[Any], stage: list[tuple[list[Any], list[Effect]]]) -> None:
+        while stage:
+            committed = iter(self._commit([e.event for _, effects in stage for e in effects if type(e) is Record]))
+            next_stage: list[tuple[list[Any], list[Effect]]] = []
+            for slot, effects in stage:
+                for effect in effects:
+                    kind = type(effect)
+                    if kind is SendFrame or kind is CloseConnection:
+                        slot.append(effect)
+                    elif kind is Record:
+                        self._emit(next(committed), slot, next_stage)
+                    else:
+                        sub: list[Any] = []
+                        slot.append(sub)
+                        if kind is Resume:
+                            next_stage.append((sub, self._require_core().resume(effect.connection, effect.ticket)))
+                        else:
+                            self._authenticate(effect, sub, next_stage)  # type: ignore[arg-type]
+            stage = next_stage
+        self._flush(root)
+
+    def _commit(self, events: list[Event]) -> list[Event]:
+        if not events:
+            return []
+        assert self.store is not None and self.core is not None
+        try:
+            seqs = self.store.append(events)
+        except Exception as error:
+            self._die(error)
+            raise
+        registry = self.core.registry
+        registry.seq = seqs[-1]
+        self._since_snapshot += len(seqs)
+        if self._since_snapshot >= self.config.snapshot_every:
+            self._since_snapshot = 0
+            self.store.save_snapshot(registry)
+        return [event.with_seq(seq) for event, seq in zip(events, seqs)]
+
+    def _die(self, error: BaseException) -> None:
+        """The log cannot be written: nothing of this turn may be seen, and serving on would lose events."""
+        self.fatal = error
+        self._log.critical("event log append failed; stopping without sending this turn", error=str(error))
+        for connection in list(getattr(self._ws_server, "connections", ())):
+            connection.transport.abort()
+        stop = getattr(self, "_stop_event", None)
+        if stop is not None:
+            stop.set()
+
+    def _emit(self, event: Event, slot: list[Any], next_stage: list[tuple[list[Any], list[Effect]]]) -> None:
+        username = getattr(event, "username", None)
+        log = self._log.bind(seq=event.seq, username=username) if username else self._log.bind(seq=event.seq)
+        if event.type in ("message", "send", "broadcast"):
+            log.debug(event.type)
+        else:
+            reason = getattr(event, "reason", None)
+            log.info(event.type, **({"reason": reason} if reason else {}))
+        listeners = self._listeners.get(event.type, ())
+        catch_all = self._listeners.get("event", ())
+        if not listeners and not catch_all:
+            return
+        args: tuple[Any, ...]
+        if event.type == "listen":
+            args = (event.port,)  # type: ignore[attr-defined]
+        elif event.type == "close":
+            args = ()
+        elif event.type == "message":
+            args = (username, event.message)  # type: ignore[attr-defined]
+        elif event.type in ("send", "broadcast"):
+            listeners = ()
+            args = ()
+        else:
+            args = (username,)
+        saved = self._slot, self._next_stage
+        self._next_stage = next_stage
+        try:
+            for listener in (*listeners, *catch_all):
+                sub: list[Any] = []
+                slot.append(sub)
+                self._slot = sub
+                self._invoke(listener, *(args if listener in listeners else (event,)), log=log)
+        finally:
+            self._slot, self._next_stage = saved
+
+    def _invoke(self, listener: Listener, *args: Any, log: Any) -> None:
+        try:
+            result = listener(*args)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                task.add_done_callback(lambda t: self._report_task(t, listener, log))
+        except Exception:
+            log.exception("listener failed", listener=getattr(listener, "__qualname__", repr(listener)))
+
+    def _report_task(self, task: asyncio.Future[Any], listener: Listener, log: Any) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "listener failed", listener=getattr(listener, "__qualname__", repr(listener)),
+                exc_info=task.exception(),
+            )
+
+    def _authenticate(
+        self, request: Authenticate, slot: list[Any], next_stage: list[tuple[list[Any], list[Effect]]]
+    ) -> None:
+        core = self._require_core()
+        listener = self._listeners["authenticate"][0]
+        info = AuthInfo(is_new_user=request.is_new_user, auth=request.auth)
+        log = self._log.bind(username=request.username)
+        try:
+            result = listener(request.username, info)
+        except Exception as error:
+            reason: str | None = _reason(error)
+        else:
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(self._authenticate_later(request, result, log))
+                self._auth_tasks.add(task)
+                task.add_done_callback(self._auth_tasks.discard)
+                return
+            reason = None
+        if reason is not None:
+            log.info("link rejected", reason=reason)
+        next_stage.append((slot, core.authenticated(request.connection, request.ticket, reason)))
+
+    async def _authenticate_later(self, request: Authenticate, pending: Awaitable[Any], log: Any) -> None:
+        reason: str | None = None
+        try:
+            await asyncio.wait_for(pending, self.config.auth_timeout)
+        except asyncio.TimeoutError:
+            reason = "authentication timeout"
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            reason = _reason(error)
+        if reason is not None:
+            log.info("link rejected", reason=reason)
+        self._submit(lambda: self._require_core().authenticated(request.connection, request.ticket, reason))
+
+    def _flush(self, root: list[Any]) -> None:
+        """Write the turn's frames, each connection's in order, with one socket write per connection."""
+        frames: dict[Hashable, list[bytes]] = {}
+        closes: list[CloseConnection] = []
+
+        def walk(items: list[Any]) -> None:
+            for item in items:
+                kind = type(item)
+                if kind is list:
+                    walk(item)
+                elif kind is SendFrame:
+                    queue = frames.get(item.connection)
+                    if queue is None:
+                        frames[item.connection] = [item.data]
+                    else:
+                        queue.append(item.data)
+                else:
+                    closes.append(item)
+
+        walk(root)
+        for ws, datas in frames.items():
+            if ws.protocol.state is not State.OPEN:  # type: ignore[attr-defined]
+                continue
+            protocol = ws.protocol  # type: ignore[attr-defined]
+            try:
+                for data in datas:
+                    protocol.send_text(data)
+                ws.send_data()  # type: ignore[attr-defined]
+            except Exception as error:  # the peer went away mid-write: its close unlinks it
+                self._log.debug("write failed", error=str(error))
+        for close in closes:
+            ws = close.connection
+            asyncio.ensure_future(_close_quietly(ws, close.reason))  # type: ignore[arg-type]
+
+
+def _unlink_reason(ws: ServerConnection) -> str:
+    """Why a connection ended, from the close frame we sent (if we closed it)."""
+    sent = ws.protocol.close_sent
+    if sent is not None and sent.code == 1009:
+        return "frame too large"
+    if sent is not None and sent.code == 1011 and "ping" in sent.reason:
+        return "ping timeout"
+    return "dropped"
+
+
+async def _close_quietly(ws: ServerConnection, reason: str) -> None:
+    try:
+        await asyncio.wait_for(ws.close(1001, reason), 2)
+    except Exception:
+        ws.transport.abort()
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
