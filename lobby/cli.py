@@ -1,12 +1,204 @@
-"""The ``lobby`` command."""
+"""The ``lobby`` command: ``lobby serve [module:app]`` (and ``lobby replay ...``).
+
+Every ``serve`` option is also an environment variable ``LOBBY_<OPTION>`` (``--ping-interval`` is
+``LOBBY_PING_INTERVAL``); a flag wins over the variable, the variable over the app's own settings.
+Usage errors exit with code 2 and one line on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from events import EventLogError
+
+from .logs import LOG_LEVELS, configure_logging
+from .server import Server
+
+__all__ = ["main"]
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0..65535")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2}
+    lowered = text.strip().lower()
+    for suffix, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(lowered)
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _versions(text: str) -> tuple[str, ...]:
+    versions = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not versions:
+        raise ValueError("must name at least one version line, like 0.5,0.6")
+    return versions
+
+
+# (flag, config field, parser, help)
+SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--host", "host", str, "interface to listen on (default 127.0.0.1)"),
+    ("--port", "port", _port, "port to listen on (default 8082; 0 picks a free one)"),
+    ("--db", "db", str, "event log file (default ./lobby.db)"),
+    ("--durability", "durability", str, "full (default: fsync every commit) or normal (faster, may lose the "
+     "last commits on power loss)"),
+    ("--lobby", "lobby", str, "lobby name recorded with every event (default main)"),
+    ("--path", "path", str, "websocket path (default /)"),
+    ("--accept-new-users", "accept_new_users", _bool, "true (default) or false: only existing users may link"),
+    ("--ping-interval", "ping_interval", _positive_float, "seconds between pings; a missed pong unlinks "
+     "(default 15)"),
+    ("--auth-timeout", "auth_timeout", _positive_float, "seconds an async authenticate may take (default 10)"),
+    ("--max-frame-size", "max_frame_size", _size, "largest frame accepted, like 4MiB (default); larger ones "
+     "close the connection"),
+    ("--versions", "versions", _versions, "accepted client version lines, comma separated (default 0.5,0.6)"),
+    ("--compression", "compression", _bool, "permessage-deflate: false (default) or true"),
+    ("--snapshot-every", "snapshot_every", int, "write a registry snapshot every N events (default 10000)"),
+]
+
+
+def _env_name(flag: str) -> str:
+    return "LOBBY_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lobby", description="krmx-lobby: an event-sourced Krmx lobby server")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run a lobby server",
+        description="Run a Krmx lobby server. APP is module:attribute naming a lobby.Server (or a function "
+        "returning one); without it, a plain lobby that only manages users. Every option is also an "
+        "environment variable LOBBY_<OPTION>.",
+    )
+    serve.add_argument("app", nargs="?", help="module:attribute of the application, like examples.chat:app")
+    for flag, _field, _parse, help_text in SERVE_OPTIONS:
+        serve.add_argument(flag, default=None, help=f"{help_text} [{_env_name(flag)}]")
+    serve.add_argument("--log-format", default=None, help="json (default) or console [LOBBY_LOG_FORMAT]")
+    serve.add_argument("--log-level", default=None, help="debug, info (default), warning, error [LOBBY_LOG_LEVEL]")
+    serve.add_argument(
+        "--on-stop",
+        default=None,
+        help="what SIGINT/SIGTERM does: close (default: every user kicked, the Krmx way) or keep (a deploy: "
+        "users unlinked with reason 'server restart', back as unlinked on the next start) [LOBBY_ON_STOP]",
+    )
+    try:
+        from replay.cli import add_replay_commands
+    except ImportError:  # replay is part of the distribution; this only guards a partial checkout
+        pass
+    else:
+        add_replay_commands(commands)
+    return parser
+
+
+class UsageError(Exception):
+    pass
+
+
+def _option(args: argparse.Namespace, flag: str) -> str | None:
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if value is None:
+        value = os.environ.get(_env_name(flag))
+    return value
+
+
+def load_app(spec: str) -> Server:
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UsageError(f"app must be module:attribute, like examples.chat:app (got {spec!r})")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"cannot import module {module_name!r}: {error}") from None
+    try:
+        app = getattr(module, attribute)
+    except AttributeError:
+        raise UsageError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    if not isinstance(app, Server) and callable(app):
+        app = app()
+    if not isinstance(app, Server):
+        raise UsageError(f"{spec} is a {type(app).__name__}, not a lobby.Server")
+    return app
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for flag, field, parse, _help in SERVE_OPTIONS:
+        text = _option(args, flag)
+        if text is None:
+            continue
+        try:
+            overrides[field] = parse(text)
+        except ValueError as error:
+            raise UsageError(f"{flag} / {_env_name(flag)}: invalid value {text!r}: {error}") from None
+    log_format = _option(args, "--log-format") or "json"
+    log_level = _option(args, "--log-level") or "info"
+    on_stop = _option(args, "--on-stop") or "close"
+    if log_format not in ("json", "console"):
+        raise UsageError(f"--log-format must be json or console, not {log_format!r}")
+    if log_level not in LOG_LEVELS:
+        raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+    if on_stop not in ("close", "keep"):
+        raise UsageError(f"--on-stop must be close or keep, not {on_stop!r}")
+    configure_logging(log_format, log_level)  # type: ignore[arg-type]
+    server = load_app(args.app) if args.app else Server()
+    try:
+        server.configure(**overrides)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
+        return asyncio.run(server.serve(keep_users_on_stop=on_stop == "keep"))
+    except EventLogError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        print(f"lobby: cannot listen on {server.config.host}:{server.config.port}: {error}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lobby", description="krmx-lobby: an event-sourced Krmx lobby server")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "serve":
+            return serve_command(args)
+        return int(args.run(args))
+    except UsageError as error:
+        print(f"lobby: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

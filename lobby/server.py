@@ -269,7 +269,7 @@ class Server:
 
     def _finish(self) -> None:
         if self.store is not None:
-            if self.core is not None and self.core.registry.seq is not None and self.fatal is None:
+            if self.core is not None and self.core.registry.seq is not None:
                 self.store.save_snapshot(self.core.registry)
             self.store.close()
             self.store = None
@@ -278,9 +278,10 @@ class Server:
 
     def run(self) -> int:
         """Serve until SIGINT or SIGTERM, then close the Krmx way; return the process exit code."""
-        return asyncio.run(self._run_until_signal())
+        return asyncio.run(self.serve())
 
-    async def _run_until_signal(self, keep_users_on_stop: bool = False) -> int:
+    async def serve(self, *, keep_users_on_stop: bool = False) -> int:
+        """Start, serve until SIGINT or SIGTERM (or a fatal log error), close; return the exit code."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -352,7 +353,12 @@ class Server:
                 root.append(slot)
                 stage.append((slot, effects))
         if stage:
-            self._run(root, stage)
+            try:
+                self._run(root, stage)
+            except ServerError:
+                if self.fatal is None:
+                    raise
+                # Logged by _die; the server is down and serve() returns 1.
 
     def _call(self, method: Callable[..., list[Effect]], *args: Any, **kwargs: Any) -> None:
         """A server-side call: from inside a listener, it joins the current turn at the listener's place;
@@ -398,7 +404,7 @@ class Server:
             seqs = self.store.append(events)
         except Exception as error:
             self._die(error)
-            raise
+            raise ServerError(f"the event log could not be written: {error}") from error
         registry = self.core.registry
         registry.seq = seqs[-1]
         self._since_snapshot += len(seqs)
@@ -413,6 +419,13 @@ class Server:
         self._log.critical("event log append failed; stopping without sending this turn", error=str(error))
         for connection in list(getattr(self._ws_server, "connections", ())):
             connection.transport.abort()
+        if self._ws_server is not None:
+            self._ws_server.close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.core = None
+        self._status = "closed"
         stop = getattr(self, "_stop_event", None)
         if stop is not None:
             stop.set()

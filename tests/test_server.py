@@ -1,0 +1,452 @@
+"""The asyncio server over real websockets: write-ahead, the registry as a projection, hostile frames,
+authentication, restart after a crash, logs without secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from events import EventStore, rebuild
+from lobby import Server, ServerError
+
+from .wsclient import ACCEPTED, Raw, joined, left, linked, rejected, unlinked
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def echo_app(server: Server) -> Server:
+    @server.on("message")
+    def on_message(username, message):
+        if message["type"] == "test/echo":
+            server.send(username, {"type": "test/echoed", "payload": message.get("payload")})
+        elif message["type"] == "test/broadcast":
+            server.broadcast({"type": "test/broadcasted", "payload": message.get("payload")})
+        elif message["type"] == "test/fail":
+            raise RuntimeError("the app broke")
+
+    return server
+
+
+@pytest.fixture
+async def server(tmp_path):
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
+    await server.start()
+    yield server
+    if server.status == "listening":
+        await server.close()
+
+
+def url(server: Server) -> str:
+    return f"ws://127.0.0.1:{server.port}/"
+
+
+def log_registry(path: Path):
+    with EventStore.open_readonly(path) as store:
+        return rebuild(store.read())
+
+
+def assert_projection(server: Server) -> None:
+    """The live registry equals the fold of the log."""
+    assert server.core.registry == log_registry(Path(server.config.db))
+
+
+# -- the basics over a socket -------------------------------------------------------------------------------
+
+
+async def test_link_burst_and_broadcasts_over_websockets(server):
+    alice = await Raw.open(url(server))
+    assert await alice.link("alice") == [ACCEPTED, joined("alice"), linked("alice")]
+    bob = await Raw.open(url(server))
+    assert await bob.link("bob") == [ACCEPTED, joined("alice"), linked("alice"), joined("bob"), linked("bob")]
+    await alice.expect(joined("bob"), linked("bob"))
+    await bob.send({"type": "test/broadcast", "payload": 1})
+    await alice.expect({"type": "test/broadcasted", "payload": 1})
+    await bob.expect({"type": "test/broadcasted", "payload": 1})
+    await bob.close()
+    await alice.expect(unlinked("bob"))
+    assert server.users == [{"username": "alice", "isLinked": True}, {"username": "bob", "isLinked": False}]
+    assert_projection(server)
+
+
+async def test_every_event_is_in_the_log_in_order(server):
+    alice = await Raw.open(url(server))
+    await alice.link("alice", auth="token")
+    await alice.echo("x")
+    await alice.send({"type": "krmx/leave"})
+    await alice.expect(unlinked("alice"), left("alice"))
+    with EventStore.open_readonly(server.config.db) as store:
+        events = list(store.read())
+    assert [(e.type, getattr(e, "username", None)) for e in events] == [
+        ("listen", None),
+        ("join", "alice"),
+        ("link", "alice"),
+        ("message", "alice"),
+        ("send", "alice"),
+        ("unlink", "alice"),
+        ("leave", "alice"),
+    ]
+    assert events[2].auth is True
+    assert events[3].message == {"type": "test/echo", "payload": "x"}
+    assert [e.seq for e in events] == list(range(1, 8))
+    assert {e.session for e in events} == {server.session}
+
+
+# -- write-ahead ----------------------------------------------------------------------------------------------
+
+
+async def test_no_frame_is_sent_before_its_event_is_committed(server):
+    """While a commit is held back (the loop blocked in append), the peer receives nothing of that turn."""
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    store = server.store
+    real_append = store.append
+    seen_during_commit: list[list] = []
+
+    def held_append(events):
+        # Give a wrongly ordered server every chance to have written the frame already.
+        time.sleep(0.3)
+        seen_during_commit.append([e.type for e in events])
+        return real_append(events)
+
+    store.append = held_append
+    listener_calls: list[int] = []
+    server.on("message", lambda username, message: listener_calls.append(server.store.last_seq))
+    await alice.send({"type": "test/echo", "payload": 1})
+    reply = await alice.next()
+    assert reply == {"type": "test/echoed", "payload": 1}
+    assert seen_during_commit == [["message"], ["send"]]
+    # The listener ran after the message event was committed: the log already held it.
+    with EventStore.open_readonly(server.config.db) as log:
+        message_seq = next(e.seq for e in log.read(types=["message"]))
+    assert listener_calls == [message_seq]
+
+
+async def test_a_failed_commit_sends_nothing_and_stops_the_server(server):
+    """If the log cannot be written, no frame of that turn goes out and no listener sees the event."""
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    called = []
+    server.on("message", lambda username, message: called.append(message))
+
+    def broken_append(events):
+        raise OSError("disk full")
+
+    server.store.append = broken_append
+    await alice.send({"type": "test/echo", "payload": 1})
+    assert await alice.closed()
+    assert called == []
+    assert isinstance(server.fatal, OSError)
+
+
+# -- the registry is a projection ---------------------------------------------------------------------------
+
+
+async def test_live_registry_equals_the_log_after_a_busy_scenario(server):
+    clients = {}
+    for name in ("ann", "bob", "cy"):
+        clients[name] = await Raw.open(url(server))
+        await clients[name].link(name)
+    server.join("dee")
+    server.kick("bob")
+    server.unlink("cy")
+    await clients["ann"].send({"type": "krmx/unlink"})
+    await clients["ann"].link("dee")
+    await clients["cy"].close()
+    await clients["ann"].echo()
+    assert [u["username"] for u in server.users] == ["ann", "cy", "dee"]
+    assert_projection(server)
+
+
+# -- hostile frames -------------------------------------------------------------------------------------------
+
+HOSTILE = [
+    ("not JSON", "this is { not json", rejected("invalid message")),
+    ("an array", "[1, 2]", rejected("invalid message")),
+    ("a number", "42", rejected("invalid message")),
+    ("a string", '"krmx/link"', rejected("invalid message")),
+    ("null", "null", rejected("invalid message")),
+    ("type missing", '{"payload": 1}', rejected("invalid message")),
+    ("type not a string", '{"type": ["krmx/link"]}', rejected("invalid message")),
+    ("NaN", '{"type": "krmx/link", "payload": NaN}', rejected("invalid message")),
+    ("deep nesting", '{"type": "x", "payload": ' + "[" * 5000 + "]" * 5000 + "}", rejected("invalid message")),
+    ("link payload a list", '{"type": "krmx/link", "payload": []}', rejected("invalid link request")),
+    ("link username a number", '{"type": "krmx/link", "payload": {"username": 1, "version": "0.5.4"}}',
+     rejected("invalid link request")),
+    ("link version missing", '{"type": "krmx/link", "payload": {"username": "eve"}}',
+     rejected("invalid link request")),
+    ("link auth null", '{"type": "krmx/link", "payload": {"username": "eve", "version": "0.5.4", "auth": null}}',
+     rejected("invalid link request")),
+    ("binary frame of garbage", b"\xff\xfe\x00", rejected("invalid message")),
+    ("binary frame of a custom message", b'{"type": "game/move"}', rejected("unlinked connection")),
+    ("unknown krmx type before linking", '{"type": "krmx/boom"}', rejected("unlinked connection")),
+    ("custom message before linking", '{"type": "game/move", "payload": {}}', rejected("unlinked connection")),
+]
+
+
+@pytest.mark.parametrize(("frame", "answer"), [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE])
+async def test_hostile_frames_from_an_unlinked_connection(server, frame, answer):
+    """Each bad frame gets its answer; the connection stays usable; a linked client keeps being served."""
+    honest = await Raw.open(url(server))
+    await honest.link("honest")
+    hostile = await Raw.open(url(server))
+    await hostile.send_raw(frame)
+    assert await hostile.next() == answer
+    await honest.echo("still served")
+    assert await hostile.link("eve") == [ACCEPTED, joined("honest"), linked("honest"), joined("eve"), linked("eve")]
+    assert_projection(server)
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        ("not json", "invalid message"),
+        (b"\x00\x01", "invalid message"),
+        ('{"type": "krmx/whatever"}', "reserved type"),
+        ('{"type": "krmx/link", "payload": {"username": "x", "version": "0.5.4"}}', "link while linked"),
+        ('{"type": "krmx/unlink"}', "requested"),
+    ],
+)
+async def test_hostile_frames_from_a_linked_connection_unlink_it(server, frame, reason):
+    honest = await Raw.open(url(server))
+    await honest.link("honest")
+    hostile = await Raw.open(url(server))
+    await hostile.link("eve")
+    await honest.expect(joined("eve"), linked("eve"))
+    await hostile.send_raw(frame)
+    await hostile.expect(unlinked("eve"))
+    await honest.expect(unlinked("eve"))
+    await honest.echo()
+    with EventStore.open_readonly(server.config.db) as store:
+        last = list(store.read(types=["unlink"]))[-1]
+    assert (last.username, last.reason) == ("eve", reason)
+
+
+async def test_a_frame_over_the_size_limit_closes_only_that_connection(tmp_path):
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, max_frame_size=64 * 1024))
+    await server.start()
+    try:
+        honest = await Raw.open(url(server))
+        await honest.link("honest")
+        hostile = await Raw.open(url(server))
+        await hostile.link("eve")
+        await honest.expect(joined("eve"), linked("eve"))
+        await hostile.send({"type": "game/huge", "payload": "x" * (64 * 1024)})
+        assert await hostile.closed()
+        assert hostile.ws.close_code == 1009
+        await honest.expect(unlinked("eve"))
+        await honest.echo()
+        with EventStore.open_readonly(server.config.db) as store:
+            assert list(store.read(types=["unlink"]))[-1].reason == "frame too large"
+    finally:
+        await server.close()
+
+
+async def test_frames_of_4_mib_are_handled_by_default(server):
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    big = "y" * (4 * 1024 * 1024 - 100)
+    await alice.send({"type": "test/echo", "payload": big})
+    assert await alice.next() == {"type": "test/echoed", "payload": big}
+
+
+async def test_an_app_exception_is_logged_with_its_traceback_and_serving_goes_on(server):
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    with capture_logs() as logs:
+        await alice.send({"type": "test/fail"})
+        await alice.echo()
+    failures = [line for line in logs if line["event"] == "listener failed"]
+    assert len(failures) == 1
+    assert failures[0]["log_level"] == "error" and failures[0]["exc_info"] is True
+
+
+# -- authentication ------------------------------------------------------------------------------------------
+
+
+async def test_authenticate_rejects_with_the_exception_message(server):
+    @server.on("authenticate")
+    def authenticate(username, info):
+        if info.auth != "open sesame":
+            raise PermissionError("wrong password")
+
+    client = await Raw.open(url(server))
+    assert await client.link("alice", auth="guess") == [rejected("wrong password")]
+    assert (await client.link("alice", auth="open sesame"))[0] == ACCEPTED
+
+
+async def test_async_authenticate_times_out(tmp_path):
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, auth_timeout=0.2)
+
+    @server.on("authenticate")
+    async def authenticate(username, info):
+        await asyncio.sleep(5)
+
+    await server.start()
+    try:
+        client = await Raw.open(url(server))
+        assert await client.link("alice") == [rejected("authentication timeout")]
+        assert server.users == []
+    finally:
+        await server.close()
+
+
+async def test_async_authenticate_rechecks_what_changed_meanwhile(tmp_path):
+    """Two connections authenticate the same user at once: only the first one links."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+
+    @server.on("authenticate")
+    async def authenticate(username, info):
+        await asyncio.sleep(0.1)
+
+    await server.start()
+    try:
+        first, second = await Raw.open(url(server)), await Raw.open(url(server))
+        await first.send({"type": "krmx/link", "payload": {"username": "alice", "version": "0.5.4"}})
+        await second.send({"type": "krmx/link", "payload": {"username": "alice", "version": "0.5.4"}})
+        assert await first.next() == ACCEPTED
+        assert await second.next() == rejected("user alice is already linked to a connection")
+        assert server.users == [{"username": "alice", "isLinked": True}]
+        assert_projection(server)
+    finally:
+        await server.close()
+
+
+# -- server calls -------------------------------------------------------------------------------------------
+
+
+async def test_server_calls_raise_clear_errors(server):
+    with pytest.raises(ServerError, match="does not exist"):
+        server.kick("ghost")
+    server.join("bob")
+    with pytest.raises(ServerError, match="already exists"):
+        server.join("bob")
+    with pytest.raises(ServerError, match="invalid username"):
+        server.join("-no-")
+    with pytest.raises(ServerError, match="not linked"):
+        server.send("bob", {"type": "x/y"})
+    with pytest.raises(ServerError, match="not linked"):
+        server.unlink("bob")
+    with pytest.raises(ServerError, match="reserved"):
+        server.broadcast({"type": "krmx/joined"})
+    await server.close()
+    with pytest.raises(ServerError, match="closed"):
+        server.join("carol")
+
+
+async def test_close_kicks_everyone_in_join_order_and_logs_close(tmp_path):
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
+    await server.start()
+    server.join("zed")
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    await server.close()
+    await alice.expect(left("zed"), unlinked("alice"), left("alice"))
+    assert await alice.closed()
+    with EventStore.open_readonly(tmp_path / "lobby.db") as store:
+        assert [(e.type, getattr(e, "reason", None)) for e in store.read(4)] == [
+            ("link", None), ("leave", "close"), ("unlink", "close"), ("leave", "close"), ("close", "close"),
+        ]
+        assert store.sessions()[0].closed
+
+
+async def test_close_keeping_users_brings_them_back_unlinked(tmp_path):
+    db = str(tmp_path / "lobby.db")
+    server = Server(port=0, db=db, ping_interval=None)
+    await server.start()
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    server.join("bob")
+    await server.close(keep_users=True)
+    restarted = Server(port=0, db=db, ping_interval=None)
+    await restarted.start()
+    try:
+        assert restarted.users == [{"username": "alice", "isLinked": False}, {"username": "bob", "isLinked": False}]
+        again = await Raw.open(url(restarted))
+        assert await again.link("alice") == [ACCEPTED, joined("alice"), linked("alice")]
+        await again.expect(joined("bob"))
+    finally:
+        await restarted.close()
+    with EventStore.open_readonly(db) as store:
+        unlinks = [(e.username, e.reason) for e in store.read(types=["unlink"])]
+        closes = [e.reason for e in store.read(types=["close"])]
+    assert unlinks[0] == ("alice", "server restart")
+    assert closes[0] == "server restart"
+
+
+# -- crash and restart ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_process(db: Path, port: int, stderr) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lobby", "serve", "--port", str(port), "--db", str(db), "--log-level", "debug"],
+        cwd=ROOT, stderr=stderr, stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode}")
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError("server did not start")
+
+
+async def test_after_kill_9_a_restart_restores_users_unlinked_and_a_client_relinks(tmp_path):
+    db = tmp_path / "lobby.db"
+    logs = open(tmp_path / "server.log", "wb")
+    port = free_port()
+    process = start_process(db, port, logs)
+    try:
+        alice, bob = await Raw.open(f"ws://127.0.0.1:{port}/"), await Raw.open(f"ws://127.0.0.1:{port}/")
+        await alice.link("alice", auth="hunter2-secret")
+        await bob.link("bob")
+        await alice.expect(joined("bob"), linked("bob"))
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        port = free_port()
+        process = start_process(db, port, logs)
+        with EventStore.open_readonly(db) as store:
+            sessions = store.sessions()
+            assert [s.closed for s in sessions] == [False, False]
+            restart = list(store.read(sessions[1].first_seq))
+        assert [(e.type, getattr(e, "username", None), getattr(e, "reason", None)) for e in restart] == [
+            ("listen", None, None), ("unlink", "alice", "recovered"), ("unlink", "bob", "recovered"),
+        ]
+        again = await Raw.open(f"ws://127.0.0.1:{port}/")
+        assert await again.link("bob") == [ACCEPTED, joined("alice"), joined("bob"), linked("bob")]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        logs.close()
+    # The auth string is in neither the log nor the log lines.
+    assert b"hunter2-secret" not in db.read_bytes()
+    for suffix in ("-wal", "-shm"):
+        if Path(str(db) + suffix).exists():
+            assert b"hunter2-secret" not in Path(str(db) + suffix).read_bytes()
+    lines = (tmp_path / "server.log").read_bytes()
+    assert b"hunter2-secret" not in lines
+    records = [orjson.loads(line) for line in lines.splitlines() if line.startswith(b"{")]
+    link_lines = [r for r in records if r.get("event") == "link"]
+    assert link_lines and all({"lobby", "session", "seq", "username"} <= r.keys() for r in link_lines)
+    assert os.path.exists(db)
