@@ -397,7 +397,10 @@ class ServerProtocol:
         del self._linking[username]
         state.pending = None
         state.pending_link = None
-        self._link(connection, state, username, auth)
+        if username in self.registry.users:
+            self._link(connection, state, username, auth)
+        else:  # a join listener kicked the user before its link
+            self._send(connection, rejected(f"user {username} left before the link completed"))
         self._drain(connection, state)
         return self._take()
 
@@ -490,7 +493,7 @@ class ServerProtocol:
         return self._take()
 
     def send(self, username: str, message: dict[str, Any]) -> list[Effect]:
-        self._can_only("send a message", "listening", "closing")
+        self._can_only("send a message", "listening")
         data = self._custom(message)
         if not self._existing(username, "send a message to"):
             raise ServerError(f"cannot send a message to a user that is not linked ({username!r})")
@@ -499,7 +502,7 @@ class ServerProtocol:
         return self._take()
 
     def broadcast(self, message: dict[str, Any], skip: str | None = None) -> list[Effect]:
-        self._can_only("broadcast a message", "listening", "closing")
+        self._can_only("broadcast a message", "listening")
         data = self._custom(message)
         self._record(Broadcast(**self._common(), message=message, skip=skip))
         self._to_linked(data, skip=skip)
