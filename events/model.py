@@ -30,6 +30,7 @@ __all__ = [
     "LIFECYCLE_TYPES",
     "encode_data",
     "event_from_row",
+    "event_from_fields",
 ]
 
 
@@ -179,10 +180,18 @@ _COMMON_COLUMNS = frozenset({"lobby", "session", "at", "seq", "username"})
 Row = tuple[int, int, int, str, str | None, bytes | None]
 
 
+_dumps = orjson.dumps
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
+
+
 def encode_data(event: Event) -> bytes | None:
     """The ``data`` column of ``event``: its type-specific fields as orjson bytes, ``None`` when it has none."""
     data = event.data()
-    return orjson.dumps(data) if data else None
+    # The same bytes as ``orjson.dumps(data)``, but copied into an object of their own size: orjson returns
+    # its 1 KiB output buffer shrunk in place, and a batch of those kept alive until the insert fragments the
+    # C heap (glibc then trims and regrows it on every batch: ~3 us/event instead of ~0.4 us). Slicing off
+    # the appended newline makes that copy at no extra cost.
+    return _dumps(data, option=_NEWLINE)[:-1] if data else None
 
 
 def event_from_row(row: Row, lobby: str, session: str) -> Event:
@@ -191,6 +200,13 @@ def event_from_row(row: Row, lobby: str, session: str) -> Event:
     Unknown keys in ``data`` (written by a newer minor version) are dropped.
     """
     seq, _sid, at, type_, username, data = row
+    return event_from_fields(seq, lobby, session, at, type_, username, data)
+
+
+def event_from_fields(
+    seq: int, lobby: str, session: str, at: int, type_: str, username: str | None, data: bytes | None
+) -> Event:
+    """The event of a stored row, its type given by name (see :func:`event_from_row`)."""
     try:
         cls = EVENT_TYPES[type_]
     except KeyError:

@@ -6,6 +6,8 @@
 - WAL journal; ``synchronous=FULL`` by default (in WAL mode ``NORMAL`` may roll back committed
   transactions after a power loss), ``durability="normal"`` to trade that for speed.
 - ``append`` writes a batch in one transaction (group commit) and assigns gapless, increasing seqs.
+  Rows are small (the type is a one-byte code, spelled out by the ``types`` table and the ``log`` view)
+  and a batch goes in as few multi-row ``INSERT`` statements, letting SQLite number the rows.
 - Reads are lazy iterators over a cursor: the log is never loaded whole.
 - ``EventStore.open_readonly`` reads a file while a server writes it (WAL readers see whole transactions).
 """
@@ -26,7 +28,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .errors import EventLogError
-from .model import Event, encode_data, event_from_row
+from .model import EVENT_TYPES, Event, encode_data, event_from_fields
 from .projection import Registry, rebuild
 
 __all__ = ["EventStore", "SessionInfo", "APPLICATION_ID", "SCHEMA_VERSION", "MEMORY"]
@@ -54,22 +56,30 @@ def m001_events(db: Database) -> None:
             UNIQUE (lobby, session)
         )"""
     )
+    # Event types by a small code, so each event row stores one byte instead of the type's name. Codes are
+    # never reused or renumbered; a type this table lacks is added when first appended.
+    db.execute("CREATE TABLE types (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    db.conn.executemany("INSERT INTO types (code, name) VALUES (?, ?)", enumerate(_M001_TYPES, 1))
     db.execute(
         """CREATE TABLE events (
             seq INTEGER PRIMARY KEY,
             sid INTEGER NOT NULL REFERENCES sessions (sid),
             at INTEGER NOT NULL,
-            type TEXT NOT NULL,
+            type INTEGER NOT NULL REFERENCES types (code),
             username TEXT,
             data BLOB
         )"""
     )
-    # For people with the sqlite3 shell: the log with lobby and session spelled out.
+    # For people with the sqlite3 shell: the log with lobby, session and type spelled out.
     db.execute(
         """CREATE VIEW log AS
-           SELECT e.seq, s.lobby, s.session, e.at, e.type, e.username, e.data
-           FROM events e JOIN sessions s USING (sid)"""
+           SELECT e.seq, s.lobby, s.session, e.at, t.name AS type, e.username, e.data
+           FROM events e JOIN sessions s USING (sid) JOIN types t ON t.code = e.type"""
     )
+
+
+#: The types m001 numbers, in code order (1, 2, ...): fixed forever, whatever EVENT_TYPES becomes.
+_M001_TYPES = ("listen", "join", "link", "message", "send", "broadcast", "unlink", "leave", "close")
 
 
 @migrations()
@@ -87,7 +97,21 @@ _KNOWN_MIGRATIONS = [m.name for m in migrations._migrations]
 SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
 
 _COLUMNS = "seq, sid, at, type, username, data"
-_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+#: Rows per INSERT statement at most; a batch goes in as chunks of power-of-two sizes (1024 + 512 + ... + 1),
+#: so that a handful of statement shapes serve every batch size and each is prepared once (sqlite3 caches it).
+#: SQLite before 3.32 binds at most 999 parameters per statement, later ones 32766 (5 per row).
+_MAX_CHUNK = min(1024, 1 << (((32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999) // 5).bit_length() - 1))
+_INSERT_CHUNKS: dict[int, str] = {}
+_UPDATE_LAST = "UPDATE sessions SET last_seq = ? WHERE sid = ?"
+
+
+def _insert_sql(rows: int) -> str:
+    sql = _INSERT_CHUNKS.get(rows)
+    if sql is None:
+        sql = _INSERT_CHUNKS[rows] = "INSERT INTO events (sid, at, type, username, data) VALUES " + ", ".join(
+            ["(?, ?, ?, ?, ?)"] * rows
+        )
+    return sql
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +164,12 @@ class EventStore:
         self.db = Database(conn, execute_plugins=False)
         self._sids: dict[tuple[str, str], int] = {}
         self._sessions_by_sid: dict[int, tuple[str, str]] = {}
+        self._codes: dict[str, int] = {}
+        self._names: dict[int, str] = {}
         try:
             self._check_identity()
             self._migrate()
+            self._load_types()
             if self.path != MEMORY:
                 self.db.enable_wal()
             self.db.execute(f"PRAGMA synchronous={durability.upper()}")
@@ -172,6 +199,8 @@ class EventStore:
         self.db = Database(conn, execute_plugins=False)
         self._sids = {}
         self._sessions_by_sid = {}
+        self._codes = {}
+        self._names = {}
         try:
             if not self._check_identity():
                 raise EventLogError(f"{self.path}: is empty, not an event log")
@@ -244,35 +273,69 @@ class EventStore:
         """
         if self.readonly:
             raise EventLogError(f"{self.path}: opened read-only, cannot append")
-        if not events:
+        count = len(events)
+        if not count:
             return []
         conn = self.db.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            first = (conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0) + 1
-            sids = self._sids
-            touched: dict[int, int] = {}
-            rows = []
-            seq = first
-            for event in events:
-                key = (event.lobby, event.session)
-                sid = sids.get(key)
-                if sid is None:
-                    sid = self._sid(key, seq)
-                touched[sid] = seq
-                rows.append((seq, sid, event.at, event.type, getattr(event, "username", None), encode_data(event)))
-                seq += 1
-            conn.executemany(_INSERT, rows)
-            conn.executemany("UPDATE sessions SET last_seq = ? WHERE sid = ?", [(v, k) for k, v in touched.items()])
+            # SQLite numbers the rows: an INTEGER PRIMARY KEY without a value gets max(seq) + 1, so the rows
+            # of one write transaction get consecutive seqs, in the order inserted. ``first`` is read only
+            # when a new session needs its first seq before the insert; otherwise it follows from lastrowid.
+            first: int | None = None
+            sids, codes = self._sids, self._codes
+            touched: dict[int, int] = {}  # sid -> index in the batch of its last event
+            params: list[object] = []
+            add = params.extend
+            lobby = session = None
+            sid = -1
+            for index, event in enumerate(events):
+                if event.lobby != lobby or event.session != session:
+                    if sid >= 0:
+                        touched[sid] = index - 1
+                    lobby, session = event.lobby, event.session
+                    found = sids.get((lobby, session))
+                    if found is None:
+                        if first is None:
+                            first = self._next_seq()
+                        found = self._sid((lobby, session), first + index)
+                    sid = found
+                code = codes.get(event.type)
+                if code is None:
+                    code = self._code(event.type)
+                add((sid, event.at, code, getattr(event, "username", None), encode_data(event)))
+            touched[sid] = count - 1
+            done, last = 0, 0
+            while done < count:
+                chunk = min(1 << ((count - done).bit_length() - 1), _MAX_CHUNK)
+                if chunk == count:
+                    last = conn.execute(_insert_sql(chunk), params).lastrowid
+                else:
+                    last = conn.execute(_insert_sql(chunk), params[5 * done : 5 * (done + chunk)]).lastrowid
+                done += chunk
+            if first is None:
+                first = last - count + 1
+            elif last != first + count - 1:  # pragma: no cover - SQLite numbers rows as documented
+                raise EventLogError(f"{self.path}: seqs {first}..{last} assigned to {count} events")
+            if len(touched) == 1:
+                conn.execute(_UPDATE_LAST, (first + count - 1, sid))
+            else:
+                conn.executemany(_UPDATE_LAST, [(first + i, s) for s, i in touched.items()])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            # A new session row may have been rolled back with the batch.
+            # A new session or type row may have been rolled back with the batch: forget them (both are
+            # read again on a miss).
             self._sids.clear()
             self._sessions_by_sid.clear()
+            self._codes.clear()
+            self._names.clear()
             raise
-        return list(range(first, seq))
+        return list(range(first, first + count))
+
+    def _next_seq(self) -> int:
+        return (self.db.conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0) + 1
 
     def _sid(self, key: tuple[str, str], first_seq: int) -> int:
         """The id of session ``key``, created (inside the caller's transaction) if new."""
@@ -289,6 +352,33 @@ class EventStore:
         self._sids[key] = sid
         self._sessions_by_sid[sid] = key
         return sid
+
+    def _load_types(self) -> None:
+        """Read the type codes of this log (a newer writer may have added some)."""
+        names = dict(self.db.conn.execute("SELECT code, name FROM types"))
+        self._names.clear()
+        self._names.update(names)
+        self._codes.clear()
+        self._codes.update((name, code) for code, name in names.items())
+
+    def _code(self, name: str) -> int:
+        """The code of type ``name``, added (inside the caller's transaction) if new."""
+        self._load_types()
+        code = self._codes.get(name)
+        if code is None:
+            code = self.db.conn.execute("INSERT INTO types (name) VALUES (?)", [name]).lastrowid
+            assert code is not None
+            self._codes[name], self._names[code] = code, name
+        return code
+
+    def _type_name(self, code: int) -> str:
+        name = self._names.get(code)
+        if name is None:
+            self._load_types()
+            name = self._names.get(code)
+            if name is None:
+                raise ValueError(f"unknown event type code {code}")
+        return name
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -333,7 +423,8 @@ class EventStore:
             where.append("username = ?")
             params.append(username)
         if types is not None:
-            wanted = sorted(set(types))
+            self._load_types()
+            wanted = sorted({self._codes[name] for name in types if name in self._codes})
             where.append(f"type IN ({', '.join('?' * len(wanted))})")
             params.extend(wanted)
         sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq"
@@ -349,11 +440,12 @@ class EventStore:
 
     def _iterate(self, sql: str, params: list[object]) -> Iterator[Event]:
         cursor = self.db.conn.execute(sql, params)
-        session_of = self._session_of
+        session_of, names, type_name = self._session_of, self._names, self._type_name
         try:
             while rows := cursor.fetchmany(4096):
-                for row in rows:
-                    yield event_from_row(row, *session_of(row[1]))
+                for seq, sid, at, code, username, data in rows:
+                    type_ = names.get(code) or type_name(code)
+                    yield event_from_fields(seq, *session_of(sid), at, type_, username, data)
         finally:
             cursor.close()
 
@@ -398,19 +490,20 @@ class EventStore:
         """Every session in the log (of ``lobby``, if given), in the order they started."""
         where, params = ("WHERE s.lobby = ?", [lobby]) if lobby is not None else ("", [])
         counts: dict[int, dict[str, int]] = {}
-        for sid, type_, count in self.db.execute(
+        for sid, code, count in self.db.execute(
             f"SELECT e.sid, e.type, count(*) FROM events e JOIN sessions s USING (sid) {where} "
             "GROUP BY e.sid, e.type",
             params,
         ):
-            counts.setdefault(sid, {})[type_] = count
+            counts.setdefault(sid, {})[self._type_name(code)] = count
         result = []
         for sid, lobby_, session, first, last, start, last_at, end, users in self.db.execute(
             f"""SELECT s.sid, s.lobby, s.session, s.first_seq, s.last_seq,
                        (SELECT at FROM events WHERE seq = s.first_seq),
                        (SELECT at FROM events WHERE seq = s.last_seq),
                        (SELECT max(at) FROM events WHERE seq BETWEEN s.first_seq AND s.last_seq
-                                                     AND sid = s.sid AND type = 'close'),
+                                                     AND sid = s.sid
+                                                     AND type = (SELECT code FROM types WHERE name = 'close')),
                        (SELECT count(DISTINCT username) FROM events WHERE seq BETWEEN s.first_seq AND s.last_seq
                                                                       AND sid = s.sid)
                 FROM sessions s {where} ORDER BY s.first_seq""",

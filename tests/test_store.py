@@ -26,6 +26,34 @@ def test_append_assigns_gapless_increasing_seqs(store):
     assert [e.seq for e in store.read()] == [1, 2, 3]
 
 
+def test_a_large_batch_of_interleaved_sessions_gets_gapless_seqs_and_session_ranges(store):
+    """A batch bigger than one INSERT statement, mixing two lobbies, with a session starting mid-batch."""
+    a, b, b2 = Events(lobby="a", session="s1"), Events(lobby="b", session="s2"), Events(lobby="b", session="s3")
+    assert store.append([a.listen(), b.listen()]) == [1, 2]
+    batch = []
+    for i in range(3001):
+        batch.append(a.message("alice", {"type": "x/y", "payload": i}) if i % 3 else b.join(f"user{i}"))
+    batch.append(b.close())
+    batch += [b2.listen(), a.join("zed"), b2.join("bob")]
+    seqs = store.append(batch)
+    assert seqs == list(range(3, 3 + len(batch)))
+    link = a.link("zed")
+    assert store.append([link]) == [3 + len(batch)]
+    assert [e.seq for e in store.read()] == list(range(1, 4 + len(batch)))
+    assert list(store.read(3)) == [event.with_seq(seq) for event, seq in zip(batch, seqs)] + [
+        link.with_seq(3 + len(batch))
+    ]
+    s1, s2, s3 = store.sessions()
+    assert (s1.session, s1.first_seq, s1.last_seq) == ("s1", 1, 3 + len(batch))
+    assert (s2.session, s2.first_seq, s2.last_seq, s2.closed) == ("s2", 2, seqs[3001], True)
+    assert (s3.session, s3.first_seq, s3.last_seq) == ("s3", seqs[3002], seqs[3004])
+    assert [e.type for e in store.read(session="s3")] == ["listen", "join"]
+    assert s1.counts == {"listen": 1, "message": 2000, "join": 1, "link": 1}
+    assert [e.seq for e in store.read(types=["close", "nonsense"])] == [seqs[3001]]
+    assert list(store.read(types=["nonsense"])) == []
+    assert store.db.execute("SELECT type FROM log WHERE seq = ?", [seqs[3001]]).fetchone() == ("close",)
+
+
 def test_events_round_trip_with_their_data(store):
     """What is read back equals what was appended, with its seq."""
     ev = Events()
@@ -222,7 +250,8 @@ def test_a_version_1_log_stays_readable_and_is_migrated_on_write(db_path):
     legacy.execute("INSERT INTO sessions (sid, lobby, session, first_seq, last_seq) VALUES (1, 'main', 's1', 1, 2)")
     legacy.execute(
         "INSERT INTO events (seq, sid, at, type, username, data) VALUES "
-        "(1, 1, 10, 'listen', NULL, NULL), (2, 1, 11, 'join', 'alice', NULL)"
+        "(1, 1, 10, (SELECT code FROM types WHERE name = 'listen'), NULL, NULL), "
+        "(2, 1, 11, (SELECT code FROM types WHERE name = 'join'), 'alice', NULL)"
     )
     legacy.commit()
     legacy.close()
