@@ -231,6 +231,9 @@ class Server:
                 max_size=config.max_frame_size,
                 ping_interval=config.ping_interval,
                 ping_timeout=config.ping_interval,
+                # A peer that stopped answering (missed pong, gone) is not waited for long: its user is
+                # unlinked only once its connection is over.
+                close_timeout=2,
                 compression="deflate" if config.compression else None,
                 server_header=None,
             )

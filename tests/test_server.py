@@ -450,3 +450,50 @@ async def test_after_kill_9_a_restart_restores_users_unlinked_and_a_client_relin
     link_lines = [r for r in records if r.get("event") == "link"]
     assert link_lines and all({"lobby", "session", "seq", "username"} <= r.keys() for r in link_lines)
     assert os.path.exists(db)
+
+
+# -- liveness and the handshake -------------------------------------------------------------------------------
+
+
+async def test_a_missed_pong_unlinks_the_user_with_reason_ping_timeout(tmp_path):
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=0.2))
+    await server.start()
+    try:
+        honest = await Raw.open(url(server))
+        await honest.link("honest")
+        silent = await Raw.open(url(server))
+        await silent.link("silent")
+        await honest.expect(joined("silent"), linked("silent"))
+        silent.ws.transport.pause_reading()  # it no longer reads the server's pings, so it never answers
+        await honest.expect(unlinked("silent"))
+        with EventStore.open_readonly(server.config.db) as store:
+            last = list(store.read(types=["unlink"]))[-1]
+        assert (last.username, last.reason) == ("silent", "ping timeout")
+    finally:
+        await server.close()
+
+
+async def test_required_query_parameters_and_path_are_checked_before_the_upgrade(tmp_path):
+    from websockets.exceptions import InvalidStatus
+
+    server = echo_app(
+        Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, path="/play",
+               query_params={"game": "chess", "token": True, "debug": False, "room": lambda v: v is not None and v.isdigit()})
+    )
+    await server.start()
+    base = f"ws://127.0.0.1:{server.port}"
+    try:
+        for bad, status in [
+            ("/play?game=chess&token=1&room=7&debug=1", 403),
+            ("/play?game=go&token=1&room=7", 403),
+            ("/play?game=chess&room=7", 403),
+            ("/play?game=chess&token=1&room=x", 403),
+            ("/?game=chess&token=1&room=7", 404),
+        ]:
+            with pytest.raises(InvalidStatus) as refused:
+                await Raw.open(base + bad)
+            assert refused.value.response.status_code == status, bad
+        good = await Raw.open(base + "/play?game=chess&token=&room=7")
+        assert (await good.link("alice"))[0] == ACCEPTED
+    finally:
+        await server.close()
