@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -37,12 +38,7 @@ def build(server: Server) -> Server:
 
             async def later() -> None:
                 await asyncio.sleep(SLOW_AUTH_DELAY_S)
-                # The reference decides after the delay: is the user new *now*?
-                current = {user["username"] for user in server.users}
-                if username.startswith("deny"):
-                    raise PermissionError("denied by app")
-                if info.auth == "new-only" and username in current:
-                    raise PermissionError("not a new user")
+                decide()
 
             return later()
         decide()
@@ -111,8 +107,6 @@ async def serve(args: argparse.Namespace, db: str) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
