@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import logging
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
@@ -27,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.frames import DATA_OPCODES, Opcode
 from websockets.protocol import State
 
 from events import Event, EventStore, now_us
@@ -135,6 +136,7 @@ class Server:
         self._auth_tasks: set[asyncio.Task[None]] = set()
         self._ws_server: Any = None
         self._since_snapshot = 0
+        self._log_debug = True
         self.fatal: BaseException | None = None
 
     # -- the application API ----------------------------------------------------------------------------
@@ -227,6 +229,7 @@ class Server:
                 self._handle_connection,
                 config.host,
                 config.port,
+                create_connection=self._connection_class(),
                 process_request=self._check_request,
                 max_size=config.max_frame_size,
                 ping_interval=config.ping_interval,
@@ -248,6 +251,7 @@ class Server:
         self.session = uuid.uuid4().hex[:12]
         self._status = "listening"
         self._log = structlog.get_logger("lobby").bind(lobby=config.lobby, session=self.session)
+        self._log_debug = _debug_enabled(self._log)
         self._log.info(
             "listening", host=config.host, port=self.port, db=str(config.db), users=len(registry.users),
             recovering=registry.needs_recovery,
@@ -324,14 +328,28 @@ class Server:
                     return connection.respond(HTTPStatus.FORBIDDEN, f"query parameter {name!r} is not valid\n")
         return None
 
-    async def _handle_connection(self, ws: ServerConnection) -> None:
-        self._submit(lambda: self._require_core().connect(ws))
-        try:
-            async for data in ws:
-                self._submit(lambda data=data: self._require_core().receive(ws, data))
-        except ConnectionClosed:
-            pass
+    async def _handle_connection(self, ws: LobbyConnection) -> None:
+        self._opened(ws)
+        await ws.wait_closed()
         self._submit(lambda: self._require_core().disconnect(ws, _unlink_reason(ws)))
+
+    def _opened(self, ws: LobbyConnection) -> None:
+        if not ws.lobby_opened:
+            ws.lobby_opened = True
+            self._submit(lambda: self._require_core().connect(ws))
+
+    def _frame(self, ws: LobbyConnection, data: bytes) -> None:
+        """A whole message arrived (called from the connection's data_received, in order)."""
+        self._opened(ws)  # frames right behind the handshake can come before the handler starts
+        self._submit(lambda: self._require_core().receive(ws, data))
+
+    def _connection_class(self) -> type[LobbyConnection]:
+        server = self
+
+        class Connection(LobbyConnection):
+            lobby_server = server
+
+        return Connection
 
     # -- turns ------------------------------------------------------------------------------------------
 
@@ -414,7 +432,11 @@ class Server:
         if self._since_snapshot >= self.config.snapshot_every:
             self._since_snapshot = 0
             self.store.save_snapshot(registry)
-        return [event.with_seq(seq) for event, seq in zip(events, seqs)]
+        # Stamp the seqs in place: these events are not published yet (no listener or log line has seen
+        # them), and a copy of each would cost more than the rest of the turn's bookkeeping.
+        for event, seq in zip(events, seqs):
+            _stamp(event, "seq", seq)
+        return events
 
     def _die(self, error: BaseException) -> None:
         """The log cannot be written: nothing of this turn may be seen, and serving on would lose events."""
@@ -435,14 +457,17 @@ class Server:
 
     def _emit(self, event: Event, slot: list[Any], next_stage: list[tuple[list[Any], list[Effect]]]) -> None:
         username = getattr(event, "username", None)
+        custom = event.type in ("message", "send", "broadcast")
+        listeners = self._listeners.get(event.type, ())
+        catch_all = self._listeners.get("event", ())
+        if custom and not listeners and not catch_all and not self._log_debug:
+            return  # the hot path: a custom message nobody listens to and nobody logs
         log = self._log.bind(seq=event.seq, username=username) if username else self._log.bind(seq=event.seq)
-        if event.type in ("message", "send", "broadcast"):
+        if custom:
             log.debug(event.type)
         else:
             reason = getattr(event, "reason", None)
             log.info(event.type, **({"reason": reason} if reason else {}))
-        listeners = self._listeners.get(event.type, ())
-        catch_all = self._listeners.get("event", ())
         if not listeners and not catch_all:
             return
         args: tuple[Any, ...]
@@ -553,6 +578,45 @@ class Server:
         for close in closes:
             ws = close.connection
             asyncio.ensure_future(_close_quietly(ws, close.reason))  # type: ignore[arg-type]
+
+
+_stamp = object.__setattr__
+
+
+class LobbyConnection(ServerConnection):
+    """A websockets connection that hands each whole message straight to the lobby server's inbox.
+
+    websockets would queue messages for a reader task, which wakes once per message; the lobby reads
+    every message anyway, in order, so it takes them where they are parsed (fragments joined here;
+    websockets already bounds their total size by ``max_size``)."""
+
+    lobby_server: Server
+    lobby_opened = False
+    _fragments: list[bytes] | None = None
+
+    def process_event(self, event: Any) -> None:
+        if self.request is None or event.opcode not in DATA_OPCODES:
+            super().process_event(event)
+            return
+        if event.opcode is not Opcode.CONT:
+            self._fragments = None
+        if event.fin and self._fragments is None:
+            data = event.data
+        else:
+            if self._fragments is None:
+                self._fragments = []
+            self._fragments.append(event.data)
+            if not event.fin:
+                return
+            data = b"".join(self._fragments)
+            self._fragments = None
+        self.lobby_server._frame(self, data)
+
+
+def _debug_enabled(log: Any) -> bool:
+    """Whether debug lines are kept (so that per-message lines cost nothing when they are not)."""
+    is_enabled_for = getattr(log, "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(logging.DEBUG))
 
 
 def _unlink_reason(ws: ServerConnection) -> str:
