@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from events import Broadcast, Close, Event, Join, Leave, Link, Listen, Message, Registry, Send, Unlink, apply
+from events.model import dumps
 from events.projection import recovery_events
 
 from .errors import ServerError
@@ -118,12 +119,12 @@ def parse_frame(data: str | bytes) -> dict[str, Any] | None:
 
 def encode(type_: str, payload: Any = None) -> bytes:
     if payload is None:
-        return orjson.dumps({"type": type_})
-    return orjson.dumps({"type": type_, "payload": payload})
+        return dumps({"type": type_})
+    return dumps({"type": type_, "payload": payload})
 
 
 def _about(type_: str, username: str) -> bytes:
-    return orjson.dumps({"type": type_, "payload": {"username": username}})
+    return dumps({"type": type_, "payload": {"username": username}})
 
 
 ACCEPTED = encode("krmx/accepted")
@@ -516,6 +517,6 @@ class ServerProtocol:
         if message["type"].startswith("krmx/"):
             raise ServerError(f"the krmx/ prefix is reserved for the protocol: {message['type']!r}")
         try:
-            return orjson.dumps(message)
+            return dumps(message)
         except TypeError as error:
             raise ServerError(f"message is not JSON-serialisable: {error}") from None

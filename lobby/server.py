@@ -572,7 +572,15 @@ class Server:
             try:
                 for data in datas:
                     protocol.send_text(data)
-                ws.send_data()  # type: ignore[attr-defined]
+                chunks = protocol.data_to_send()
+                if all(chunks):  # frames only (no half-close): one write, one syscall for a whole burst
+                    ws.transport.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])  # type: ignore[attr-defined]
+                else:  # pragma: no cover - closing frames are never queued here; keep websockets' handling
+                    for chunk in chunks:
+                        if chunk:
+                            ws.transport.write(chunk)  # type: ignore[attr-defined]
+                        elif ws.transport.can_write_eof():  # type: ignore[attr-defined]
+                            ws.transport.write_eof()  # type: ignore[attr-defined]
             except Exception as error:  # the peer went away mid-write: its close unlinks it
                 self._log.debug("write failed", error=str(error))
         for close in closes:
