@@ -26,6 +26,7 @@ __all__ = [
     "Unlink",
     "Leave",
     "Close",
+    "Cutoff",
     "EVENT_TYPES",
     "LIFECYCLE_TYPES",
     "dumps",
@@ -170,8 +171,24 @@ class Close(Event):
         return {"reason": self.reason}
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cutoff(Event):
+    """The server cut a connection off by a limit (``slow consumer``, ``rate limit``, ``link deadline``,
+    ``frame too large``, ``ping timeout``, ``too many connections``). ``connection`` names it within the
+    session (``None`` when refused before it opened); ``username`` is its user if it was linked, whose
+    ``unlink`` with the same reason follows."""
+
+    type: ClassVar[str] = "cutoff"
+    connection: str | None
+    reason: str
+    username: str | None = None
+
+    def data(self) -> dict[str, Any]:
+        return {"connection": self.connection, "reason": self.reason}
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (Listen, Join, Link, Message, Send, Broadcast, Unlink, Leave, Close)
+    cls.type: cls for cls in (Listen, Join, Link, Message, Send, Broadcast, Unlink, Leave, Close, Cutoff)
 }
 #: The types that change the registry or the session; custom messages do not.
 LIFECYCLE_TYPES: frozenset[str] = frozenset({"listen", "join", "link", "unlink", "leave", "close"})

@@ -136,6 +136,12 @@ def _broadcast(registry: Registry, event: Any) -> None:
     _check_session(registry, event)
 
 
+def _cutoff(registry: Registry, event: Any) -> None:
+    _check_session(registry, event)
+    if event.username is not None:
+        _linked_user(registry, event, event.username)
+
+
 def _close(registry: Registry, event: Any) -> None:
     _check_session(registry, event)
     linked = registry.linked()
@@ -154,6 +160,7 @@ _APPLY = {
     "unlink": _unlink,
     "leave": _leave,
     "close": _close,
+    "cutoff": _cutoff,
 }
 
 

@@ -80,6 +80,13 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--versions", "versions", _versions, "accepted client version lines, comma separated (default 0.5,0.6)"),
     ("--compression", "compression", _bool, "permessage-deflate: false (default) or true"),
     ("--snapshot-every", "snapshot_every", int, "write a registry snapshot every N events (default 10000)"),
+    ("--max-connections", "max_connections", int, "open connections at most; more get HTTP 503 (default 10000)"),
+    ("--message-rate", "message_rate", _positive_float, "messages per second per connection on average; a "
+     "flood is cut off (default 1000)"),
+    ("--message-burst", "message_burst", int, "messages one connection may send at once (default 1000)"),
+    ("--max-buffer", "max_buffer", _size, "bytes waiting for one slow reader at most before it is cut off "
+     "(default 16MiB)"),
+    ("--link-deadline", "link_deadline", _positive_float, "seconds a new connection has to link (default 60)"),
 ]
 
 

@@ -18,14 +18,14 @@ in this module; users change only through :func:`events.apply`.
 from __future__ import annotations
 
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from events import Broadcast, Close, Event, Join, Leave, Link, Listen, Message, Registry, Send, Unlink, apply
+from events import Broadcast, Close, Cutoff, Event, Join, Leave, Link, Listen, Message, Registry, Send, Unlink, apply
 from events.model import dumps
 from events.projection import recovery_events
 
@@ -130,6 +130,33 @@ def _about(type_: str, username: str) -> bytes:
 ACCEPTED = encode("krmx/accepted")
 
 
+_PROTOCOL_REASONS = frozenset(
+    {
+        "invalid message",
+        "unlinked connection",
+        "invalid link request",
+        "invalid username",
+        "server is not accepting new users",
+        "authentication timeout",
+        "server is closing",
+        "server is closed",
+    }
+)
+
+
+def _reason_kind(reason: str) -> str:
+    """A rejection reason without its variable part (a bounded set, for metrics labels)."""
+    if reason in _PROTOCOL_REASONS:
+        return reason
+    if reason.startswith("krmx server version mismatch"):
+        return "version mismatch"
+    if reason.endswith("is already linked to a connection"):
+        return "already linked"
+    if reason.endswith("left before the link completed"):
+        return "user left"
+    return "authenticate"  # the application's own reasons
+
+
 def rejected(reason: str) -> bytes:
     return encode("krmx/rejected", {"reason": reason})
 
@@ -178,6 +205,8 @@ class ServerProtocol:
         self._linking: dict[str, Hashable] = {}
         self._tickets = 0
         self._out: list[Effect] = []
+        #: Link rejections by reason, for metrics.
+        self.rejections: Counter[str] = Counter()
 
     # -- queries ----------------------------------------------------------------------------------------
 
@@ -209,6 +238,10 @@ class ServerProtocol:
     def _common(self) -> dict[str, Any]:
         assert self.session is not None
         return {"lobby": self.lobby, "session": self.session, "at": self.now}
+
+    def _reject(self, connection: Hashable, reason: str) -> None:
+        self.rejections[_reason_kind(reason)] += 1
+        self._out.append(SendFrame(connection, rejected(reason)))
 
     def _send(self, connection: Hashable, data: bytes) -> None:
         self._out.append(SendFrame(connection, data))
@@ -282,6 +315,22 @@ class ServerProtocol:
             self._unlink(state.username, reason)
         return self._take()
 
+    def cut_off(self, connection: Hashable, label: str | None, reason: str) -> list[Effect]:
+        """A limit cut ``connection`` off (the driver decided: a slow reader, a flood, no link in time, a
+        frame too large, missed pongs): record it, unlink its user with the same reason, close it. It hears
+        nothing more. ``label`` names the connection in the log; a connection refused before it opened
+        (``connection`` unknown here) is recorded too."""
+        state = self._connections.pop(connection, None)
+        if (state is None and label is not None) or self.status != "listening":
+            return [CloseConnection(connection, reason)] if state is not None else []
+        username = state.username if state is not None else None
+        self._record(Cutoff(**self._common(), connection=label, reason=reason, username=username))
+        if username is not None:
+            self._unlink(username, reason)
+        if state is not None:
+            self._out.append(CloseConnection(connection, reason))
+        return self._take()
+
     def receive(self, connection: Hashable, data: str | bytes) -> list[Effect]:
         """A frame arrived on ``connection`` (text or binary, handled alike)."""
         state = self._connections.get(connection)
@@ -297,7 +346,7 @@ class ServerProtocol:
         message = parse_frame(data)
         if state.username is None:
             if message is None:
-                self._send(connection, rejected("invalid message"))
+                self._reject(connection, "invalid message")
             else:
                 self._link_request(connection, state, message)
             return
@@ -319,7 +368,7 @@ class ServerProtocol:
 
     def _link_request(self, connection: Hashable, state: _Connection, message: dict[str, Any]) -> None:
         if message["type"] != "krmx/link":
-            self._send(connection, rejected("unlinked connection"))
+            self._reject(connection, "unlinked connection")
             return
         payload = message.get("payload")
         if (
@@ -328,21 +377,21 @@ class ServerProtocol:
             or type(payload.get("version")) is not str
             or ("auth" in payload and type(payload["auth"]) is not str)
         ):
-            self._send(connection, rejected("invalid link request"))
+            self._reject(connection, "invalid link request")
             return
         username: str = payload["username"]
         version: str = payload["version"]
         auth: str | None = payload.get("auth")
         if not any(version.startswith(accepted) for accepted in self.versions):
             server = "|".join(f"{accepted}.*" for accepted in self.versions)
-            self._send(connection, rejected(f"krmx server version mismatch (server={server},client={version})"))
+            self._reject(connection, f"krmx server version mismatch (server={server},client={version})")
             return
         if not self._valid(username):
-            self._send(connection, rejected("invalid username"))
+            self._reject(connection, "invalid username")
             return
         reason = self._link_blocker(username)
         if reason is not None:
-            self._send(connection, rejected(reason))
+            self._reject(connection, reason)
             return
         if not self.authenticates:
             self._accept(connection, state, username, auth)
@@ -379,7 +428,7 @@ class ServerProtocol:
         if reason is None:
             reason = self._link_blocker(username)
         if reason is not None:
-            self._send(connection, rejected(reason))
+            self._reject(connection, reason)
         else:
             self._accept(connection, state, username, auth)
         self._drain(connection, state)
@@ -401,7 +450,7 @@ class ServerProtocol:
         if username in self.registry.users:
             self._link(connection, state, username, auth)
         else:  # a join listener kicked the user before its link
-            self._send(connection, rejected(f"user {username} left before the link completed"))
+            self._reject(connection, f"user {username} left before the link completed")
         self._drain(connection, state)
         return self._take()
 

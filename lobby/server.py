@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import logging
 import signal
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from websockets.protocol import State
 from events import Event, EventStore, now_us
 
 from .errors import ServerError
+from .health import METRICS_CONTENT_TYPE, Metrics
 from .protocol import (
     DEFAULT_VERSIONS,
     Authenticate,
@@ -79,6 +81,15 @@ class ServerConfig:
     compression: bool = False
     #: Write a registry snapshot every this many events, so start-up folds only the tail of the log.
     snapshot_every: int = 10_000
+    #: Open connections at most; more are refused with HTTP 503 before the upgrade.
+    max_connections: int = 10_000
+    #: Messages per second one connection may send on average, and in one burst (a token bucket).
+    message_rate: float = 1000.0
+    message_burst: int = 1000
+    #: Bytes waiting to be written to one connection at most: a client that stops reading is cut off.
+    max_buffer: int = 16 * 1024 * 1024
+    #: Seconds a new connection has to link for the first time.
+    link_deadline: float | None = 60.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -97,6 +108,16 @@ class ServerConfig:
             raise ValueError("at least one client version line must be accepted")
         if self.snapshot_every < 1:
             raise ValueError("snapshot_every must be at least 1")
+        if self.path in ("/health", "/metrics"):
+            raise ValueError(f"path {self.path} is taken by the health and metrics endpoints")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if self.message_rate <= 0 or self.message_burst < 1:
+            raise ValueError("message_rate must be positive and message_burst at least 1")
+        if self.max_buffer < self.max_frame_size:
+            raise ValueError("max_buffer must be at least max_frame_size (a reply may be that large)")
+        if self.link_deadline is not None and self.link_deadline <= 0:
+            raise ValueError("link_deadline must be positive (or None for no deadline)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +157,8 @@ class Server:
         self._auth_tasks: set[asyncio.Task[None]] = set()
         self._ws_server: Any = None
         self._since_snapshot = 0
+        self._connections_opened = 0
+        self.metrics = Metrics(self)
         self._log_debug = True
         self.fatal: BaseException | None = None
 
@@ -305,10 +328,18 @@ class Server:
     # -- connections ------------------------------------------------------------------------------------
 
     def _check_request(self, connection: ServerConnection, request: Any) -> Any:
-        """Before the upgrade: the path and the required query parameters (otherwise no websocket at all)."""
+        """Before the upgrade: health and metrics, the path, the connection limit and the required query
+        parameters (otherwise no websocket at all)."""
         url = urlsplit(request.path)
+        if url.path == "/health":
+            return _respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json")
+        if url.path == "/metrics":
+            return _respond(connection, HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
         if url.path != self.config.path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        if len(self._ws_server.connections) >= self.config.max_connections:
+            self._cut_off(None, None, "too many connections")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self.config.query_params:
             query = {key: values[-1] for key, values in parse_qs(url.query, keep_blank_values=True).items()}
             for name, rule in self.config.query_params.items():
@@ -331,17 +362,54 @@ class Server:
     async def _handle_connection(self, ws: LobbyConnection) -> None:
         self._opened(ws)
         await ws.wait_closed()
-        self._submit(lambda: self._require_core().disconnect(ws, _unlink_reason(ws)))
+        if ws.lobby_cut:
+            return
+        reason = _unlink_reason(ws)
+        if reason == "dropped":
+            self._submit(lambda: self._require_core().disconnect(ws, reason))
+        else:  # websockets enforced a limit: a frame too large, a missed pong
+            self._cut_off(ws, ws.lobby_label, reason)
 
     def _opened(self, ws: LobbyConnection) -> None:
-        if not ws.lobby_opened:
-            ws.lobby_opened = True
+        if ws.lobby_label is None:
+            self._connections_opened += 1
+            ws.lobby_label = f"c{self._connections_opened}"
+            ws.lobby_tokens = float(self.config.message_burst)
+            ws.lobby_refilled = self._loop.time()
             self._submit(lambda: self._require_core().connect(ws))
+            if self.config.link_deadline is not None:
+                self._loop.call_later(self.config.link_deadline, self._check_linked, ws)
+
+    def _check_linked(self, ws: LobbyConnection) -> None:
+        if not ws.lobby_linked and not ws.lobby_cut and ws.protocol.state is State.OPEN:
+            self._cut_off(ws, ws.lobby_label, "link deadline")
 
     def _frame(self, ws: LobbyConnection, data: bytes) -> None:
         """A whole message arrived (called from the connection's data_received, in order)."""
         self._opened(ws)  # frames right behind the handshake can come before the handler starts
+        if ws.lobby_cut:
+            return
+        self.metrics.frames_in += 1
+        # Token bucket: message_rate per second on average, message_burst at once.
+        now = self._loop.time()
+        tokens = min(self.config.message_burst, ws.lobby_tokens + (now - ws.lobby_refilled) * self.config.message_rate)
+        ws.lobby_refilled = now
+        if tokens < 1:
+            self._cut_off(ws, ws.lobby_label, "rate limit")
+            return
+        ws.lobby_tokens = tokens - 1
         self._submit(lambda: self._require_core().receive(ws, data))
+
+    def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str) -> None:
+        """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
+        the cut-off (and the unlink of its user) in the next turn, and the connection is closed."""
+        self.metrics.cutoffs[reason] += 1
+        self._log.warning("cut off", connection=label, reason=reason)
+        if ws is not None:
+            ws.lobby_cut = True
+            if reason == "slow consumer":
+                ws.transport.abort()  # what it has not read yet is dropped, not written
+        self._submit(lambda: self._require_core().cut_off(ws, label, reason))
 
     def _connection_class(self) -> type[LobbyConnection]:
         server = self
@@ -422,7 +490,10 @@ class Server:
             return []
         assert self.store is not None and self.core is not None
         try:
+            started = time.perf_counter()
             seqs = self.store.append(events)
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self.metrics.events_appended += len(seqs)
         except Exception as error:
             self._die(error)
             raise ServerError(f"the event log could not be written: {error}") from error
@@ -457,6 +528,10 @@ class Server:
 
     def _emit(self, event: Event, slot: list[Any], next_stage: list[tuple[list[Any], list[Effect]]]) -> None:
         username = getattr(event, "username", None)
+        if event.type == "link":
+            connection = self.core.connection_of(username) if self.core is not None else None
+            if connection is not None:
+                connection.lobby_linked = True  # type: ignore[attr-defined]
         custom = event.type in ("message", "send", "broadcast")
         listeners = self._listeners.get(event.type, ())
         catch_all = self._listeners.get("event", ())
@@ -573,8 +648,11 @@ class Server:
                 for data in datas:
                     protocol.send_text(data)
                 chunks = protocol.data_to_send()
+                self.metrics.frames_out += len(datas)
                 if all(chunks):  # frames only (no half-close): one write, one syscall for a whole burst
                     ws.transport.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])  # type: ignore[attr-defined]
+                    if ws.transport.get_write_buffer_size() > self.config.max_buffer:  # type: ignore[attr-defined]
+                        self._cut_off(ws, ws.lobby_label, "slow consumer")  # type: ignore[arg-type]
                 else:  # pragma: no cover - closing frames are never queued here; keep websockets' handling
                     for chunk in chunks:
                         if chunk:
@@ -591,6 +669,15 @@ class Server:
 _stamp = object.__setattr__
 
 
+def _respond(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str) -> Any:
+    response = connection.respond(status, "")
+    response.body = body
+    del response.headers["Content-Length"], response.headers["Content-Type"]
+    response.headers["Content-Length"] = str(len(body))
+    response.headers["Content-Type"] = content_type
+    return response
+
+
 class LobbyConnection(ServerConnection):
     """A websockets connection that hands each whole message straight to the lobby server's inbox.
 
@@ -599,7 +686,12 @@ class LobbyConnection(ServerConnection):
     websockets already bounds their total size by ``max_size``)."""
 
     lobby_server: Server
-    lobby_opened = False
+    #: The connection's name in the log (``c1``, ``c2``, ... in a session), set when it opens.
+    lobby_label: str | None = None
+    lobby_linked = False
+    lobby_cut = False
+    lobby_tokens = 0.0
+    lobby_refilled = 0.0
     _fragments: list[bytes] | None = None
 
     def process_event(self, event: Any) -> None:

@@ -7,10 +7,8 @@ lines on stdout. :class:`OfficialClient` is the Python end of that pipe; it only
 arrive, with a bound (no sleeps as synchronisation).
 
 The npm packages pinned in ``tests/js/package.json`` (and ``package-lock.json``) are installed once into a
-cache folder of the tests' own, outside the repository: ``$KRMX_LOBBY_TESTS_CACHE`` if set, otherwise
-``${XDG_CACHE_HOME:-~/.cache}/krmx-lobby-tests``, falling back to a folder in the system temp dir; one
-sub-folder per hash of the package files, installed only when missing. Node.js (>= 18) and npm must be on
-``PATH``: without them these tests fail, saying so.
+cache folder of the tests' own, outside the repository (see ``tests/jsdeps.py``). Node.js (>= 18) and npm must
+be on ``PATH``: without them these tests fail, saying so.
 
 After every test, the live registry must equal the registry rebuilt from the event log (read through a
 read-only open, while the server runs and after it closed), and the auth string the clients sent must
@@ -21,16 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,147 +29,19 @@ import pytest
 from events import EventStore, rebuild
 from lobby import Server
 
-JS_DIR = Path(__file__).resolve().parent / "js"
+from .jsdeps import JS_DIR, JsEnv, JsSetupError
+
 DRIVER = JS_DIR / "driver.mjs"
 #: Longest wait for one expected thing (a client event, a command result). Generous for slow machines.
 WAIT = 10.0
-INSTALL_TIMEOUT = 600.0
-MIN_NODE_MAJOR = 18
 #: The auth string every official client sends when linking; it must never reach the log.
 SECRET = "secret-token-123"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Installing the official client (once per session, into a cache folder outside the repository).
-
-
-class JsSetupError(Exception):
-    """Node, npm or the npm install is not usable; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class JsEnv:
-    node: str
-    #: The folder holding node_modules with tests/js/package.json's dependencies.
-    install_dir: Path
-
-
-def _pinned_dependencies() -> dict[str, str]:
-    return json.loads((JS_DIR / "package.json").read_text(encoding="utf-8"))["dependencies"]
-
-
-def _package_files() -> list[Path]:
-    return [p for p in (JS_DIR / "package.json", JS_DIR / "package-lock.json") if p.exists()]
-
-
-def _cache_roots() -> list[Path]:
-    override = os.environ.get("KRMX_LOBBY_TESTS_CACHE")
-    if override:
-        return [Path(override)]
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return [Path(xdg) / "krmx-lobby-tests", Path(tempfile.gettempdir()) / f"krmx-lobby-tests-{uid}"]
-
-
-def _writable_cache_root() -> Path:
-    tried = []
-    for root in _cache_roots():
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
-                pass
-            return root
-        except OSError as error:
-            tried.append(f"{root}: {error}")
-    raise JsSetupError("no writable cache folder for the npm packages of the official-client tests:\n  "
-                       + "\n  ".join(tried) + "\nset KRMX_LOBBY_TESTS_CACHE to a writable folder")
-
-
-def _is_complete(install_dir: Path) -> bool:
-    if not (install_dir / ".complete").exists():
-        return False
-    for name, version in _pinned_dependencies().items():
-        manifest = install_dir / "node_modules" / name / "package.json"
-        try:
-            if json.loads(manifest.read_text(encoding="utf-8")).get("version") != version:
-                return False
-        except (OSError, ValueError):
-            return False
-    return True
-
-
-def _run_checked(args: list[str], *, cwd: Path | None = None, timeout: float = 60.0) -> str:
-    try:
-        done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "npm_config_update_notifier": "false"})
-    except subprocess.TimeoutExpired:
-        raise JsSetupError(f"`{' '.join(args)}` did not finish within {timeout:.0f} s") from None
-    except OSError as error:
-        raise JsSetupError(f"cannot run `{' '.join(args)}`: {error}") from None
-    if done.returncode != 0:
-        raise JsSetupError(f"`{' '.join(args)}` failed with exit code {done.returncode}\n"
-                           f"--- stdout ---\n{done.stdout[-4000:]}\n--- stderr ---\n{done.stderr[-4000:]}")
-    return done.stdout
-
-
-def install_official_client() -> JsEnv:
-    """Check node and npm, then install tests/js's packages into the cache (only when not there yet)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    missing = [name for name, path in (("node", node), ("npm", npm)) if path is None]
-    if missing:
-        raise JsSetupError(
-            f"the official-client tests need Node.js (>= {MIN_NODE_MAJOR}) and npm on PATH, but "
-            f"{' and '.join(f'`{m}`' for m in missing)} {'was' if len(missing) == 1 else 'were'} not found. "
-            "Install Node.js with npm (https://nodejs.org or your package manager) and run the tests again."
-        )
-    assert node is not None and npm is not None
-    version = _run_checked([node, "--version"]).strip()
-    match = re.match(r"v(\d+)\.", version)
-    if match is None or int(match.group(1)) < MIN_NODE_MAJOR:
-        raise JsSetupError(f"the official-client tests need Node.js >= {MIN_NODE_MAJOR}; `node --version` says {version!r}")
-
-    digest = hashlib.sha256()
-    for path in _package_files():
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    root = _writable_cache_root()
-    install_dir = root / f"js-{digest.hexdigest()[:16]}"
-    if _is_complete(install_dir):
-        return JsEnv(node, install_dir)
-
-    # Install next to the final folder, then rename: a concurrent or interrupted run never sees half of it.
-    staging = root / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        for path in _package_files():
-            shutil.copy2(path, staging / path.name)
-        has_lock = (staging / "package-lock.json").exists()
-        _run_checked([npm, "ci" if has_lock else "install", "--no-audit", "--no-fund", "--loglevel=error"],
-                     cwd=staging, timeout=INSTALL_TIMEOUT)
-        (staging / ".complete").write_text("ok\n")
-        if not _is_complete(staging):
-            raise JsSetupError(f"npm finished but {staging}/node_modules lacks the pinned versions "
-                               f"{_pinned_dependencies()}")
-        if install_dir.exists():  # a stale, incomplete install (or another run finished first)
-            if _is_complete(install_dir):
-                return JsEnv(node, install_dir)
-            shutil.rmtree(install_dir, ignore_errors=True)
-        try:
-            staging.rename(install_dir)
-        except OSError:
-            if not _is_complete(install_dir):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return JsEnv(node, install_dir)
-
-
 @pytest.fixture(scope="session")
-def official_client_env() -> JsEnv | JsSetupError:
+def official_client_env(js_env) -> JsEnv | JsSetupError:
     """The installed official client, or why it is not available (tests then fail with that message)."""
-    try:
-        return install_official_client()
-    except JsSetupError as error:
-        return error
+    return js_env
 
 
 # ---------------------------------------------------------------------------------------------------------

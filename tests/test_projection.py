@@ -148,7 +148,7 @@ def histories(draw):
             events.append(ev.leave(name))
             del users[name]
         elif action == "message" and users.get(name):
-            events.append(ev.message(name, {"type": "x/y", "payload": draw(st.integers())}))
+            events.append(ev.message(name, {"type": "x/y", "payload": draw(st.integers(-(2**63), 2**64 - 1))}))
         elif action == "broadcast":
             events.append(ev.broadcast({"type": "x/z"}))
         elif action == "restart":

@@ -1,0 +1,494 @@
+"""An asyncio Krmx client: websockets for I/O, :mod:`lobby.client_protocol` for the rules.
+
+    from lobby import Client, LinkRejected
+
+    client = Client(relink=True)
+
+    @client.on("message")
+    def on_message(message):
+        print(message)
+
+    await client.connect("ws://127.0.0.1:8082")
+    await client.link("alice")               # raises LinkRejected(reason) when the server says no
+    await client.send({"type": "chat/say", "payload": "hello"})
+    print(client.users)                      # [{"username": "alice", "isLinked": True}]
+    await client.leave()
+    await client.disconnect()
+
+It behaves like the official JavaScript client ``@krmx/client`` 0.5.4 (same statuses, calls, events and user
+list; see :mod:`lobby.client_protocol` for the few deliberate differences), and adds an *automatic relink*
+(``Client(relink=RelinkPolicy(...))``): when the connection drops without the client asking, it connects
+again with exponential backoff and full jitter and links to the same user, emitting ``relinking(attempt,
+delay)`` before each attempt, then ``relinked(username, attempt)``, or ``relink_failed(reason)`` when it gives
+up. Events can be consumed by listeners (``client.on(name, fn)``) or by ``async for event in client.events()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from .client_protocol import CLIENT_EVENTS, ClientEvent, ClientProtocol, RelinkPolicy
+from .errors import ClientError, LinkRejected
+
+__all__ = ["Client", "EventStream", "RelinkPolicy", "ClientEvent", "CLIENT_EVENTS"]
+
+Listener = Callable[..., Any]
+
+_END = object()
+
+
+class EventStream:
+    """Every client event from the moment it was created, for ``async for``; see :meth:`Client.events`.
+
+    The iteration ends after the connection closed for good: a ``close`` that no relink follows, or a
+    ``relink_failed``. ``aclose()`` (or ``async with``) stops it early.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._client = client
+        self._done = False
+        client._streams.add(self)
+
+    def _put(self, item: Any) -> None:
+        if not self._done:
+            self._queue.put_nowait(item)
+            if item is _END:
+                self._done = True
+                self._client._streams.discard(self)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> ClientEvent:
+        if self._done and self._queue.empty():
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _END:
+            raise StopAsyncIteration
+        return item  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        self._done = True
+        self._client._streams.discard(self)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Client:
+    """A Krmx client. Create it, register listeners, then :meth:`connect` and :meth:`link`.
+
+    ``relink``: ``None``/``False`` (default, like the official client), ``True`` (a default
+    :class:`RelinkPolicy`) or a :class:`RelinkPolicy`. ``ping_interval``: seconds between the client's own
+    pings (a server that stops answering counts as a dropped connection; ``None`` disables them; the client
+    always answers the server's pings). ``open_timeout``: seconds to open a connection. ``connect_options``:
+    more keyword arguments for :func:`websockets.asyncio.client.connect` (``additional_headers``, ``ssl``,
+    ``proxy``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        relink: RelinkPolicy | bool | None = None,
+        ping_interval: float | None = 20.0,
+        open_timeout: float = 10.0,
+        max_frame_size: int | None = None,
+        logger: logging.Logger | None = None,
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        if relink is True:
+            relink = RelinkPolicy()
+        self.relink_policy: RelinkPolicy | None = relink or None
+        self._log = logger or logging.getLogger("lobby.client")
+        self.core = ClientProtocol(self._dispatch, warn=self._log.warning)
+        self._ping_interval = ping_interval
+        self._open_timeout = open_timeout
+        self._max_frame_size = max_frame_size
+        self._connect_options = dict(connect_options or {})
+        self._listeners: dict[str, list[Listener]] = {}
+        self._catch_all: list[Listener] = []
+        self._waiters: list[tuple[Callable[[ClientEvent], bool], asyncio.Future[ClientEvent]]] = []
+        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._opening: asyncio.Future[ClientConnection] | None = None
+        self._relink_task: asyncio.Task[None] | None = None
+        self._relink_stop = ""
+        self.url: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Client {self.status} username={self.username!r} url={self.url!r}>"
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """initializing, connecting, connected, linking, linked, unlinking, closing or closed."""
+        return self.core.status
+
+    @property
+    def username(self) -> str | None:
+        """The user this client links or is linked to, else ``None``."""
+        return self.core.username
+
+    @property
+    def users(self) -> list[dict[str, Any]]:
+        """``[{"username": ..., "isLinked": ...}]`` as this client knows them (empty unless linked)."""
+        return self.core.users
+
+    @property
+    def relinking(self) -> bool:
+        """Whether an automatic relink is in progress."""
+        return self._relink_task is not None and not self._relink_task.done()
+
+    # -- listeners --------------------------------------------------------------------------------------
+
+    def on(self, event: str, listener: Listener | None = None) -> Any:
+        """Register ``listener`` for ``event`` (one of :data:`CLIENT_EVENTS`, or ``"*"`` for every event,
+        called as ``listener(name, *args)``); without a listener, return a decorator. Registering returns a
+        function that unregisters. Listeners run synchronously, in the order the events happen, with the
+        client in the state the event left it; an async listener runs as a task. A listener that raises is
+        logged and the client carries on."""
+        if event != "*" and event not in CLIENT_EVENTS:
+            raise ValueError(f"unknown client event {event!r}; expected one of {', '.join(CLIENT_EVENTS)}")
+
+        def register(fn: Listener) -> Callable[[], None]:
+            if event == "*":
+                self._catch_all.append(fn)
+            else:
+                self._listeners.setdefault(event, []).append(fn)
+            return lambda: self.off(event, fn)
+
+        if listener is None:
+            def decorator(fn: Listener) -> Listener:
+                register(fn)
+                return fn
+
+            return decorator
+        return register(listener)
+
+    def off(self, event: str, listener: Listener) -> None:
+        """Unregister a listener (nothing happens if it is not registered)."""
+        listeners = self._catch_all if event == "*" else self._listeners.get(event, [])
+        with contextlib.suppress(ValueError):
+            listeners.remove(listener)
+
+    def once(self, event: str, listener: Listener) -> Callable[[], None]:
+        """Like :meth:`on`, for the next ``event`` only."""
+
+        def wrapper(*args: Any) -> Any:
+            self.off(event, wrapper)
+            return listener(*args)
+
+        return self.on(event, wrapper)  # type: ignore[no-any-return]
+
+    def events(self) -> EventStream:
+        """An async iterator of every event from now on (:class:`ClientEvent`), ending when the connection
+        closed for good (no relink follows)::
+
+            async for event in client.events():
+                if event.name == "message":
+                    ...
+        """
+        return EventStream(self)
+
+    async def wait_for(
+        self, event: str, predicate: Callable[..., bool] | None = None, *, timeout: float | None = None
+    ) -> tuple[Any, ...]:
+        """Wait for the next ``event`` whose arguments satisfy ``predicate``; return its arguments. Raises
+        :class:`TimeoutError` after ``timeout`` seconds."""
+        future = self._expect(lambda e: e.name == event and (predicate is None or bool(predicate(*e.args))))
+        try:
+            return (await asyncio.wait_for(future, timeout)).args
+        finally:
+            self._forget(future)
+
+    def _dispatch(self, event: ClientEvent) -> None:
+        for fn in (*self._catch_all, *self._listeners.get(event.name, ())):
+            try:
+                result = fn(event.name, *event.args) if fn in self._catch_all else fn(*event.args)
+                if inspect.isawaitable(result):
+                    self._spawn(result, f"listener {getattr(fn, '__qualname__', fn)!r} of {event.name!r}")
+            except Exception:
+                self._log.exception("client listener for %r failed", event.name)
+        for predicate, future in list(self._waiters):
+            if not future.done() and predicate(event):
+                future.set_result(event)
+        for stream in list(self._streams):
+            stream._put(event)
+
+    def _end_streams(self) -> None:
+        for stream in list(self._streams):
+            stream._put(_END)
+
+    def _expect(self, predicate: Callable[[ClientEvent], bool]) -> asyncio.Future[ClientEvent]:
+        future: asyncio.Future[ClientEvent] = asyncio.get_running_loop().create_future()
+        self._waiters.append((predicate, future))
+        return future
+
+    def _forget(self, future: asyncio.Future[ClientEvent]) -> None:
+        self._waiters = [(p, f) for p, f in self._waiters if f is not future]
+
+    def _spawn(self, awaitable: Any, what: str) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self._log.error("%s failed", what, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    # -- the connection ---------------------------------------------------------------------------------
+
+    async def connect(self, url: str) -> None:
+        """Open a connection to the server at ``url`` (``ws://host:port/path``). Raises :class:`ClientError`
+        (after a ``close`` event) when it cannot."""
+        if self.relinking:
+            raise ClientError("cannot connect while an automatic relink is in progress (disconnect() first)")
+        await self._connect(url)
+
+    async def _connect(self, url: str) -> None:
+        self.core.connect()
+        self.url = url
+        opening: asyncio.Future[ClientConnection] = asyncio.ensure_future(self._open(url))
+        self._opening = opening
+        try:
+            ws = await opening
+        except asyncio.CancelledError:
+            self.core.closed()
+            self._end_if_final()
+            if opening.cancelled() and self.status == "closed" and not _current_task_cancelling():
+                raise ClientError(f"connecting to {url} was cancelled by disconnect()") from None
+            raise
+        except (OSError, InvalidHandshake, TimeoutError, ValueError) as error:
+            self.core.closed()
+            self._end_if_final()
+            detail = str(error) or type(error).__name__
+            raise ClientError(f"error while trying to connect to the server at {url}: {detail}") from error
+        finally:
+            self._opening = None
+        if self.status != "connecting":  # a forced disconnect won the race
+            await ws.close()
+            raise ClientError(f"connecting to {url} was cancelled by disconnect()")
+        self._ws = ws
+        self.core.connected()
+        self._reader = asyncio.create_task(self._read(ws))
+
+    async def _open(self, url: str) -> ClientConnection:
+        try:
+            return await ws_connect(
+                url,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_interval,
+                open_timeout=self._open_timeout,
+                max_size=self._max_frame_size,
+                compression=None,
+                **self._connect_options,
+            )
+        except InvalidURI as error:
+            raise ValueError(str(error)) from error
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for data in ws:
+                self.core.receive(data)
+        except ConnectionClosed:
+            pass
+        except Exception:  # never let a reader die silently
+            self._log.exception("client reader failed")
+            ws.transport.abort()
+        finally:
+            if self._ws is ws:
+                self._on_closed()
+
+    def _on_closed(self) -> None:
+        self._ws = None
+        self._reader = None
+        target = self.core.relink_target
+        asked = self.status == "closing"
+        self.core.closed()
+        if self.relink_policy is not None and target is not None and not asked and not self.relinking:
+            self._relink_task = asyncio.ensure_future(self._relink(self.relink_policy, target))
+        else:
+            self._end_if_final()
+
+    def _end_if_final(self) -> None:
+        if not self.relinking and self.status == "closed":
+            self._end_streams()
+
+    async def disconnect(self, force: bool = False) -> None:
+        """Close the connection. Without ``force`` only when not linked (``await unlink()`` first); with it,
+        in any status but initializing and closed. Stops an automatic relink in progress."""
+        if self.relinking:
+            assert self._relink_task is not None
+            task = self._relink_task
+            self._relink_stop = "disconnect() was called"
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            force = True
+            if self.status in ("closed", "initializing"):
+                self._end_if_final()
+                return
+        self.core.disconnect(force)
+        closed = self._expect(lambda e: e.name == "close")
+        try:
+            if self._opening is not None:
+                self._opening.cancel()
+            elif self._ws is not None:
+                await self._ws.close()
+            else:
+                self.core.closed()
+            await closed
+        finally:
+            self._forget(closed)
+
+    def drop(self) -> None:
+        """Cut the connection at once, without a close handshake, as a network failure would (for tests and
+        demos): the server sees the connection drop and unlinks the user; the client closes, and with
+        automatic relink it links again."""
+        if self._ws is None:
+            raise ClientError(f"cannot drop the connection when the client is {self.status}")
+        self._ws.transport.abort()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.relinking or self.status not in ("initializing", "closed"):
+            await self.disconnect(force=True)
+
+    # -- linking and messages ---------------------------------------------------------------------------
+
+    async def _write(self, frame: bytes) -> None:
+        ws = self._ws
+        if ws is None:
+            raise ClientError(f"cannot send when the client is {self.status}")
+        try:
+            await ws.send(frame.decode())
+        except ConnectionClosed as error:
+            raise ClientError(f"the connection closed: {error}") from None
+
+    async def _request(self, frame: bytes, done: Callable[[ClientEvent], bool], what: str) -> ClientEvent:
+        """Send ``frame`` and wait for the first event that ``done`` accepts, or for the close."""
+        outcome = self._expect(lambda e: e.name == "close" or done(e))
+        try:
+            await self._write(frame)
+            event = await outcome
+        finally:
+            self._forget(outcome)
+        if event.name == "close":
+            raise ClientError(f"the connection closed before the {what} completed")
+        return event
+
+    async def link(self, username: str, auth: str | None = None) -> None:
+        """Link to ``username`` (a new user joins; an unlinked one is taken over), sending ``auth`` if given.
+        Returns on this client's own ``link`` event (the other users of the link burst may still be on the
+        way); raises :class:`LinkRejected` with the server's reason, or :class:`ClientError` when the client
+        is not ``connected`` or the connection closes first."""
+        frame = self.core.link(username, auth)
+        event = await self._request(
+            frame, lambda e: e.name == "reject" or (e.name == "link" and e.args[0] == username), "link"
+        )
+        if event.name == "reject":
+            raise LinkRejected(event.args[0])
+
+    async def unlink(self) -> None:
+        """Unlink from the user (it stays in the lobby, unlinked); returns on this client's own ``unlink``,
+        after which the user list is empty and the client is ``connected``."""
+        frame = self.core.unlink()
+        own = self.core.username
+        await self._request(frame, lambda e: e.name == "unlink" and e.args[0] == own, "unlink")
+
+    async def leave(self) -> None:
+        """Make the user leave the lobby; returns on this client's own ``unlink`` (the server's ``krmx/left``
+        for this user follows as a ``leave`` event while the client is ``connected``)."""
+        frame = self.core.leave()
+        own = self.core.username
+        await self._request(frame, lambda e: e.name == "unlink" and e.args[0] == own, "leave")
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send an application message (a dict with a string ``type``, not ``krmx/...``); only when linked."""
+        await self._write(self.core.send(message))
+
+    # -- automatic relink -------------------------------------------------------------------------------
+
+    async def _relink(self, policy: RelinkPolicy, target: tuple[str, str | None]) -> None:
+        username, auth = target
+        url = self.url
+        assert url is not None
+        last = "the connection dropped"
+        self._relink_stop = ""
+        try:
+            for attempt in range(1, policy.max_attempts + 1):
+                delay = policy.delay(attempt)
+                self._dispatch(ClientEvent("relinking", (attempt, delay)))
+                await asyncio.sleep(delay)
+                try:
+                    if self.status == "closed":
+                        await self._connect(url)
+                    await asyncio.wait_for(self.link(username, auth), policy.link_timeout)
+                except LinkRejected as rejection:
+                    if not policy.retry_rejected(rejection.reason):
+                        await self._give_up(f"link rejected: {rejection.reason}")
+                        return
+                    last = str(rejection)
+                except (ClientError, TimeoutError) as error:
+                    last = str(error) or "the link timed out"
+                    if isinstance(error, TimeoutError):
+                        last = f"no answer to the link within {policy.link_timeout} s"
+                    await self._reset()
+                else:
+                    self._relink_task = None
+                    self._dispatch(ClientEvent("relinked", (username, attempt)))
+                    return
+            await self._give_up(f"gave up after {policy.max_attempts} attempts: {last}")
+        except asyncio.CancelledError:
+            self._relink_task = None
+            self._dispatch(ClientEvent("relink_failed", (f"cancelled: {self._relink_stop or 'task cancelled'}",)))
+            raise
+
+    async def _reset(self) -> None:
+        """After a failed attempt, get back to ``connected`` or ``closed`` for the next one."""
+        if self.status in ("connected", "closed"):
+            return
+        ws = self._ws
+        if ws is not None:
+            reader = self._reader
+            ws.transport.abort()
+            if reader is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(reader), 5)
+        if self.status != "closed":
+            self.core.closed()
+
+    async def _give_up(self, reason: str) -> None:
+        self._log.warning("automatic relink failed: %s", reason)
+        self._relink_task = None
+        self._dispatch(ClientEvent("relink_failed", (reason,)))
+        if self.status == "closed":
+            self._end_streams()
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -1,0 +1,679 @@
+"""The Python client (:class:`lobby.Client`) against two servers: ours, and the official ``@krmx/server`` 0.5.5.
+
+Every test runs twice, through the ``krmx`` fixture: once against a :class:`lobby.Server` in-process, once
+against the official Node server started as a real process (``tests/js/reference_server.cjs``, the npm
+packages installed by ``tests/jsdeps.py``). Both run the same small test app (echo, broadcast, send, kick,
+join, unlink, deny, get-users; see the header of ``reference_server.cjs``). Clients that must lose their
+connection go through :class:`tests.tcpproxy.Proxy`, a loopback TCP proxy the test can cut.
+
+No sleeps as synchronisation: a test waits for an event of a client (bounded by ``WAIT``), and a linked
+client's barrier is a ``test/echo`` round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lobby import Client, ClientError, LinkRejected, RelinkPolicy, Server, ServerError
+
+from .jsdeps import JS_DIR, JsEnv, JsSetupError
+from .tcpproxy import Proxy
+
+WAIT = 10.0
+REFERENCE_SERVER = JS_DIR / "reference_server.cjs"
+
+#: Fast, deterministic backoff for tests: waits of 10, 20, 40, 50, 50 ... ms.
+FAST: dict[str, Any] = {"base_delay": 0.02, "max_delay": 0.1, "factor": 2.0, "random": lambda: 0.5}
+
+
+def u(username: str, is_linked: bool) -> dict[str, Any]:
+    return {"username": username, "isLinked": is_linked}
+
+
+def sort_users(users: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(users, key=lambda user: user["username"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two servers, with the same app.
+
+
+def build_test_app(server: Server) -> Server:
+    """The Python twin of the app in tests/js/reference_server.cjs."""
+    denied: set[str] = set()
+
+    @server.on("authenticate")
+    def authenticate(username: str, info: Any) -> None:
+        if username.startswith("deny") or username in denied:
+            raise PermissionError("denied by app")
+
+    def fail(username: str, request: str, error: str) -> None:
+        server.send(username, {"type": "test/error", "payload": {"request": request, "error": error}})
+
+    def with_username(username: str, message: dict[str, Any], action: Callable[[str], Any]) -> None:
+        payload = message.get("payload")
+        if not isinstance(payload, dict) or not isinstance(payload.get("username"), str):
+            fail(username, message["type"], "invalid request")
+            return
+        try:
+            action(payload["username"])
+        except ServerError as error:
+            fail(username, message["type"], str(error))
+
+    @server.on("message")
+    def on_message(username: str, message: dict[str, Any]) -> None:
+        type_, data = message["type"], message.get("payload")
+        if type_ == "test/echo":
+            server.send(username, {"type": "test/echoed", "payload": data} if "payload" in message
+                        else {"type": "test/echoed"})
+        elif type_ == "test/broadcast":
+            server.broadcast({"type": "test/broadcasted", "payload": {"from": username, "data": data}})
+        elif type_ == "test/send":
+            if not isinstance(data, dict) or not isinstance(data.get("to"), str):
+                fail(username, type_, "invalid request")
+                return
+            try:
+                server.send(data["to"], {"type": "test/sent", "payload": {"from": username, "data": data.get("data")}})
+            except ServerError as error:
+                fail(username, type_, str(error))
+        elif type_ == "test/kick":
+            with_username(username, message, server.kick)
+        elif type_ == "test/join":
+            with_username(username, message, server.join)
+        elif type_ == "test/unlink":
+            with_username(username, message, server.unlink)
+        elif type_ == "test/deny":
+            with_username(username, message, denied.add)
+        elif type_ == "test/get-users":
+            server.send(username, {"type": "test/users", "payload": server.users})
+
+    return server
+
+
+class OurServer:
+    name = "ours"
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.db = tmp_path / "lobby.db"
+        self.server: Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        self.server = build_test_app(Server(host="127.0.0.1", port=0, db=str(self.db), ping_interval=None))
+        self.port = await self.server.start()
+        return self.port
+
+    async def stop(self, *, keep_users: bool = False) -> None:
+        if self.server is not None and self.server.status == "listening":
+            await self.server.close(keep_users=keep_users)
+
+
+class ReferenceServer:
+    name = "reference"
+
+    def __init__(self, env: JsEnv) -> None:
+        self.env = env
+        self.process: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.stderr = b""
+
+    async def start(self) -> int:
+        self.process = await asyncio.create_subprocess_exec(
+            self.env.node, str(REFERENCE_SERVER), str(self.env.install_dir), "--port", "0",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        line = b""
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), 20)
+            self.port = json.loads(line)["port"]
+        except (TimeoutError, ValueError, KeyError):
+            await self.stop()
+            raise AssertionError(f"the reference server did not start: stdout {line!r}, stderr {self.stderr!r}")
+        return self.port
+
+    async def stop(self, *, keep_users: bool = False) -> None:
+        """SIGTERM: the reference closes the Krmx way (every user leaves) and exits 0."""
+        assert not keep_users, "the reference server has no keep-users close"
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 5)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        assert process.stderr is not None
+        self.stderr = await process.stderr.read()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recorded clients and the harness.
+
+
+class Recorder:
+    """A :class:`lobby.Client` whose every event is recorded with the client's state right after it."""
+
+    def __init__(self, name: str, client: Client) -> None:
+        self.name = name
+        self.client = client
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self._syncs = 0
+        client.on("*", self._record)
+
+    def _record(self, event: str, *args: Any) -> None:
+        client = self.client
+        self.events.append({"event": event, "args": list(args), "status": client.status,
+                            "username": client.username, "users": client.users})
+        self._changed.set()
+
+    def __repr__(self) -> str:
+        return f"<recorded client {self.name}>"
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    def events_since(self, mark: int = 0, *, without: tuple[str, ...] = ("message",)) -> list[list[Any]]:
+        return [[e["event"], *e["args"]] for e in self.events[mark:] if e["event"] not in without]
+
+    def messages_since(self, mark: int = 0) -> list[Any]:
+        return [e["args"][0] for e in self.events[mark:] if e["event"] == "message"]
+
+    async def wait_until(self, predicate: Callable[[], Any], what: str) -> Any:
+        try:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    self._changed.clear()
+                    result = predicate()
+                    if result:
+                        return result
+                    await self._changed.wait()
+        except TimeoutError:
+            last = [[e["event"], *e["args"]] for e in self.events[-12:]]
+            raise AssertionError(f"{self.name}: timed out after {WAIT} s waiting for {what}; last events {last}") from None
+
+    async def next_event(self, event: str, predicate: Callable[..., bool] = lambda *args: True,
+                         *, after: int | None = None) -> dict[str, Any]:
+        start = len(self.events) if after is None else after
+
+        def find() -> dict[str, Any] | None:
+            for record in self.events[start:]:
+                if record["event"] == event and predicate(*record["args"]):
+                    return record
+            return None
+
+        return await self.wait_until(find, f"a {event!r} event after #{start}")
+
+    async def sync(self) -> None:
+        """Barrier: everything the server sent this client before the echo has been handled."""
+        self._syncs += 1
+        token = f"sync-{self.name}-{self._syncs}"
+        mark = self.mark()
+        await self.client.send({"type": "test/echo", "payload": token})
+        await self.next_event("message", lambda m: m == {"type": "test/echoed", "payload": token}, after=mark)
+
+    async def link_fully(self, username: str, auth: str | None = None) -> None:
+        await self.client.link(username, auth)
+        await self.sync()
+
+    async def request(self, message: dict[str, Any], reply_type: str) -> Any:
+        mark = self.mark()
+        await self.client.send(message)
+        record = await self.next_event("message", lambda m: m["type"] == reply_type, after=mark)
+        return record["args"][0].get("payload")
+
+    async def server_users(self) -> list[dict[str, Any]]:
+        return await self.request({"type": "test/get-users"}, "test/users")
+
+    async def users_become(self, expected: list[dict[str, Any]]) -> None:
+        want = sort_users(expected)
+        await self.wait_until(lambda: sort_users(self.client.users) == want, f"users {want}")
+
+
+class Krmx:
+    """One server under test, a cuttable proxy in front of it, and the clients of a test."""
+
+    def __init__(self, server: OurServer | ReferenceServer) -> None:
+        self.server = server
+        self.proxy: Proxy | None = None
+        self.clients: list[Recorder] = []
+
+    @property
+    def kind(self) -> str:
+        return self.server.name
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.server.port}/"
+
+    async def start(self) -> None:
+        await self.server.start()
+        self.proxy = Proxy(self.server.port)
+        await self.proxy.start()
+
+    async def client(self, name: str, *, via_proxy: bool = False, relink: RelinkPolicy | bool | None = None,
+                     connect: bool = True) -> Recorder:
+        recorder = Recorder(name, Client(relink=relink, ping_interval=None))
+        self.clients.append(recorder)
+        if connect:
+            assert self.proxy is not None
+            await recorder.client.connect(self.proxy.url if via_proxy else self.url)
+            assert recorder.client.status == "connected"
+        return recorder
+
+    async def linked(self, username: str, **options: Any) -> Recorder:
+        recorder = await self.client(username, **options)
+        await recorder.link_fully(username)
+        return recorder
+
+    async def cleanup(self) -> None:
+        for recorder in self.clients:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(recorder.client.__aexit__(None, None, None), 5)
+        if self.proxy is not None:
+            await self.proxy.close()
+        await self.server.stop()
+
+
+@pytest.fixture(params=["ours", "reference"])
+async def krmx(request, tmp_path, js_env):
+    """The server under test (started) with the client test app: ours in-process, or the official one."""
+    if request.param == "ours":
+        server: OurServer | ReferenceServer = OurServer(tmp_path)
+    else:
+        if isinstance(js_env, JsSetupError):
+            pytest.fail(f"cannot run the official @krmx/server: {js_env}", pytrace=False)
+        server = ReferenceServer(js_env)
+    harness = Krmx(server)
+    try:
+        await harness.start()
+        yield harness
+    finally:
+        await harness.cleanup()
+
+
+@pytest.fixture
+async def our_krmx(tmp_path):
+    """Our server only, for what the reference cannot do (restart with its users)."""
+    harness = Krmx(OurServer(tmp_path))
+    try:
+        await harness.start()
+        yield harness
+    finally:
+        await harness.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Linking and the user list.
+
+
+async def test_links_and_receives_the_full_registry(krmx):
+    """A client that links learns every user through the link burst, in the server's join order: a linked
+    user, a server-joined unlinked user, itself; ``link()`` returns on its own link, and its user list then
+    equals the server's."""
+    alice = await krmx.linked("alice")
+    await alice.client.send({"type": "test/join", "payload": {"username": "rik"}})
+    await alice.next_event("join", lambda name: name == "rik", after=0)
+    simon = await krmx.client("simon")
+    assert simon.client.users == [] and simon.client.username is None
+
+    await simon.client.link("simon")
+    assert simon.client.status == "linked" and simon.client.username == "simon"
+    assert simon.events_since(0) == [
+        ["connecting"], ["connect"], ["linking"], ["accept"],
+        ["join", "alice"], ["link", "alice"], ["join", "rik"], ["join", "simon"], ["link", "simon"],
+    ]
+    assert simon.client.users == [u("simon", True), u("alice", True), u("rik", False)]
+    assert await simon.server_users() == [u("alice", True), u("rik", False), u("simon", True)]
+    await alice.users_become([u("alice", True), u("rik", False), u("simon", True)])
+    assert alice.events_since(0)[-3:] == [["join", "rik"], ["join", "simon"], ["link", "simon"]]
+
+
+async def test_sees_others_join_link_unlink_and_leave(krmx):
+    """A linked client follows another through join, link, unlink, link again and leave, with exactly those
+    events; the other's own unlink empties its list, and its own leave comes after its own unlink, while it
+    is connected with no users, never while linked."""
+    simon = await krmx.linked("simon")
+    mark = simon.mark()
+    lisa = await krmx.client("lisa")
+    assert simon.client.users == [u("simon", True)], "a connection that is not linked is invisible"
+
+    await lisa.link_fully("lisa")
+    await simon.users_become([u("simon", True), u("lisa", True)])
+    await lisa.client.unlink()
+    assert lisa.client.status == "connected" and lisa.client.users == [] and lisa.client.username is None
+    await simon.users_become([u("simon", True), u("lisa", False)])
+
+    await lisa.link_fully("lisa")
+    assert sort_users(lisa.client.users) == [u("lisa", True), u("simon", True)]
+    lisa_mark = lisa.mark()
+    await lisa.client.leave()
+    await simon.users_become([u("simon", True)])
+    await lisa.next_event("leave", lambda name: name == "lisa", after=lisa_mark)
+    assert lisa.events_since(lisa_mark) == [["unlinking"], ["unlink", "lisa"], ["leave", "lisa"]]
+    own = [e for e in lisa.events[lisa_mark:] if e["event"] in ("unlink", "leave")]
+    assert [(e["status"], e["users"]) for e in own] == [("connected", []), ("connected", [])]
+    assert simon.events_since(mark) == [
+        ["join", "lisa"], ["link", "lisa"], ["unlink", "lisa"], ["link", "lisa"], ["unlink", "lisa"], ["leave", "lisa"],
+    ]
+    assert await simon.server_users() == [u("simon", True)]
+
+
+async def test_rejected_with_the_servers_reason(krmx):
+    """``link()`` raises :class:`LinkRejected` carrying the server's own words (the protocol's and the
+    app's); the client is ``connected`` again with no username and no users, and can then link."""
+    simon = await krmx.linked("simon")
+    client = await krmx.client("mallory")
+    for username, reason in (("a", "invalid username"), ("denyme", "denied by app"),
+                             ("simon", "user simon is already linked to a connection")):
+        with pytest.raises(LinkRejected) as rejected:
+            await client.client.link(username)
+        assert rejected.value.reason == reason
+        assert str(rejected.value) == f"link rejected: {reason}"
+        assert client.client.status == "connected"
+        assert client.client.username is None and client.client.users == []
+    assert client.events_since(0) == [
+        ["connecting"], ["connect"], ["linking"], ["reject", "invalid username"],
+        ["linking"], ["reject", "denied by app"], ["linking"], ["reject", "user simon is already linked to a connection"],
+    ]
+    await client.link_fully("mallory")
+    assert await simon.server_users() == [u("simon", True), u("mallory", True)]
+
+
+async def test_kicked_by_the_server_ends_connected_without_users(krmx):
+    """A server kick: the kicked client sees its own unlink (already ``connected`` with an empty list) then
+    its own leave; the other client sees unlink and leave; the kicked client can link again (a new user).
+    A kick is not a drop: a client with automatic relink does not relink."""
+    alice = await krmx.linked("alice")
+    bob = await krmx.linked("bob", relink=RelinkPolicy(**FAST))
+    await alice.users_become([u("alice", True), u("bob", True)])
+    alice_mark, bob_mark = alice.mark(), bob.mark()
+
+    await alice.client.send({"type": "test/kick", "payload": {"username": "bob"}})
+    own_leave = await bob.next_event("leave", lambda name: name == "bob", after=bob_mark)
+    assert bob.events_since(bob_mark) == [["unlink", "bob"], ["leave", "bob"]]
+    assert (bob.events[bob_mark]["status"], bob.events[bob_mark]["users"]) == ("connected", [])
+    assert own_leave["users"] == [] and bob.client.username is None
+    await alice.users_become([u("alice", True)])
+    assert alice.events_since(alice_mark) == [["unlink", "bob"], ["leave", "bob"]]
+
+    await bob.link_fully("bob")
+    await alice.users_become([u("alice", True), u("bob", True)])
+    assert not bob.client.relinking
+
+
+async def test_unlinked_by_the_server_stays_connected(krmx):
+    """A server-side unlink: the client sees its own unlink, stays connected (the user stays, unlinked),
+    and may link again; the others follow."""
+    alice = await krmx.linked("alice")
+    bob = await krmx.linked("bob")
+    bob_mark = bob.mark()
+    await alice.client.send({"type": "test/unlink", "payload": {"username": "bob"}})
+    await bob.next_event("unlink", lambda name: name == "bob", after=bob_mark)
+    assert bob.client.status == "connected" and bob.client.users == []
+    await alice.users_become([u("alice", True), u("bob", False)])
+    await bob.link_fully("bob")
+    await alice.users_become([u("alice", True), u("bob", True)])
+    assert sort_users(bob.client.users) == [u("alice", True), u("bob", True)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Messages.
+
+
+async def test_receives_sent_and_broadcast_messages(krmx):
+    """Messages from the server arrive as ``message`` events in the order sent: two direct sends, then a
+    broadcast, which reaches the sender too."""
+    alice = await krmx.linked("alice")
+    bob = await krmx.linked("bob")
+    await alice.users_become([u("alice", True), u("bob", True)])
+    bob_mark, alice_mark = bob.mark(), alice.mark()
+    for message in ({"type": "test/send", "payload": {"to": "bob", "data": 1}},
+                    {"type": "test/send", "payload": {"to": "bob", "data": {"text": "héllo"}}},
+                    {"type": "test/broadcast", "payload": 3}):
+        await alice.client.send(message)
+    await alice.next_event("message", lambda m: m["type"] == "test/broadcasted", after=alice_mark)
+    await bob.sync()
+    assert [m for m in bob.messages_since(bob_mark) if m["type"] != "test/echoed"] == [
+        {"type": "test/sent", "payload": {"from": "alice", "data": 1}},
+        {"type": "test/sent", "payload": {"from": "alice", "data": {"text": "héllo"}}},
+        {"type": "test/broadcasted", "payload": {"from": "alice", "data": 3}},
+    ]
+    error = await alice.request({"type": "test/send", "payload": {"to": "nobody", "data": 1}}, "test/error")
+    assert "does not exist" in error["error"]
+
+
+async def test_async_iteration_yields_every_event_until_the_close(krmx):
+    """``async for event in client.events()`` sees the events from its creation on, messages included, and
+    ends by itself once the connection closed for good."""
+    recorder = await krmx.client("simon", connect=False)
+    client = recorder.client
+    stream = client.events()
+    seen: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def consume() -> None:
+        async for event in stream:
+            seen.append((event.name, event.args))
+            if event.name == "message" and event.args[0]["type"] == "test/echoed":
+                await client.disconnect(force=True)
+
+    consumer = asyncio.create_task(consume())
+    await client.connect(krmx.url)
+    await client.link("simon")
+    await client.send({"type": "test/echo", "payload": "hi"})
+    await asyncio.wait_for(consumer, WAIT)
+    assert seen == [
+        ("connecting", ()), ("connect", ()), ("linking", ()), ("accept", ()), ("join", ("simon",)),
+        ("link", ("simon",)), ("message", ({"type": "test/echoed", "payload": "hi"},)), ("closing", ()),
+        ("close", ()),
+    ]
+    assert [name for name, _ in seen] == [e["event"] for e in recorder.events]
+
+
+async def test_wrong_status_calls_raise_clear_errors(krmx):
+    """As in the official client, a call in the wrong status raises a ``ClientError`` that names the call
+    and the status; ``send`` refuses the reserved ``krmx/`` prefix; a failed connect says where."""
+    recorder = await krmx.client("simon", connect=False)
+    client = recorder.client
+    with pytest.raises(ClientError, match="^cannot link when the client is initializing$"):
+        await client.link("simon")
+    with pytest.raises(ClientError, match="^cannot disconnect when the client is initializing$"):
+        await client.disconnect(force=True)
+    await client.connect(krmx.url)
+    with pytest.raises(ClientError, match="^cannot connect when the client is connected$"):
+        await client.connect(krmx.url)
+    with pytest.raises(ClientError, match="^cannot send when the client is connected$"):
+        await client.send({"type": "test/echo"})
+    with pytest.raises(ClientError, match="^cannot leave when the client is connected$"):
+        await client.leave()
+    await recorder.link_fully("simon")
+    with pytest.raises(ClientError, match="internal 'krmx/' prefix"):
+        await client.send({"type": "krmx/leave"})
+    with pytest.raises(ClientError, match="^cannot link when the client is linked$"):
+        await client.link("lisa")
+    with pytest.raises(ClientError, match="^cannot disconnect when the client is linked$"):
+        await client.disconnect()
+    await client.unlink()
+    await client.disconnect()
+    assert client.status == "closed" and client.users == []
+    assert recorder.events_since(0)[-4:] == [["unlinking"], ["unlink", "simon"], ["closing"], ["close"]]
+
+    other = await krmx.client("other", connect=False)
+    nobody = await _free_port()
+    with pytest.raises(ClientError, match="^error while trying to connect to the server at ws://127.0.0.1:"):
+        await other.client.connect(f"ws://127.0.0.1:{nobody}/")
+    assert other.events_since(0) == [["connecting"], ["close"]] and other.client.status == "closed"
+
+
+async def _free_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return port
+
+
+async def test_server_close_is_seen_and_not_relinked(krmx):
+    """When the server closes, linked clients see every user unlink and leave, then the close; a client
+    with automatic relink does not relink (its user left), and its event stream ends."""
+    alice = await krmx.linked("alice", relink=RelinkPolicy(**FAST))
+    bob = await krmx.linked("bob", relink=RelinkPolicy(**FAST))
+    await alice.users_become([u("alice", True), u("bob", True)])
+    alice_mark, bob_mark = alice.mark(), bob.mark()
+    stream = bob.client.events()
+    await krmx.server.stop()
+    for recorder in (alice, bob):
+        await recorder.wait_until(lambda r=recorder: r.client.status == "closed", "the close")
+        assert not recorder.client.relinking
+    assert alice.events_since(alice_mark) == [["unlink", "alice"], ["leave", "alice"], ["close"]]
+    assert bob.events_since(bob_mark) == [["unlink", "alice"], ["leave", "alice"], ["unlink", "bob"], ["leave", "bob"], ["close"]]
+    names = [event.name async for event in stream]
+    assert names == ["unlink", "leave", "unlink", "leave", "close"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Automatic relink.
+
+
+async def test_relinks_after_a_dropped_connection(krmx):
+    """The connection is cut (no close frame): a client with automatic relink reconnects and links to the
+    same user again, saying so (``relinking(1, delay)``, then ``relinked``); the server sees an unlink and a
+    link, the other client follows, and the client goes on sending and receiving."""
+    observer = await krmx.linked("observer")
+    simon = await krmx.linked("simon", via_proxy=True, relink=RelinkPolicy(**FAST))
+    await observer.users_become([u("observer", True), u("simon", True)])
+    mark, observer_mark = simon.mark(), observer.mark()
+
+    assert krmx.proxy.cut() == 1
+    await simon.next_event("relinked", after=mark)
+    await simon.sync()
+    events = simon.events_since(mark)
+    assert events[:2] == [["close"], ["relinking", 1, 0.01]]
+    assert events[-1][0] == "relinked" and events[-1][1] == "simon"
+    # The server may still hold the old connection when the first attempt links ("already linked"): such
+    # an attempt is retried; every attempt in between is a plain reconnect.
+    assert [e for e in events if e[0] == "reject"] == [
+        ["reject", "user simon is already linked to a connection"]] * (events[-1][2] - 1)
+    assert events[-6:] == [["linking"], ["accept"], ["join", "observer"], ["link", "observer"],
+                           ["join", "simon"], ["link", "simon"], ["relinked", "simon", events[-1][2]]][-6:]
+    assert simon.client.status == "linked" and sort_users(simon.client.users) == [u("observer", True), u("simon", True)]
+    await observer.users_become([u("observer", True), u("simon", True)])
+    assert observer.events_since(observer_mark) == [["unlink", "simon"], ["link", "simon"]]
+    assert await simon.server_users() == [u("observer", True), u("simon", True)]
+
+
+async def test_relink_backs_off_while_the_server_is_unreachable(krmx):
+    """While the server cannot be reached, attempts fail and the waits grow exponentially within their bound
+    (full jitter, here fixed at half the bound); once it can be reached again, the relink succeeds."""
+    policy = RelinkPolicy(max_attempts=10, **FAST)
+    simon = await krmx.linked("simon", via_proxy=True, relink=policy)
+    mark = simon.mark()
+    krmx.proxy.refusing = True
+    krmx.proxy.cut()
+    await simon.next_event("relinking", lambda attempt, delay: attempt == 4, after=mark)
+    krmx.proxy.refusing = False
+    done = await simon.next_event("relinked", after=mark)
+    attempts = [e["args"] for e in simon.events[mark:] if e["event"] == "relinking"]
+    assert [delay for _, delay in attempts] == [policy.delay(n) for n in range(1, len(attempts) + 1)]
+    assert [delay for _, delay in attempts][:4] == [0.01, 0.02, 0.04, 0.05]
+    assert done["args"][1] == len(attempts) >= 4
+    assert krmx.proxy.refused >= 3
+    assert simon.client.status == "linked"
+    await simon.sync()
+
+
+async def test_relink_gives_up_after_its_limit(krmx):
+    """When the server stays unreachable, the client gives up after ``max_attempts``: ``relink_failed`` says
+    so and why, the client is closed and its event stream ends."""
+    simon = await krmx.linked("simon", via_proxy=True, relink=RelinkPolicy(max_attempts=3, **FAST))
+    mark = simon.mark()
+    stream = simon.client.events()
+    krmx.proxy.refusing = True
+    krmx.proxy.cut()
+    failed = await simon.next_event("relink_failed", after=mark)
+    reason = failed["args"][0]
+    assert reason.startswith("gave up after 3 attempts: error while trying to connect to the server at ws://127.0.0.1:")
+    assert [e["args"][0] for e in simon.events[mark:] if e["event"] == "relinking"] == [1, 2, 3]
+    assert simon.client.status == "closed" and not simon.client.relinking
+    names = [event.name async for event in stream]
+    assert names[0] == "close" and names[-1] == "relink_failed"
+
+
+async def test_relink_stops_when_the_server_rejects_it(krmx):
+    """A relink the server rejects for a reason of its own ends at once with that reason; the client stays
+    connected, unlinked, and the user stays in the lobby unlinked."""
+    observer = await krmx.linked("observer")
+    simon = await krmx.linked("simon", via_proxy=True, relink=RelinkPolicy(**FAST))
+    await observer.client.send({"type": "test/deny", "payload": {"username": "simon"}})
+    await observer.sync()
+    mark = simon.mark()
+    krmx.proxy.cut()
+    failed = await simon.next_event("relink_failed", after=mark)
+    assert failed["args"] == ["link rejected: denied by app"]
+    assert simon.events_since(mark) == [
+        ["close"], ["relinking", 1, 0.01], ["connecting"], ["connect"], ["linking"], ["reject", "denied by app"],
+        ["relink_failed", "link rejected: denied by app"],
+    ]
+    assert simon.client.status == "connected" and not simon.client.relinking
+    await observer.users_become([u("observer", True), u("simon", False)])
+
+
+async def test_disconnect_stops_a_relink_in_progress(krmx):
+    """``disconnect()`` during an automatic relink cancels it (``relink_failed`` says so) and leaves the
+    client closed; a client that disconnects itself is never relinked."""
+    simon = await krmx.linked("simon", via_proxy=True, relink=RelinkPolicy(max_attempts=50, **FAST))
+    mark = simon.mark()
+    krmx.proxy.refusing = True
+    krmx.proxy.cut()
+    await simon.next_event("relinking", lambda attempt, delay: attempt == 2, after=mark)
+    await simon.client.disconnect()
+    assert simon.client.status == "closed" and not simon.client.relinking
+    assert simon.events[-1]["event"] in ("relink_failed", "close")
+    assert [e["args"] for e in simon.events[mark:] if e["event"] == "relink_failed"] == [
+        ["cancelled: disconnect() was called"]]
+
+    krmx.proxy.refusing = False
+    lisa = await krmx.linked("lisa", via_proxy=True, relink=RelinkPolicy(**FAST))
+    lisa_mark = lisa.mark()
+    await lisa.client.disconnect(force=True)
+    assert lisa.events_since(lisa_mark) == [["closing"], ["close"]] and not lisa.client.relinking
+
+
+async def test_relinks_across_a_restart_of_our_server(our_krmx):
+    """Ours only (the reference has no restart with state): a deploy closes our server keeping its users
+    (each is unlinked with reason ``server restart``); the clients relink by themselves once a new server
+    is up on the same log, and the log tells the story."""
+    krmx = our_krmx
+    simon = await krmx.linked("simon", via_proxy=True, relink=RelinkPolicy(max_attempts=20, **FAST))
+    lisa = await krmx.linked("lisa", via_proxy=True, relink=RelinkPolicy(max_attempts=20, **FAST))
+    await simon.users_become([u("simon", True), u("lisa", True)])
+    mark = simon.mark()
+    await krmx.server.stop(keep_users=True)
+    await simon.next_event("relinking", after=mark)
+    await krmx.server.start()  # a new Server on the same log, on a new port
+    krmx.proxy.target = ("127.0.0.1", krmx.server.port)
+    await simon.next_event("relinked", after=mark)
+    await lisa.next_event("relinked", after=mark)
+    await simon.users_become([u("simon", True), u("lisa", True)])
+    assert await simon.server_users() == [u("simon", True), u("lisa", True)]
+
+    from events import EventStore
+
+    with EventStore.open_readonly(krmx.server.db) as store:
+        story = [(e.type, getattr(e, "username", None), getattr(e, "reason", None)) for e in store.read()
+                 if e.type in ("listen", "close", "join", "link", "unlink")
+                 and getattr(e, "username", "simon") == "simon"]
+    assert story[:5] == [("listen", None, None), ("join", "simon", None), ("link", "simon", None),
+                         ("unlink", "simon", "server restart"), ("close", None, "server restart")]
+    assert story[5] == ("listen", None, None) and story[-1] == ("link", "simon", None)

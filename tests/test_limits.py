@@ -1,0 +1,179 @@
+"""Limits that keep one connection from hurting the others, and the health and metrics endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import orjson
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from events import EventStore, rebuild
+from lobby import Server
+
+from .test_server import echo_app, url
+from .wsclient import Raw, joined, linked, unlinked
+
+
+async def started(tmp_path, **options) -> Server:
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, **options))
+    await server.start()
+    return server
+
+
+def cutoffs_and_unlinks(server: Server) -> list[tuple]:
+    with EventStore.open_readonly(server.config.db) as store:
+        events = list(store.read(types=["cutoff", "unlink"]))
+        assert rebuild(store.read()) == server.core.registry
+    return [(e.type, e.username, e.reason) for e in events]
+
+
+async def http_get(server: Server, path: str) -> tuple[int, str, bytes]:
+    def get():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=10) as response:
+                return response.status, response.headers["Content-Type"], response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers["Content-Type"], error.read()
+
+    return await asyncio.to_thread(get)
+
+
+async def test_a_flooding_connection_is_cut_off_and_others_are_served(tmp_path):
+    server = await started(tmp_path, message_rate=5, message_burst=5)
+    try:
+        honest = await Raw.open(url(server))
+        await honest.link("honest")
+        flood = await Raw.open(url(server))
+        await flood.link("flood")
+        await honest.expect(joined("flood"), linked("flood"))
+        for index in range(50):
+            await flood.send({"type": "game/spam", "payload": index})
+        await honest.expect(unlinked("flood"))
+        assert await flood.closed()
+        await honest.echo()
+        assert cutoffs_and_unlinks(server)[-2:] == [("cutoff", "flood", "rate limit"), ("unlink", "flood", "rate limit")]
+        assert server.metrics.cutoffs == {"rate limit": 1}
+    finally:
+        await server.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_path):
+    server = await started(tmp_path, max_frame_size=4096, max_buffer=64 * 1024)
+    try:
+        honest = await Raw.open(url(server))
+        await honest.link("honest")
+        slow = await Raw.open(url(server))
+        await slow.link("slow")
+        await honest.expect(joined("slow"), linked("slow"))
+        slow.ws.transport.pause_reading()  # it no longer reads: the kernel buffers fill, then ours
+        big = "z" * 32 * 1024
+        for _ in range(400):
+            server.broadcast({"type": "game/state", "payload": big}, skip="honest")
+            if server.metrics.cutoffs:
+                break
+            await asyncio.sleep(0)
+        await honest.expect(unlinked("slow"))
+        assert cutoffs_and_unlinks(server)[-2:] == [
+            ("cutoff", "slow", "slow consumer"), ("unlink", "slow", "slow consumer"),
+        ]
+        await honest.echo()
+    finally:
+        await server.close()
+
+
+async def test_a_connection_that_never_links_is_cut_off_at_the_deadline(tmp_path):
+    server = await started(tmp_path, link_deadline=0.3)
+    try:
+        linker = await Raw.open(url(server))
+        await linker.link("quick")
+        idle = await Raw.open(url(server))
+        assert await idle.closed()
+        await asyncio.sleep(0.5)  # the linked one is past the deadline too, and stays
+        await linker.echo()
+        with EventStore.open_readonly(server.config.db) as store:
+            cutoff = list(store.read(types=["cutoff"]))
+        assert [(e.connection, e.reason, e.username) for e in cutoff] == [("c2", "link deadline", None)]
+    finally:
+        await server.close()
+
+
+async def test_connections_beyond_the_maximum_are_refused_before_the_upgrade(tmp_path):
+    server = await started(tmp_path, max_connections=2)
+    try:
+        first, second = await Raw.open(url(server)), await Raw.open(url(server))
+        with pytest.raises(InvalidStatus) as refused:
+            await Raw.open(url(server))
+        assert refused.value.response.status_code == 503
+        await first.link("first")
+        await second.close()
+        await first.echo()
+        third = await Raw.open(url(server))
+        assert (await third.link("third"))[0] == {"type": "krmx/accepted"}
+        with EventStore.open_readonly(server.config.db) as store:
+            assert [(e.connection, e.reason) for e in store.read(types=["cutoff"])] == [(None, "too many connections")]
+    finally:
+        await server.close()
+
+
+async def test_health_reports_the_lobby(tmp_path):
+    server = await started(tmp_path)
+    try:
+        alice = await Raw.open(url(server))
+        await alice.link("alice")
+        server.join("bob")
+        status, content_type, body = await http_get(server, "/health")
+        assert (status, content_type) == (200, "application/json")
+        health = orjson.loads(body)
+        assert {key: health[key] for key in ("status", "users", "linked_users", "connections", "session")} == {
+            "status": "listening", "users": 2, "linked_users": 1, "connections": 1, "session": server.session,
+        }
+        assert health["last_seq"] == server.core.registry.seq and health["uptime_s"] >= 0 and health["version"]
+    finally:
+        await server.close()
+
+
+async def test_metrics_in_the_prometheus_text_format(tmp_path):
+    server = await started(tmp_path)
+    try:
+        alice = await Raw.open(url(server))
+        await alice.link("alice")
+        await alice.echo()
+        bad = await Raw.open(url(server))
+        assert await bad.link("alice") == [{"type": "krmx/rejected",
+                                            "payload": {"reason": "user alice is already linked to a connection"}}]
+        await bad.link("x", version="9.9.9")
+        status, content_type, body = await http_get(server, "/metrics")
+        assert status == 200 and content_type.startswith("text/plain")
+        text = body.decode()
+        values = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert values["krmx_connections"] == 2
+        assert values["krmx_users"] == 1 and values["krmx_linked_users"] == 1
+        assert values["krmx_frames_in_total"] == 4
+        assert values["krmx_frames_out_total"] >= 6
+        assert values["krmx_events_appended_total"] == server.core.registry.seq
+        assert values['krmx_rejections_total{reason="already linked"}'] == 1
+        assert values['krmx_rejections_total{reason="version mismatch"}'] == 1
+        assert values["krmx_commit_seconds_count"] >= 3
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"path": "/health"}, "taken by the health"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"message_rate": 0}, "message_rate"),
+        ({"max_buffer": 10, "max_frame_size": 4096}, "max_buffer"),
+        ({"link_deadline": -1}, "link_deadline"),
+    ],
+)
+def test_bad_limits_are_refused_with_a_clear_error(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        Server(db=str(tmp_path / "lobby.db"), **options)
