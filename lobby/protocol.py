@@ -543,7 +543,9 @@ class ServerProtocol:
         return self._take()
 
     def send(self, username: str, message: dict[str, Any]) -> list[Effect]:
-        self._can_only("send a message", "listening")
+        # While closing (listeners of the close's leaves run), every user has left or is unlinked: a send
+        # fails as for any absent user, as in the reference.
+        self._can_only("send a message", "listening", "closing")
         data = self._custom(message)
         if not self._existing(username, "send a message to"):
             raise ServerError(f"cannot send a message to a user that is not linked ({username!r})")
@@ -552,8 +554,10 @@ class ServerProtocol:
         return self._take()
 
     def broadcast(self, message: dict[str, Any], skip: str | None = None) -> list[Effect]:
-        self._can_only("broadcast a message", "listening")
+        self._can_only("broadcast a message", "listening", "closing")
         data = self._custom(message)
+        if self.registry.closed:  # listeners of a close: nobody is linked any more, nothing to send or record
+            return self._take()
         self._record(Broadcast(**self._common(), message=message, skip=skip))
         self._to_linked(data, skip=skip)
         return self._take()
