@@ -397,11 +397,17 @@ def start_process(db: Path, port: int, stderr) -> subprocess.Popen:
         [sys.executable, "-m", "lobby", "serve", "--port", str(port), "--db", str(db), "--log-level", "debug"],
         cwd=ROOT, stderr=stderr, stdout=subprocess.DEVNULL,
     )
+    wait_for_port(process, port)
+    return process
+
+
+def wait_for_port(process: subprocess.Popen, port: int) -> None:
+    """Return once ``port`` accepts connections; fail if ``process`` exits or 20 s pass."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process
+            return
         except OSError:
             if process.poll() is not None:
                 raise AssertionError(f"server exited with {process.returncode}")
