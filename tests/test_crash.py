@@ -117,9 +117,14 @@ async def test_sigkill_under_load_loses_nothing_anyone_saw(tmp_path):
             linked, last_seq = check_log(db, observed, last_seq)
             process = start(db, port, log)
             # The new session starts with listen, then the recovery of exactly the users left linked.
-            with EventStore.open_readonly(db) as store:
-                restart = [e for e in store.read(last_seq + 1)]
-            assert restart[0].type == "listen", restart[:3]
+            # (The port opens just before the listen is committed: wait for it.)
+            for _ in range(200):
+                with EventStore.open_readonly(db) as store:
+                    restart = list(store.read(last_seq + 1))
+                if restart:
+                    break
+                await asyncio.sleep(0.02)
+            assert restart and restart[0].type == "listen", restart[:3]
             recovered = [e for e in restart[1 : 1 + len(linked)]]
             assert {(e.type, e.reason) for e in recovered} <= {("unlink", "recovered")}
             assert {e.username for e in recovered} == linked
