@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lobby import Server, ServerError
+from lobby.server import run_event_loop
 from lobby.logs import configure_logging
 
 SLOW_AUTH_DELAY_S = 0.1
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = tempfile.mkdtemp(prefix="krmx-conformance-")
         db = str(Path(folder) / "lobby.db")
     try:
-        return asyncio.run(serve(args, db))
+        return run_event_loop(serve(args, db))
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -8,7 +8,6 @@ Usage errors exit with code 2 and one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import os
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 from events import EventLogError
 
 from .logs import LOG_LEVELS, configure_logging
-from .server import Server
+from .server import Server, run_event_loop
 
 __all__ = ["main"]
 
@@ -182,7 +181,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     try:
-        return asyncio.run(server.serve(keep_users_on_stop=on_stop == "keep"))
+        return run_event_loop(server.serve(keep_users_on_stop=on_stop == "keep"))
     except EventLogError as error:
         raise UsageError(str(error)) from None
     except OSError as error:

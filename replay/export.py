@@ -1,0 +1,57 @@
+"""``lobby replay export``: a session, a seq range or the whole log as JSON lines (one event per line)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import IO
+
+import orjson
+
+from .reader import open_log, progress
+from .render import event_json
+from .timeline import select
+
+__all__ = ["export"]
+
+
+def export(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | IO[bytes] | None = None,
+    *,
+    session: str | None = None,
+    lobby: str | None = None,
+    from_seq: int | None = None,
+    to_seq: int | None = None,
+) -> int:
+    """Write the events of ``session`` (or of the seq range, or of the whole log) to ``output`` (a path,
+    a binary file, or standard output) as JSON lines: ``event.to_dict()`` plus an ISO ``time``. Returns
+    how many events were written. A path is written whole or not at all (a temporary file, then renamed)."""
+    with open_log(path) as log:
+        selection = select(log, session, lobby=lobby, from_seq=from_seq, to_seq=to_seq)
+        total = max(0, selection.to_seq - selection.from_seq + 1)
+        events = progress(selection.read(log), total=total, description="exporting")
+        if output is None:
+            return _write(events, sys.stdout.buffer)
+        if hasattr(output, "write"):
+            return _write(events, output)  # type: ignore[arg-type]
+        target = os.fspath(output)
+        partial = target + ".partial"
+        try:
+            with open(partial, "wb") as handle:
+                count = _write(events, handle)
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        return count
+
+
+def _write(events, handle: IO[bytes]) -> int:  # type: ignore[no-untyped-def]
+    count = 0
+    option = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+    for event in events:
+        handle.write(orjson.dumps(event_json(event), option=option))
+        count += 1
+    handle.flush()
+    return count

@@ -1,0 +1,289 @@
+"""``lobby replay logs``: the server's JSON log lines, joined to the events they are about by seq.
+
+The server writes one JSON object per line on stderr (structlog), with ``lobby``, ``session``, ``seq`` and
+``username`` bound to the lines about an event (``{"seq": 5, "event": "unlink", "reason": "dropped", ...}``)
+and without ``seq`` for the others (``listening``, ``closed``, a listener's traceback outside a turn).
+Lines that are not JSON (a stray print, the standard library's warnings) are kept as text.
+
+``logs(..., around_seq=N)`` answers "what did the server log around seq N": the events ``N-window``..
+``N+window`` interleaved with the lines about them and the lines without seq written meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from events import EVENT_TYPES, Event
+
+from .reader import Log, ReplayError, iso_time, open_log, progress
+from .render import event_json
+
+__all__ = ["LogLine", "Entry", "LogSummary", "read_log_lines", "logs", "log_summary", "LEVELS"]
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+#: Keys every line may carry; the rest is what the line says.
+COMMON_KEYS = ("lobby", "session", "seq", "username", "event", "level", "timestamp")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    number: int
+    #: The parsed JSON object; ``None`` for a line that is not one (see ``text``).
+    record: dict[str, Any] | None
+    text: str
+
+    @property
+    def seq(self) -> int | None:
+        seq = self.record.get("seq") if self.record else None
+        return seq if isinstance(seq, int) else None
+
+    @property
+    def at(self) -> int | None:
+        stamp = self.record.get("timestamp") if self.record else None
+        if not isinstance(stamp, str):
+            return None
+        try:
+            moment = datetime.fromisoformat(stamp)
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return (moment - _EPOCH) // timedelta(microseconds=1)
+
+    @property
+    def level(self) -> str:
+        level = self.record.get("level") if self.record else None
+        return level if isinstance(level, str) else "-"
+
+    @property
+    def message(self) -> str:
+        message = self.record.get("event") if self.record else None
+        return message if isinstance(message, str) else self.text
+
+    def fields(self) -> dict[str, Any]:
+        """What the line says beyond the common keys."""
+        return {k: v for k, v in (self.record or {}).items() if k not in COMMON_KEYS}
+
+
+def read_log_lines(path: str | os.PathLike[str]) -> Iterator[LogLine]:
+    """Every line of a server log file, in order (a progress bar by bytes on a terminal)."""
+    target = Path(path)
+    if not target.is_file():
+        raise ReplayError(f"{path}: no such log file")
+    with open(target, "rb") as handle:
+        for number, raw in enumerate(progress(handle, total=None, description="reading log lines", unit="line"), 1):
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            record = None
+            if line.startswith(b"{"):
+                try:
+                    parsed = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    parsed = None
+                record = parsed if isinstance(parsed, dict) else None
+            yield LogLine(number, record, line.decode("utf-8", "replace"))
+
+
+def _mismatch(line: LogLine, event: Event | None) -> str | None:
+    """Why a line does not fit the event its seq names, if it does not."""
+    if event is None:
+        return f"seq {line.seq} is not in the event log (another log file, or a log cut short)"
+    record = line.record or {}
+    session = record.get("session")
+    if isinstance(session, str) and session != event.session:
+        return f"line of session {session}, but seq {event.seq} is of session {event.session}"
+    username = record.get("username")
+    if isinstance(username, str) and getattr(event, "username", None) not in (None, username):
+        return f"line about {username}, but seq {event.seq} is about {getattr(event, 'username', None)}"
+    if line.message in EVENT_TYPES and line.message != event.type:
+        return f"line says {line.message}, but seq {event.seq} is a {event.type}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One row of a joined view: an event of the log (``kind="event"``) or a line of the server log
+    (``kind="log"``, with the event its seq names, if any, and ``note`` when they do not fit)."""
+
+    kind: str
+    at: int | None
+    seq: int | None
+    event: Event | None = None
+    line: LogLine | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "event":
+            assert self.event is not None
+            return {"kind": "event", **event_json(self.event)}
+        assert self.line is not None
+        data: dict[str, Any] = {"kind": "log", "line": self.line.number}
+        data.update(self.line.record if self.line.record is not None else {"text": self.line.text})
+        data["event_type"] = self.event.type if self.event is not None else None
+        if self.note:
+            data["note"] = self.note
+        return data
+
+
+def _level_ok(line: LogLine, minimum: str | None) -> bool:
+    if minimum is None:
+        return True
+    level = line.level.lower()
+    return level in LEVELS and LEVELS.index(level) >= LEVELS.index(minimum)
+
+
+def _check_level(level: str | None) -> None:
+    if level is not None and level not in LEVELS:
+        raise ReplayError(f"unknown level {level!r} (levels: {', '.join(LEVELS)})")
+
+
+def logs(
+    logfile: str | os.PathLike[str],
+    db: str | os.PathLike[str],
+    *,
+    around_seq: int | None = None,
+    window: int = 10,
+    session: str | None = None,
+    level: str | None = None,
+    username: str | None = None,
+) -> list[Entry]:
+    """The lines of the server log ``logfile``, each joined to the event of ``db`` its seq names.
+
+    With ``around_seq``: the events ``around_seq - window`` .. ``around_seq + window`` with, after each,
+    the lines about it, and the lines without seq of that time span, in time order. Otherwise every line
+    (of ``session``, at ``level`` or above, about ``username``), with its event.
+    """
+    _check_level(level)
+    if window < 0:
+        raise ReplayError("--window must be 0 or more")
+    with open_log(db) as log:
+        info = log.session(session) if session is not None else None
+        if around_seq is not None:
+            return _around(log, logfile, around_seq, window, level, username)
+        return [
+            _joined(log, line)
+            for line in read_log_lines(logfile)
+            if _level_ok(line, level)
+            and (info is None or (line.record or {}).get("session") == info.session)
+            and (username is None or (line.record or {}).get("username") == username)
+        ]
+
+
+def _joined(log: Log, line: LogLine) -> Entry:
+    seq = line.seq
+    if seq is None:
+        return Entry("log", line.at, None, line=line)
+    event = next(iter(log.read(seq, seq)), None)
+    return Entry("log", event.at if event is not None else line.at, seq, event=event, line=line,
+                 note=_mismatch(line, event))
+
+
+def _around(log: Log, logfile: str | os.PathLike[str], seq: int, window: int, level: str | None,
+            username: str | None) -> list[Entry]:
+    if not 1 <= seq <= log.upto:
+        raise ReplayError(f"seq {seq} is not in the event log (seqs 1..{log.upto})")
+    low, high = max(1, seq - window), min(log.upto, seq + window)
+    events = {event.seq: event for event in log.read(low, high)}
+    sessions = {event.session for event in events.values()}
+    first = min(event.at for event in events.values())
+    last = max(event.at for event in events.values())
+    entries = [Entry("event", event.at, event.seq, event=event) for event in events.values()]
+    for line in read_log_lines(logfile):
+        if not _level_ok(line, level):
+            continue
+        if username is not None and (line.record or {}).get("username") != username:
+            continue
+        line_seq = line.seq
+        if line_seq is not None:
+            if low <= line_seq <= high:
+                event = events.get(line_seq)
+                entries.append(Entry("log", event.at if event else line.at, line_seq, event=event, line=line,
+                                     note=_mismatch(line, event)))
+        elif line.at is not None and first <= line.at <= last:
+            line_session = (line.record or {}).get("session")
+            if line_session is None or line_session in sessions:
+                entries.append(Entry("log", line.at, None, line=line))
+    order = {"event": 0, "log": 1}
+    entries.sort(key=lambda e: (e.at or 0, e.seq if e.seq is not None else high + 1, order[e.kind],
+                                e.line.number if e.line else 0))
+    return entries
+
+
+@dataclass
+class LogSummary:
+    """Counts over a server log file: by level and by what the lines say, and what does not fit the event log."""
+
+    lines: int = 0
+    not_json: int = 0
+    with_seq: int = 0
+    levels: Counter[str] = field(default_factory=Counter)
+    messages: Counter[str] = field(default_factory=Counter)
+    sessions: Counter[str] = field(default_factory=Counter)
+    #: Lines at warning or above, and lines that do not fit the event log: (line, note).
+    problems: list[tuple[LogLine, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lines": self.lines, "not_json": self.not_json, "with_seq": self.with_seq,
+            "levels": dict(self.levels.most_common()), "messages": dict(self.messages.most_common()),
+            "sessions": dict(self.sessions.most_common()),
+            "problems": [{"line": line.number, "seq": line.seq, "level": line.level, "message": line.message,
+                          "time": iso_time(line.at) if line.at is not None else None, "note": note}
+                         for line, note in self.problems],
+        }
+
+
+def log_summary(logfile: str | os.PathLike[str], db: str | os.PathLike[str] | None = None) -> LogSummary:
+    """Counts by level, message and session; warnings, errors and lines that do not fit ``db``'s events."""
+    summary = LogSummary()
+    log = open_log(db) if db is not None else None
+    try:
+        for line in read_log_lines(logfile):
+            summary.lines += 1
+            if line.record is None:
+                summary.not_json += 1
+                continue
+            summary.levels[line.level] += 1
+            summary.messages[line.message] += 1
+            session = line.record.get("session")
+            if isinstance(session, str):
+                summary.sessions[session] += 1
+            if line.seq is not None:
+                summary.with_seq += 1
+                if log is not None:
+                    note = _mismatch(line, next(iter(log.read(line.seq, line.seq)), None))
+                    if note is not None:
+                        summary.problems.append((line, note))
+                        continue
+            if line.level in ("warning", "error", "critical"):
+                error = _exception_text(line.record)
+                summary.problems.append((line, f"{line.level}: {line.message}" + (f" ({error})" if error else "")))
+    finally:
+        if log is not None:
+            log.close()
+    return summary
+
+
+def _exception_text(record: dict[str, Any]) -> str | None:
+    """``RuntimeError: the app broke`` from a structlog ``exception`` field (text or dict_tracebacks)."""
+    exception = record.get("exception")
+    if isinstance(exception, str):
+        return exception.strip().splitlines()[-1] if exception.strip() else None
+    if isinstance(exception, list) and exception and isinstance(exception[-1], dict):
+        last = exception[-1]
+        return f"{last.get('exc_type', 'Exception')}: {last.get('exc_value', '')}".rstrip(": ")
+    return None
+
+
+def exception_text(record: dict[str, Any] | None) -> str | None:
+    return _exception_text(record) if record else None

@@ -1,0 +1,176 @@
+"""``lobby replay state``, ``diff`` and ``step``: the registry at a point, between two points, event by event."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from events import Event, Registry, apply
+
+from .index import registry_at
+from .reader import Log, ReplayError, iso_time, open_log
+from .timeline import Moment, to_microseconds
+
+__all__ = ["StatePoint", "StateDiff", "state", "diff", "step", "state_in", "point_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class StatePoint:
+    """The registry of ``lobby`` after the event ``seq`` (0: before the log), which happened ``at``."""
+
+    lobby: str
+    seq: int
+    at: int | None
+    registry: Registry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lobby": self.lobby,
+            "seq": self.seq,
+            "time": iso_time(self.at) if self.at is not None else None,
+            "session": self.registry.session,
+            "closed": self.registry.closed,
+            "users": self.registry.as_list(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StateDiff:
+    """What changed between two points: users who joined, left, got linked, got unlinked (net changes)."""
+
+    before: StatePoint
+    after: StatePoint
+    joined: list[str]
+    left: list[str]
+    linked: list[str]
+    unlinked: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.joined or self.left or self.linked or self.unlinked)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "joined": self.joined,
+            "left": self.left,
+            "linked": self.linked,
+            "unlinked": self.unlinked,
+        }
+
+
+def point_of(
+    log: Log,
+    *,
+    lobby: str | None = None,
+    session: str | None = None,
+    at_seq: int | None = None,
+    at_time: Moment | None = None,
+    default: str = "end",
+) -> tuple[str, int]:
+    """The lobby and seq a point names: ``at_seq``, or the last event at or before ``at_time``; without
+    either, the end (``default="end"``) or the start (``"start"``: before its first event) of the session or log."""
+    if at_seq is not None and at_time is not None:
+        raise ReplayError("give a point as a seq or as a time, not both")
+    info = log.session(session, lobby) if session is not None else None
+    name = info.lobby if info is not None else log.lobby(lobby)
+    if at_seq is not None:
+        if not 0 <= at_seq <= log.upto:
+            raise ReplayError(f"seq {at_seq} is not in the log (seqs 1..{log.upto}; 0 is before the first event)")
+        return name, at_seq
+    if at_time is not None:
+        reference = info.start if info is not None else log.at_of(1)
+        return name, log.seq_at_time(to_microseconds(at_time, reference), info)
+    if info is not None:
+        return name, info.first_seq - 1 if default == "start" else min(info.last_seq, log.upto)
+    return name, 0 if default == "start" else log.upto
+
+
+def state_in(log: Log, lobby: str, seq: int) -> StatePoint:
+    return StatePoint(lobby=lobby, seq=seq, at=_at(log, seq), registry=registry_at(log, lobby, seq))
+
+
+def _at(log: Log, seq: int) -> int | None:
+    if seq <= 0:
+        return None
+    row = log.store.db.execute("SELECT at FROM events WHERE seq <= ? ORDER BY seq DESC LIMIT 1", [seq]).fetchone()
+    return None if row is None else row[0]
+
+
+def state(
+    path: str | os.PathLike[str],
+    *,
+    lobby: str | None = None,
+    session: str | None = None,
+    at_seq: int | None = None,
+    at_time: Moment | None = None,
+) -> StatePoint:
+    """The registry (users, linked or not) after seq ``at_seq`` or at time ``at_time``; without a point,
+    at the end of ``session`` (id or prefix) or of the log. Equal to a full fold of the log up to that point."""
+    with open_log(path) as log:
+        name, seq = point_of(log, lobby=lobby, session=session, at_seq=at_seq, at_time=at_time)
+        return state_in(log, name, seq)
+
+
+def diff(
+    path: str | os.PathLike[str],
+    *,
+    lobby: str | None = None,
+    session: str | None = None,
+    from_seq: int | None = None,
+    to_seq: int | None = None,
+    from_time: Moment | None = None,
+    to_time: Moment | None = None,
+) -> StateDiff:
+    """Who joined, left, linked and unlinked between two points (defaults: the start and the end of
+    ``session``, or of the log)."""
+    with open_log(path) as log:
+        name, first = point_of(log, lobby=lobby, session=session, at_seq=from_seq, at_time=from_time, default="start")
+        _, second = point_of(log, lobby=name, session=session, at_seq=to_seq, at_time=to_time)
+        return compare(state_in(log, name, first), state_in(log, name, second))
+
+
+def compare(before: StatePoint, after: StatePoint) -> StateDiff:
+    old, new = before.registry.users, after.registry.users
+    return StateDiff(
+        before=before,
+        after=after,
+        joined=[name for name in new if name not in old],
+        left=[name for name in old if name not in new],
+        linked=[name for name, linked in new.items() if linked and not old.get(name, False)],
+        unlinked=[name for name, linked in old.items() if linked and not new.get(name, False)],
+    )
+
+
+def step(
+    path: str | os.PathLike[str],
+    session: str | None = None,
+    *,
+    lobby: str | None = None,
+    from_seq: int | None = None,
+    to_seq: int | None = None,
+) -> Iterator[tuple[Event, Registry]]:
+    """Walk ``session`` (default: the last one) event by event: each event with the registry after it (a copy)."""
+    log = open_log(path)
+    try:
+        info = log.session(session, lobby)
+        start = info.first_seq if from_seq is None else max(info.first_seq, from_seq)
+        end = min(info.last_seq, log.upto) if to_seq is None else min(info.last_seq, log.upto, to_seq)
+        registry = registry_at(log, info.lobby, start - 1)
+    except BaseException:
+        log.close()
+        raise
+    return _walk(log, registry, log.read(start, end, lobby=info.lobby, session=info.session))
+
+
+def _walk(log: Log, registry: Registry, events: Iterator[Event]) -> Iterator[tuple[Event, Registry]]:
+    try:
+        for event in events:
+            apply(registry, event)
+            yield event, registry.copy()
+    finally:
+        events.close()  # type: ignore[attr-defined]  # its cursor first, then the database
+        log.close()

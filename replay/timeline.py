@@ -1,0 +1,137 @@
+"""``lobby replay timeline`` (alias ``show``): the events of a session (or of the whole log) in order,
+filtered by user, type, time range and seq range."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from events import EVENT_TYPES, Event
+
+from .reader import Log, ReplayError, open_log, parse_time
+
+__all__ = ["Selection", "select", "timeline", "to_microseconds"]
+
+Moment = str | int | datetime
+
+
+def to_microseconds(value: Moment, reference: int | None = None) -> int:
+    """UTC microseconds from a datetime, an int (already microseconds) or a string (see ``parse_time``)."""
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+        return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    if isinstance(value, int):
+        return value
+    return parse_time(value, reference)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which events of a log to read: a seq range, a lobby and session, users and types, a time range."""
+
+    from_seq: int
+    to_seq: int
+    lobby: str | None = None
+    session: str | None = None
+    users: frozenset[str] | None = None
+    types: frozenset[str] | None = None
+    since: int | None = None
+    until: int | None = None
+
+    def read(self, log: Log) -> Iterator[Event]:
+        single_user = next(iter(self.users)) if self.users is not None and len(self.users) == 1 else None
+        events = log.read(
+            self.from_seq, self.to_seq, lobby=self.lobby, session=self.session, username=single_user,
+            types=sorted(self.types) if self.types is not None else None,
+        )
+        for event in events:
+            if self.users is not None and getattr(event, "username", None) not in self.users:
+                continue
+            if self.since is not None and event.at < self.since:
+                continue
+            if self.until is not None and event.at > self.until:
+                continue
+            yield event
+
+
+def select(
+    log: Log,
+    session: str | None = None,
+    *,
+    lobby: str | None = None,
+    users: Iterable[str] | None = None,
+    types: Iterable[str] | None = None,
+    since: Moment | None = None,
+    until: Moment | None = None,
+    from_seq: int | None = None,
+    to_seq: int | None = None,
+) -> Selection:
+    """Resolve the filters against ``log`` (unknown session, type or lobby: ``ReplayError``)."""
+    if lobby is not None:
+        log.lobby(lobby)
+    low, high = 1, log.upto
+    info = None
+    if session is not None:
+        info = log.session(session, lobby)
+        low, high = info.first_seq, min(info.last_seq, log.upto)
+    if from_seq is not None:
+        low = max(low, from_seq)
+    if to_seq is not None:
+        high = min(high, to_seq)
+    wanted_types = None
+    if types is not None:
+        wanted_types = frozenset(types)
+        unknown = sorted(wanted_types - EVENT_TYPES.keys())
+        if unknown:
+            raise ReplayError(f"unknown event type {', '.join(unknown)} (types: {', '.join(EVENT_TYPES)})")
+    reference = info.start if info is not None else log.at_of(1)
+    since_us = to_microseconds(since, reference) if since is not None else None
+    until_us = to_microseconds(until, reference) if until is not None else None
+    if since_us is not None:
+        low = max(low, log.seq_at_time(since_us - 1, info) + 1)
+    if until_us is not None:
+        high = min(high, log.seq_at_time(until_us, info))
+    return Selection(
+        from_seq=low, to_seq=high,
+        lobby=info.lobby if info is not None else lobby,
+        session=info.session if info is not None else None,
+        users=frozenset(users) if users is not None else None,
+        types=wanted_types, since=since_us, until=until_us,
+    )
+
+
+def timeline(
+    path: str | os.PathLike[str],
+    session: str | None = None,
+    *,
+    lobby: str | None = None,
+    users: Iterable[str] | None = None,
+    types: Iterable[str] | None = None,
+    since: Moment | None = None,
+    until: Moment | None = None,
+    from_seq: int | None = None,
+    to_seq: int | None = None,
+) -> Iterator[Event]:
+    """The events of ``session`` (id or prefix; the whole log without one) in seq order, lazily.
+
+    Filters combine: ``users`` and ``types`` are sets to keep, ``since``/``until`` a time range (ISO 8601,
+    ``21:03`` on the session's date, a datetime or UTC microseconds), ``from_seq``/``to_seq`` a seq range.
+    A bad filter raises at once; the log is closed when the iterator is exhausted or closed.
+    """
+    log = open_log(path)
+    try:
+        selection = select(log, session, lobby=lobby, users=users, types=types, since=since, until=until,
+                           from_seq=from_seq, to_seq=to_seq)
+    except BaseException:
+        log.close()
+        raise
+    return _events(log, selection)
+
+
+def _events(log: Log, selection: Selection) -> Iterator[Event]:
+    try:
+        yield from selection.read(log)
+    finally:
+        log.close()

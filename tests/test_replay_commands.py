@@ -1,0 +1,185 @@
+"""replay sessions, timeline, stats, export, step and state on logs of real server sessions (freezegun for
+the times), through the Python functions and the ``lobby replay`` command line."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import orjson
+
+import replay
+from events import EventStore, rebuild
+from lobby.cli import main
+
+from .factories import Events
+from .replay_logs import START, crash_log, game_log, us  # noqa: F401 - fixtures
+
+
+def run(capsys, *argv):
+    code = main(["replay", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sessions_lists_start_end_duration_users_and_counts(game_log, crash_log, capsys):
+    first, second = replay.sessions(game_log)
+    assert (first.start, first.end, first.duration) == (us(START), us(START) + 600_000_000, 600_000_000)
+    assert first.status == "closed for a restart" and second.status == "closed"
+    assert (first.users, first.events, first.counts["link"], first.counts["unlink"]) == (4, 26, 6, 6)
+    assert second.duration == 300_000_000 and second.users == 2
+    db, _ = crash_log
+    crashed, restarted = replay.sessions(db)
+    assert crashed.end is None and crashed.status == "ended without close"
+    assert restarted.status == "closed" and restarted.counts["unlink"] == 3
+    code, out, _ = run(capsys, "sessions", db)
+    assert code == 0
+    assert "ended without close" in out and crashed.session in out and restarted.session in out
+    code, out, _ = run(capsys, "sessions", game_log, "--json")
+    rows = [orjson.loads(line) for line in out.splitlines()]
+    assert [row["session"] for row in rows] == [first.session, second.session]
+    assert rows[0]["start"] == "2026-11-27T21:00:00.000000Z" and rows[0]["duration_s"] == 600.0
+
+
+def test_a_session_without_close_at_the_end_of_the_log_is_not_yet_closed(tmp_path):
+    ev = Events()
+    path = tmp_path / "open.db"
+    with EventStore(path) as store:
+        store.append([ev.listen(), ev.join("alice")])
+    assert replay.sessions(path)[0].status == "no close yet"
+
+
+def test_timeline_filters_by_user_type_time_and_seq(game_log, capsys):
+    first = replay.sessions(game_log)[0].session
+    bob = list(replay.timeline(game_log, first, users=["bob"], since="21:02", until="21:03:02"))
+    assert [(e.seq, e.type) for e in bob] == [(10, "message"), (11, "send"), (12, "unlink")]
+    unlinks = list(replay.timeline(game_log, types=["unlink", "leave"], from_seq=12, to_seq=22))
+    assert [e.seq for e in unlinks] == [12, 15, 18, 20, 21, 22]
+    everyone = list(replay.timeline(game_log))
+    assert [e.seq for e in everyone] == list(range(1, 35))
+    code, out, _ = run(capsys, "timeline", game_log, "-s", first[:5], "-u", "bob", "--since", "21:02",
+                       "--until", "21:03:02")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["seq", "time", "(UTC)", "type", "user", "detail"]
+    assert lines[3].split() == ["12", "2026-11-27", "21:03:00.000", "unlink", "bob", "dropped"]
+    code, out, _ = run(capsys, "show", game_log, "-t", "link", "--json", "--to-seq", "5")
+    rows = [orjson.loads(line) for line in out.splitlines()]
+    assert [(r["seq"], r["username"], r["auth"], r["time"]) for r in rows] == [
+        (3, "alice", True, "2026-11-27T21:00:30.000000Z"), (5, "bob", False, "2026-11-27T21:01:00.000000Z"),
+    ]
+    code, out, _ = run(capsys, "timeline", game_log, "-u", "nobody")
+    assert code == 0 and "(no events match)" in out
+    code, _, err = run(capsys, "timeline", game_log, "-t", "shout")
+    assert code == 2 and "unknown event type shout" in err
+
+
+def test_state_and_diff_on_the_command_line(game_log, capsys):
+    code, out, _ = run(capsys, "state", game_log, "--at-time", "2026-11-27T21:03:02Z")
+    assert code == 0
+    assert out.splitlines() == [
+        f"lobby main, session {replay.sessions(game_log)[0].session}, after seq 12 (2026-11-27 21:03:00.000)",
+        "  ● alice                    linked",
+        "  ○ bob                      unlinked",
+        "  ○ carol                    unlinked",
+        "3 users, 1 linked",
+    ]
+    code, out, _ = run(capsys, "state", game_log, "--at-seq", "13", "--json")
+    assert orjson.loads(out)["users"] == [
+        {"username": "alice", "isLinked": True}, {"username": "bob", "isLinked": True},
+        {"username": "carol", "isLinked": False},
+    ]
+    code, out, _ = run(capsys, "diff", game_log, "--from-seq", "11", "--to-seq", "22")
+    assert code == 0 and "  left:     carol" in out and "  unlinked: alice" in out
+
+
+def test_step_prints_the_registry_after_each_event_and_pauses_on_request(crash_log, capsys, monkeypatch):
+    db, _ = crash_log
+    restarted = replay.sessions(db)[1]
+    code, out, _ = run(capsys, "step", db, "-s", restarted.session, "--no-pause")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 * restarted.events
+    assert "unlink" in lines[2] and "recovered" in lines[2] and lines[3].split() == ["users:", "○", "alice", "●", "bob"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n\nq\n"))
+    code, out, _ = run(capsys, "step", db, "-s", restarted.session, "--pause")
+    assert code == 0 and out.count("users:") == 3  # two Enters, then quit at the third event
+
+
+def test_stats_per_session_and_per_user(game_log, crash_log, capsys):
+    report = replay.stats(game_log)
+    first, second = report.sessions
+    bob = first.users["bob"]
+    assert bob.drops == {"dropped": 1} and bob.relinks_us == [4_000_000]
+    # linked 21:01:00-21:03:00 and 21:03:04-21:10:00
+    assert bob.linked_us == (120 + 416) * 1_000_000
+    assert bob.messages == {"test/echo": 1}
+    assert first.users["alice"].linked_us == (390 + 150) * 1_000_000 and first.users["alice"].drops == {}
+    assert first.users["dave"].drops == {"invalid message": 1} and first.users["dave"].left == "requested"
+    assert first.users["carol"].left == "kick" and first.users["carol"].linked_us == 0
+    assert first.messages == {"admin/add-bot": 1, "admin/kick": 1, "chat/say": 1, "test/echo": 1}
+    assert first.sent == {"chat/said": 1, "test/echoed": 1}
+    assert second.users["bob"].linked_us == 240 * 1_000_000
+    assert report.users["bob"].linked_us == bob.linked_us + 240 * 1_000_000
+    db, _ = crash_log
+    crashed, restarted = replay.stats(db).sessions
+    assert restarted.drops == {"recovered": 2}
+    assert restarted.users["bob"].relinks_us and restarted.users["alice"].never_relinked == 0  # alice left
+    code, out, _ = run(capsys, "stats", game_log, "-s", first.summary.session)
+    assert code == 0 and "drops 2 (dropped 1, invalid message 1)" in out
+    assert "relink after a drop: median 17.000s, max 30.000s over 2" in out
+    code, out, _ = run(capsys, "stats", game_log, "--json")
+    data = orjson.loads(out)
+    assert data["sessions"][0]["drop_reasons"] == {"dropped": 1, "invalid message": 1}
+
+
+def test_export_a_session_or_a_seq_range_as_json_lines(game_log, tmp_path, capsys):
+    second = replay.sessions(game_log)[1]
+    target = tmp_path / "second.jsonl"
+    assert replay.export(game_log, target, session=second.session) == second.events
+    rows = [orjson.loads(line) for line in target.read_bytes().splitlines()]
+    assert [row["seq"] for row in rows] == list(range(second.first_seq, second.last_seq + 1))
+    with EventStore.open_readonly(game_log) as store:
+        assert rows == [dict(e.to_dict(), time=rows[i]["time"]) for i, e in enumerate(store.read(session=second.session))]
+    code, out, err = run(capsys, "export", game_log, "--from-seq", "3", "--to-seq", "5")
+    assert code == 0 and [orjson.loads(line)["seq"] for line in out.splitlines()] == [3, 4, 5]
+    code, _, err = run(capsys, "export", game_log, "-o", tmp_path / "all.jsonl")
+    assert code == 0 and "wrote 34 events" in err
+    code, _, err = run(capsys, "export", game_log, "-o", tmp_path / "missing" / "x.jsonl")
+    assert code == 2 and "No such file or directory" in err
+
+
+def test_commands_work_while_a_server_writes_the_log(tmp_path):
+    """A writer appends while replay reads: every command sees one consistent log up to where it started."""
+    path = tmp_path / "busy.db"
+    ev = Events()
+    with EventStore(path) as store:
+        store.append([ev.listen(), ev.join("alice"), ev.link("alice")])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write():
+        try:
+            with EventStore(path, durability="normal") as store:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    store.append([ev.join(f"u{n}"), ev.link(f"u{n}"), ev.message(f"u{n}", {"type": "x/y"}),
+                                  ev.unlink(f"u{n}", "dropped")])
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(5):
+            report = replay.verify(path, live=True)
+            assert report.ok and report.events == report.last_seq, report.problems[:3]
+            point = replay.state(path)
+            with EventStore.open_readonly(path) as store:
+                assert point.registry == rebuild(store.read(to_seq=point.seq))
+            assert len(list(replay.timeline(path, types=["link"]))) >= 1
+            assert replay.stats(path).sessions[0].users["alice"].links == 1
+    finally:
+        stop.set()
+        writer.join(10)
+    assert not errors

@@ -1,0 +1,98 @@
+"""replay redrive: a session's client inputs sent to a fresh server; the first difference is reported."""
+
+from __future__ import annotations
+
+import orjson
+
+import replay
+from events import EventStore
+from lobby import Server
+from lobby.cli import main
+from replay.redrive import plan_inputs
+
+from .replay_logs import crash_log, game_log, make_game_server  # noqa: F401 - fixtures
+
+
+def test_the_inputs_of_a_session_are_the_clients_doing(game_log):
+    first = replay.sessions(game_log)[0]
+    with EventStore.open_readonly(game_log) as store:
+        old = list(store.read(session=first.session))
+    plan = [(step.index + first.first_seq, step.action, step.username) for step in plan_inputs(old)]
+    assert plan == [
+        (2, "link", "alice"), (4, "link", "bob"), (6, "message", "alice"), (8, "message", "alice"),
+        (10, "message", "bob"), (12, "drop", "bob"), (13, "link", "bob"), (14, "message", "alice"),
+        (16, "link", "dave"), (18, "invalid", "dave"), (19, "link", "dave"), (20, "leave", "dave"),
+        (22, "unlink", "alice"), (23, "link", "alice"), (24, "close", None),
+    ]
+    assert plan_inputs(old)[0].auth is True and plan_inputs(old)[1].auth is False
+    assert plan_inputs(old)[-1].keep_users is True
+
+
+async def test_the_same_app_records_the_same_events(game_log, crash_log):
+    for session in replay.sessions(game_log):
+        report = await replay.redrive_async(game_log, make_game_server(), session.session)
+        assert report.ok, report.divergence.describe()
+        assert report.new_events == report.old_events == session.events
+    db, _ = crash_log
+    crashed, restarted = replay.sessions(db)
+    # The restart begins with the recovery of the crashed session: the new server recovers the same users.
+    report = await replay.redrive_async(db, Server, restarted.session)
+    assert report.ok and report.new_events == restarted.events
+    report = await replay.redrive_async(db, Server, crashed.session)
+    assert report.ok and report.new_events == crashed.events
+
+
+def changed_app() -> Server:
+    """A regression: the chat answer changed."""
+    server = Server(ping_interval=None)
+
+    @server.on("message")
+    def on_message(username, message):
+        if message["type"] == "chat/say":
+            server.broadcast({"type": "chat/said", "payload": {"from": username, "text": message["payload"].upper()}})
+        elif message["type"] == "admin/add-bot":
+            server.join(message["payload"])
+        elif message["type"] == "admin/kick":
+            server.kick(message["payload"])
+
+    return server
+
+
+async def test_a_changed_app_is_caught_at_its_first_difference(game_log):
+    first = replay.sessions(game_log)[0]
+    report = await replay.redrive_async(game_log, changed_app, first.session, settle=0.5)
+    assert not report.ok
+    divergence = report.divergence
+    assert (divergence.old.seq, divergence.old.type) == (7, "broadcast")
+    assert divergence.old.message["payload"]["text"] == "hi bob"
+    assert divergence.new.type == "broadcast" and divergence.new.message["payload"]["text"] == "HI BOB"
+    assert [event.seq for event in divergence.before] == [4, 5, 6]
+    assert "first difference at event #7" in divergence.describe()
+
+
+async def test_an_app_that_no_longer_answers_shows_nothing_recorded(game_log):
+    first = replay.sessions(game_log)[0]
+
+    # The regression: a plain lobby, without the game's message listener.
+    report = await replay.redrive_async(game_log, Server(ping_interval=None), first.session, settle=0.3)
+    assert (report.divergence.old.seq, report.divergence.old.type) == (7, "broadcast")
+    assert report.divergence.new is None and report.new_events == 6
+    assert "new: (nothing recorded)" in report.divergence.describe()
+
+
+def test_the_command_reports_and_exits_1_on_a_difference(game_log, tmp_path, capsys, monkeypatch):
+    first = replay.sessions(game_log)[0]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "regressed.py").write_text(
+        "from tests.test_replay_redrive import changed_app\napp = changed_app\n"
+    )
+    args = ["replay", "redrive", str(game_log), "-s", first.session, "--settle", "0.5"]
+    assert main([*args, "--app", "tests.replay_logs:make_game_server", "--keep-db", str(tmp_path / "new.db")]) == 0
+    out = capsys.readouterr().out
+    assert "no difference" in out and "15 client inputs" in out
+    assert [s.events for s in replay.sessions(tmp_path / "new.db")][-1] == first.events
+    assert main([*args, "--app", "regressed:app", "--json"]) == 1
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["divergence"]["old"]["seq"] == 7 and report["divergence"]["new"]["message"]["payload"]["text"] == "HI BOB"
+    assert main([*args, "--app", "nowhere:app"]) == 2
+    assert "cannot import module 'nowhere'" in capsys.readouterr().err

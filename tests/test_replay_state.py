@@ -1,0 +1,199 @@
+"""replay state / diff / step: the registry at any point equals a full fold of the log, by seq or by time,
+from snapshots, from the sidecar index or from nothing; the log file is never written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import replay
+from events import EventStore, rebuild
+from replay import index as replay_index
+from replay.reader import ReplayError, open_log, parse_time
+
+from .factories import Events
+from .replay_logs import START, crash_log, game_log, us  # noqa: F401 - fixtures
+from .test_projection import histories
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@settings(max_examples=40, deadline=None)
+@given(histories(), st.data(), st.sampled_from(["none", "sparse", "every"]))
+def test_state_at_any_seq_equals_a_full_fold(monkeypatch_index, history, data, snapshots):
+    """Whatever snapshots the log has, and whether the sidecar exists yet, state == rebuild(events[:seq])."""
+    events, _ = history
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lobby.db"
+        with EventStore(path) as store:
+            store.append(events)
+            if snapshots != "none":
+                for cut in range(1, len(events) + 1, 1 if snapshots == "every" else 17):
+                    store.save_snapshot(rebuild(events[:cut]))
+        before = _digest(path)
+        for _ in range(3):
+            seq = data.draw(st.integers(0, len(events)))
+            point = replay.state(path, at_seq=seq)
+            assert point.registry == rebuild(events[:seq]), (seq, snapshots)
+            assert point.seq == seq
+        assert _digest(path) == before  # the log is read, never written
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_index():
+    """Checkpoints every 4 events, so small logs exercise the sidecar path."""
+    saved = replay_index.CHECKPOINT_EVERY
+    replay_index.CHECKPOINT_EVERY = 4
+    yield
+    replay_index.CHECKPOINT_EVERY = saved
+
+
+def _log_without_snapshots(path: Path, count: int) -> list:
+    ev = Events()
+    events = [ev.listen()]
+    for i in range(count):
+        name = f"user{i % 7}"
+        events.append(ev.join(name) if i < 7 else (ev.link(name) if (i // 7) % 2 else ev.unlink(name, "dropped")))
+    with EventStore(path) as store:
+        stored = store.append(events)
+    return [event.with_seq(seq) for event, seq in zip(events, stored)]
+
+
+def test_the_sidecar_index_is_built_once_and_answers_like_a_full_fold(tmp_path, monkeypatch):
+    monkeypatch.setattr(replay_index, "CHECKPOINT_EVERY", 10)
+    path = tmp_path / "lobby.db"
+    events = _log_without_snapshots(path, 120)
+    sidecar = Path(replay_index.sidecar_path(str(path)))
+    assert not sidecar.exists()
+    assert replay.state(path, at_seq=100).registry == rebuild(events[:100])
+    assert sidecar.exists()
+    with sqlite3.connect(sidecar) as conn:
+        checkpoints = [row[0] for row in conn.execute("SELECT seq FROM checkpoints ORDER BY seq")]
+    assert checkpoints and all(b - a <= 10 for a, b in zip([0, *checkpoints], checkpoints))
+    # A later query folds at most CHECKPOINT_EVERY events from a checkpoint.
+    folded = []
+    real_read = replay_index.Log.read
+
+    def counting_read(self, *args, **kwargs):
+        for event in real_read(self, *args, **kwargs):
+            folded.append(event.seq)
+            yield event
+
+    monkeypatch.setattr(replay_index.Log, "read", counting_read)
+    for seq, most in ((35, 10), (99, 10), (121, 21), (121, 10), (115, 10)):
+        # past the indexed part (121 the first time), the fold extends the index as it goes
+        folded.clear()
+        assert replay.state(path, at_seq=seq).registry == rebuild(events[:seq])
+        assert len(folded) <= most, seq
+
+
+def test_a_sidecar_of_another_log_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setattr(replay_index, "CHECKPOINT_EVERY", 10)
+    path = tmp_path / "lobby.db"
+    _log_without_snapshots(path, 60)
+    replay.state(path, at_seq=60)
+    os.unlink(path)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(str(path) + suffix):
+            os.unlink(str(path) + suffix)
+    ev = Events(session="other", at=1_800_000_000_000_000)
+    other = [ev.listen(), ev.join("zed"), *[ev.message("zed", {"type": "x"}) for _ in range(0)]]
+    other += [ev.link("zed")] + [ev.broadcast({"type": "x/y"}) for _ in range(57)]
+    with EventStore(path) as store:
+        store.append(other)
+    assert replay.state(path, at_seq=60).registry == rebuild([e.with_seq(i) for i, e in enumerate(other, 1)])
+
+
+def test_a_read_only_folder_keeps_checkpoints_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(replay_index, "CHECKPOINT_EVERY", 10)
+    path = tmp_path / "lobby.db"
+    events = _log_without_snapshots(path, 80)
+
+    def refuse(*args, **kwargs):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(replay_index, "_connect", refuse)
+    assert replay.state(path, at_seq=75).registry == rebuild(events[:75])
+    assert replay.state(path, at_seq=78).registry == rebuild(events[:78])  # from the checkpoint in memory
+    assert not Path(replay_index.sidecar_path(str(path))).exists()
+
+
+def test_state_by_time_resolves_to_the_last_event_at_or_before_it(game_log):
+    first = replay.sessions(game_log)[0].session
+    # bob dropped at 21:03:00 and relinked at 21:03:04
+    dropped = replay.state(game_log, session=first, at_time="21:03:02")
+    assert dropped.registry.users == {"alice": True, "bob": False, "carol": False}
+    assert dropped.seq == 12 and dropped.at == us(START) + 180_000_000
+    back = replay.state(game_log, at_time="2026-11-27T21:03:04Z")
+    assert back.registry.users["bob"] is True and back.seq == 13
+    before = replay.state(game_log, at_time="2026-11-27T20:00:00+00:00")
+    assert before.seq == 0 and before.registry.users == {}
+    with open_log(game_log) as log:
+        for seq in range(0, log.upto + 1):
+            at = log.at_of(seq) if seq else us(START) - 1
+            resolved = log.seq_at_time(at)
+            assert log.at_of(resolved) <= at if resolved else True
+            assert resolved == log.upto or log.at_of(resolved + 1) > at
+
+
+def test_state_without_a_point_is_the_end_of_the_session_or_log(game_log):
+    first, second = replay.sessions(game_log)
+    end_of_first = replay.state(game_log, session=first.session[:4])
+    assert end_of_first.seq == first.last_seq
+    assert end_of_first.registry.users == {"alice": False, "bob": False}  # kept for the restart
+    assert end_of_first.registry.closed
+    end = replay.state(game_log)
+    assert end.seq == second.last_seq and end.registry.users == {}
+
+
+def test_diff_names_who_joined_left_linked_and_unlinked(game_log):
+    first, _ = replay.sessions(game_log)
+    change = replay.diff(game_log, from_seq=11, to_seq=22)
+    # at 11: alice, bob linked, carol joined; at 22: alice unlinked, bob linked, carol kicked, dave left
+    assert change.joined == []
+    assert change.left == ["carol"]
+    assert change.linked == []
+    assert change.unlinked == ["alice"]
+    whole = replay.diff(game_log, session=first.session)
+    assert whole.before.seq == 0 and whole.after.seq == first.last_seq
+    assert whole.joined == ["alice", "bob"] and whole.linked == []
+    by_time = replay.diff(game_log, session=first.session, from_time="21:02:59", to_time="21:05:00")
+    assert by_time.joined == ["dave"] and by_time.left == ["carol"] and by_time.linked == ["dave"]
+
+
+def test_step_walks_a_session_with_the_registry_after_each_event(crash_log):
+    db, _ = crash_log
+    crashed, restarted = replay.sessions(db)
+    steps = list(replay.step(db, restarted.session))
+    assert [event.seq for event, _ in steps] == list(range(restarted.first_seq, restarted.last_seq + 1))
+    # It starts from the registry the crash left: both linked, then recovered one by one.
+    assert [(e.type, getattr(e, "reason", None)) for e, _ in steps[:3]] == [
+        ("listen", None), ("unlink", "recovered"), ("unlink", "recovered"),
+    ]
+    assert steps[0][1].users == {"alice": True, "bob": True}
+    assert steps[2][1].users == {"alice": False, "bob": False}
+    with EventStore.open_readonly(db) as store:
+        for event, registry in steps:
+            assert registry == rebuild(store.read(to_seq=event.seq))
+
+
+def test_points_outside_the_log_and_both_forms_are_refused(game_log):
+    with pytest.raises(ReplayError, match="not in the log"):
+        replay.state(game_log, at_seq=10_000)
+    with pytest.raises(ReplayError, match="not both"):
+        replay.state(game_log, at_seq=3, at_time="21:00")
+    with pytest.raises(ReplayError, match="cannot read time"):
+        replay.state(game_log, at_time="yesterday")
+    # a clock time is on the date of the session, or of the log's first event
+    assert replay.state(game_log, at_time="21:00:30").seq == 3
+    with pytest.raises(ReplayError, match="has no date"):
+        parse_time("21:00")

@@ -1,0 +1,105 @@
+"""replay verify: every inconsistency reported with its seq, exit code 1 when anything is wrong."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import replay
+from events import EventStore
+from lobby.cli import main
+
+from .factories import Events
+from .replay_logs import crash_log, game_log  # noqa: F401 - fixtures
+
+
+def _write(path, events):
+    with EventStore(path) as store:
+        store.append(events)
+
+
+def _kinds(report):
+    return [(p.seq, p.kind) for p in report.problems]
+
+
+def test_a_clean_log_from_real_sessions_verifies(game_log, capsys):
+    report = replay.verify(game_log)
+    assert report.ok and report.problems == []
+    assert report.events == report.last_seq == 34 and report.sessions == 2
+    assert main(["replay", "verify", str(game_log)]) == 0
+    assert capsys.readouterr().out.strip().endswith("last seq 34: OK")
+
+
+def test_a_crash_is_a_session_that_never_closed_and_its_recovery_matches(crash_log, capsys):
+    db, _ = crash_log
+    crashed, restarted = replay.sessions(db)
+    report = replay.verify(db)
+    assert _kinds(report) == [(crashed.last_seq, "never-closed")]
+    assert f"restarted as session {restarted.session}" in report.problems[0].message
+    assert main(["replay", "verify", str(db)]) == 1
+    out = capsys.readouterr().out
+    assert "never-closed" in out and "1 problem" in out
+
+
+def test_every_kind_of_inconsistency_is_reported_with_its_seq(tmp_path):
+    ev = Events()
+    events = [
+        ev.listen(),            # 1
+        ev.join("alice"),       # 2
+        ev.link("bob"),         # 3 link without a join
+        ev.link("alice"),       # 4
+        ev.leave("alice"),      # 5 leave while linked, no unlink before it
+        ev.message("carol", {"type": "x/y"}),  # 6 message of an unknown user
+        ev.join("dave"),        # 7
+        ev.link("dave"),        # 8
+    ]
+    ev.session = "s2"
+    events += [
+        ev.listen(),            # 9: s1 never closed; bob and dave were linked
+        ev.unlink("dave", "recovered"),  # 10: bob is not recovered
+        ev.join("erin"),        # 11
+        ev.unlink("erin", "recovered"),  # 12: recovered outside a recovery, and erin is not linked
+        ev.close(),             # 13
+    ]
+    path = tmp_path / "bad.db"
+    _write(path, events)
+    report = replay.verify(path)
+    assert _kinds(report) == [
+        (3, "link-without-join"),
+        (5, "leave-while-linked"),
+        (6, "message-of-unknown-user"),
+        (8, "never-closed"),
+        (11, "recovery-mismatch"),
+        (12, "recovery-mismatch"),
+        (12, "unlink-while-unlinked"),
+    ]  # bob counts as recovered once reported, so the close is fine
+    messages = {p.seq: p.message for p in report.problems}
+    assert "link of bob, who never joined" in messages[3]
+    assert "leave of alice while linked, without an unlink before it" in messages[5]
+    assert "not unlinked (still linked from the crashed session): bob" in messages[11]
+
+
+def test_a_seq_gap_is_reported(tmp_path):
+    ev = Events()
+    path = tmp_path / "gap.db"
+    _write(path, [ev.listen(), ev.join("alice"), ev.link("alice"), ev.unlink("alice"), ev.close()])
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM events WHERE seq IN (2, 3)")
+    report = replay.verify(path)
+    assert (4, "seq-gap") in _kinds(report)
+    assert "seqs 2..3 missing before seq 4" in report.problems[0].message
+    # without the join and the link, the unlink cannot follow either
+    assert (4, "unlink-of-unknown-user") in _kinds(report)
+
+
+def test_live_takes_the_last_open_session_as_running(tmp_path, capsys):
+    ev = Events()
+    path = tmp_path / "live.db"
+    _write(path, [ev.listen(), ev.join("alice"), ev.link("alice")])
+    assert _kinds(replay.verify(path)) == [(3, "never-closed")]
+    live = replay.verify(path, live=True)
+    assert live.ok and live.running == ["main/s1"]
+    assert main(["replay", "verify", str(path), "--live", "--json"]) == 0
+    assert main(["replay", "verify", str(path), "--json"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ['{"seq":3,"kind":"never-closed","lobby":"main","session":"s1","message":'
+                     + lines[0].split('"message":', 1)[1]]
