@@ -21,6 +21,7 @@ import logging
 import signal
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -129,6 +130,8 @@ class AuthInfo:
 
 
 Listener = Callable[..., Any]
+#: Inputs of one connection handled in one turn at most (see Server._take_inputs).
+TURN_SHARE = 32
 
 
 class Server:
@@ -150,7 +153,8 @@ class Server:
         self.session: str | None = None
         self.port: int | None = None
         self._log = structlog.get_logger("lobby")
-        self._inbox: list[Callable[[], list[Effect]]] = []
+        #: Inputs waiting for a turn, per connection, in arrival order.
+        self._inbox: dict[Hashable, deque[Callable[[], list[Effect]]]] = {}
         self._turn_scheduled = False
         self._next_stage: list[tuple[list[Any], list[Effect]]] | None = None
         self._slot: list[Any] | None = None
@@ -366,7 +370,7 @@ class Server:
             return
         reason = _unlink_reason(ws)
         if reason == "dropped":
-            self._submit(lambda: self._require_core().disconnect(ws, reason))
+            self._submit(ws, lambda: self._require_core().disconnect(ws, reason))
         else:  # websockets enforced a limit: a frame too large, a missed pong
             self._cut_off(ws, ws.lobby_label, reason)
 
@@ -376,7 +380,7 @@ class Server:
             ws.lobby_label = f"c{self._connections_opened}"
             ws.lobby_tokens = float(self.config.message_burst)
             ws.lobby_refilled = self._loop.time()
-            self._submit(lambda: self._require_core().connect(ws))
+            self._submit(ws, lambda: self._require_core().connect(ws))
             if self.config.link_deadline is not None:
                 self._loop.call_later(self.config.link_deadline, self._check_linked, ws)
 
@@ -398,7 +402,7 @@ class Server:
             self._cut_off(ws, ws.lobby_label, "rate limit")
             return
         ws.lobby_tokens = tokens - 1
-        self._submit(lambda: self._require_core().receive(ws, data))
+        self._submit(ws, lambda: self._require_core().receive(ws, data))
 
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str) -> None:
         """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
@@ -409,7 +413,7 @@ class Server:
             ws.lobby_cut = True
             if reason == "slow consumer":
                 ws.transport.abort()  # what it has not read yet is dropped, not written
-        self._submit(lambda: self._require_core().cut_off(ws, label, reason))
+        self._submit(ws, lambda: self._require_core().cut_off(ws, label, reason))
 
     def _connection_class(self) -> type[LobbyConnection]:
         server = self
@@ -421,15 +425,36 @@ class Server:
 
     # -- turns ------------------------------------------------------------------------------------------
 
-    def _submit(self, action: Callable[[], list[Effect]]) -> None:
-        self._inbox.append(action)
+    def _submit(self, connection: Hashable, action: Callable[[], list[Effect]]) -> None:
+        queue = self._inbox.get(connection)
+        if queue is None:
+            self._inbox[connection] = queue = deque()
+        queue.append(action)
         if not self._turn_scheduled:
             self._turn_scheduled = True
             asyncio.get_running_loop().call_soon(self._turn)
 
+    def _take_inputs(self) -> list[Callable[[], list[Effect]]]:
+        """This turn's inputs: at most TURN_SHARE of each connection's, in their order, so one connection
+        that sent a thousand frames at once delays the others by a share, not by all of them. What is left
+        waits for the next turn, after the loop has read the sockets again."""
+        taken: list[Callable[[], list[Effect]]] = []
+        inbox = self._inbox
+        for connection in list(inbox):
+            queue = inbox[connection]
+            if len(queue) <= TURN_SHARE:
+                taken.extend(queue)
+                del inbox[connection]
+            else:
+                taken.extend(queue.popleft() for _ in range(TURN_SHARE))
+        if inbox:
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self._turn)
+        return taken
+
     def _turn(self) -> None:
         self._turn_scheduled = False
-        inbox, self._inbox = self._inbox, []
+        inbox = self._take_inputs()
         if self.core is None or self.fatal is not None:
             return
         self.core.now = self._clock()
@@ -618,7 +643,10 @@ class Server:
             reason = _reason(error)
         if reason is not None:
             log.info("link rejected", reason=reason)
-        self._submit(lambda: self._require_core().authenticated(request.connection, request.ticket, reason))
+        self._submit(
+            request.connection,
+            lambda: self._require_core().authenticated(request.connection, request.ticket, reason),
+        )
 
     def _flush(self, root: list[Any]) -> None:
         """Write the turn's frames, each connection's in order, with one socket write per connection."""
