@@ -163,6 +163,8 @@ class EventStore:
             raise EventLogError(f"{self.path}: cannot open: {error}") from None
         self.db = Database(conn, execute_plugins=False)
         self._sids: dict[tuple[str, str], int] = {}
+        self._unsynced = False
+        self._wal_fd: int | None = None
         self._sessions_by_sid: dict[int, tuple[str, str]] = {}
         self._codes: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -198,6 +200,8 @@ class EventStore:
             raise EventLogError(f"{self.path}: cannot open: {error}") from None
         self.db = Database(conn, execute_plugins=False)
         self._sids = {}
+        self._unsynced = False
+        self._wal_fd = None
         self._sessions_by_sid = {}
         self._codes = {}
         self._names = {}
@@ -252,6 +256,9 @@ class EventStore:
             migrations.apply(self.db)
 
     def close(self) -> None:
+        if getattr(self, "_wal_fd", None) is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
         self.db.close()
 
     def __enter__(self) -> EventStore:
@@ -266,8 +273,13 @@ class EventStore:
 
     # -- writing ----------------------------------------------------------------------------------------
 
-    def append(self, events: Sequence[Event]) -> list[int]:
+    def append(self, events: Sequence[Event], *, sync: bool = True) -> list[int]:
         """Append ``events`` in one transaction; return the seqs assigned to them, in order.
+
+        With ``sync=False`` (``full`` durability only), the transaction is committed without its fsync:
+        it is visible and survives the process, and the next :meth:`sync` (or synced append) makes it
+        durable against a power loss too. A server commits the stages of one turn this way and syncs once
+        before anything of the turn leaves the process.
 
         The events' own ``seq`` (usually ``None``) is ignored: the store assigns the next ones.
         """
@@ -277,6 +289,30 @@ class EventStore:
         if not count:
             return []
         conn = self.db.conn
+        deferred = not sync and self.durability == "full" and self.path != MEMORY
+        if deferred:
+            conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: commit without fsync
+        try:
+            seqs = self._append(conn, events, count)
+        finally:
+            if deferred:
+                conn.execute("PRAGMA synchronous=FULL")
+        if deferred:
+            self._unsynced = True
+        elif self.durability == "full":
+            self._unsynced = False  # a FULL commit fsyncs the WAL, with everything before it
+        return seqs
+
+    def sync(self) -> None:
+        """Make every append so far durable: fsync the write-ahead log, once, if an append deferred it."""
+        if not self._unsynced:
+            return
+        if self._wal_fd is None:
+            self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+        os.fsync(self._wal_fd)
+        self._unsynced = False
+
+    def _append(self, conn: sqlite3.Connection, events: Sequence[Event], count: int) -> list[int]:
         conn.execute("BEGIN IMMEDIATE")
         try:
             # SQLite numbers the rows: an INTEGER PRIMARY KEY without a value gets max(seq) + 1, so the rows

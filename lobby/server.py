@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import inspect
 import logging
 import signal
@@ -508,6 +509,12 @@ class Server:
                         else:
                             self._authenticate(effect, sub, next_stage)  # type: ignore[arg-type]
             stage = next_stage
+        if self.store is not None:
+            try:
+                self.store.sync()  # one fsync per turn: every event of the turn is durable before a frame leaves
+            except OSError as error:
+                self._die(error)
+                raise ServerError(f"the event log could not be synced: {error}") from error
         self._flush(root)
 
     def _commit(self, events: list[Event]) -> list[Event]:
@@ -516,7 +523,7 @@ class Server:
         assert self.store is not None and self.core is not None
         try:
             started = time.perf_counter()
-            seqs = self.store.append(events)
+            seqs = self.store.append(events, sync=False)  # synced once per turn, before its frames
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
             self.metrics.events_appended += len(seqs)
         except Exception as error:
@@ -699,7 +706,14 @@ _stamp = object.__setattr__
 
 def run_event_loop(main: Any) -> Any:
     """Run ``main`` on uvloop where it is installed (Linux, macOS: its C transports cut the per-frame cost
-    of reading and writing sockets), else on asyncio's own loop."""
+    of reading and writing sockets), else on asyncio's own loop.
+
+    This is a server process's entry point, so it also tunes the garbage collector for one: what was
+    loaded so far is frozen out of collections, and the young generation is collected every 50,000
+    allocations instead of 700, since a turn allocates many short-lived objects and frequent collections
+    showed as latency spikes (echo p99 about 25% lower)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
     try:
         import uvloop
     except ImportError:

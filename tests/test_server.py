@@ -112,19 +112,27 @@ async def test_no_frame_is_sent_before_its_event_is_committed(server):
     real_append = store.append
     seen_during_commit: list[list] = []
 
-    def held_append(events):
+    def held_append(events, **options):
         # Give a wrongly ordered server every chance to have written the frame already.
         time.sleep(0.3)
         seen_during_commit.append([e.type for e in events])
-        return real_append(events)
+        return real_append(events, **options)
+
+    real_sync = store.sync
+
+    def held_sync():
+        time.sleep(0.3)  # nor may a frame leave before the turn's events are synced to disk
+        seen_during_commit.append("sync")
+        return real_sync()
 
     store.append = held_append
+    store.sync = held_sync
     listener_calls: list[int] = []
     server.on("message", lambda username, message: listener_calls.append(server.store.last_seq))
     await alice.send({"type": "test/echo", "payload": 1})
     reply = await alice.next()
     assert reply == {"type": "test/echoed", "payload": 1}
-    assert seen_during_commit == [["message"], ["send"]]
+    assert seen_during_commit == [["message"], ["send"], "sync"]
     # The listener ran after the message event was committed: the log already held it.
     with EventStore.open_readonly(server.config.db) as log:
         message_seq = next(e.seq for e in log.read(types=["message"]))
@@ -138,7 +146,7 @@ async def test_a_failed_commit_sends_nothing_and_stops_the_server(server):
     called = []
     server.on("message", lambda username, message: called.append(message))
 
-    def broken_append(events):
+    def broken_append(events, **options):
         raise OSError("disk full")
 
     server.store.append = broken_append
@@ -392,10 +400,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_process(db: Path, port: int, stderr) -> subprocess.Popen:
+def start_process(db: Path, port: int, stderr, *flags: str, env: dict | None = None) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "lobby", "serve", "--port", str(port), "--db", str(db), "--log-level", "debug"],
-        cwd=ROOT, stderr=stderr, stdout=subprocess.DEVNULL,
+        [sys.executable, "-m", "lobby", "serve", "--port", str(port), "--db", str(db), "--log-level", "debug",
+         *flags],
+        cwd=ROOT, stderr=stderr, stdout=subprocess.DEVNULL, env=env,
     )
     wait_for_port(process, port)
     return process
@@ -503,3 +512,30 @@ async def test_required_query_parameters_and_path_are_checked_before_the_upgrade
         assert (await good.link("alice"))[0] == ACCEPTED
     finally:
         await server.close()
+
+
+async def test_a_deploy_stop_keeps_the_users_and_the_next_start_brings_them_back(tmp_path):
+    """LOBBY_ON_STOP=keep: SIGTERM unlinks everyone with reason 'server restart', logs close with that
+    reason, exits 0; the next start has the same users, unlinked, and a client relinks."""
+    db = tmp_path / "lobby.db"
+    port = free_port()
+    with open(tmp_path / "server.log", "wb") as logs:
+        process = start_process(db, port, logs, env={**os.environ, "LOBBY_ON_STOP": "keep"})
+        try:
+            alice = await Raw.open(f"ws://127.0.0.1:{port}/")
+            await alice.link("alice")
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 10) == 0
+            await alice.expect(unlinked("alice"))
+            process = start_process(db, port, logs)
+            again = await Raw.open(f"ws://127.0.0.1:{port}/")
+            assert await again.link("alice") == [ACCEPTED, joined("alice"), linked("alice")]
+        finally:
+            process.kill()
+    with EventStore.open_readonly(db) as store:
+        first, second = store.sessions()
+        stop = list(store.read(first.first_seq, first.last_seq))
+    assert [(e.type, getattr(e, "reason", None)) for e in stop[-2:]] == [
+        ("unlink", "server restart"), ("close", "server restart"),
+    ]
+    assert first.closed and second.counts == {"listen": 1, "link": 1}

@@ -272,3 +272,24 @@ def test_message_bodies_are_stored_as_json(db_path):
         store.append([ev.listen(), ev.join("al"), ev.link("al"), ev.message("al", {"type": "x/y", "payload": 3})])
         row = store.db.execute("SELECT json_extract(data, '$.message.payload') FROM log WHERE seq = 4").fetchone()
     assert row == (3,)
+
+
+def test_deferred_appends_are_made_durable_by_one_sync(db_path, monkeypatch):
+    """append(sync=False) commits without an fsync (visible at once); sync() fsyncs the WAL once."""
+    import os
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen()], sync=False)
+        store.append([ev.join("alice")], sync=False)
+        with EventStore.open_readonly(db_path) as reader:
+            assert [e.type for e in reader.read()] == ["listen", "join"]
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # back to FULL
+        assert synced == []
+        store.sync()
+        assert len(synced) == 1 and os.readlink(f"/proc/self/fd/{synced[0]}").endswith("lobby.db-wal")
+        store.sync()  # nothing new to sync
+        assert len(synced) == 1
