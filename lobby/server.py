@@ -20,6 +20,7 @@ import gc
 import inspect
 import logging
 import signal
+import struct
 import time
 import uuid
 from collections import deque
@@ -569,12 +570,12 @@ class Server:
         catch_all = self._listeners.get("event", ())
         if custom and not listeners and not catch_all and not self._log_debug:
             return  # the hot path: a custom message nobody listens to and nobody logs
-        log = self._log.bind(seq=event.seq, username=username) if username else self._log.bind(seq=event.seq)
         if custom:
-            log.debug(event.type)
+            if self._log_debug:
+                self._event_log(event).debug(event.type)
         else:
             reason = getattr(event, "reason", None)
-            log.info(event.type, **({"reason": reason} if reason else {}))
+            self._event_log(event).info(event.type, **({"reason": reason} if reason else {}))
         if not listeners and not catch_all:
             return
         args: tuple[Any, ...]
@@ -596,18 +597,24 @@ class Server:
                 sub: list[Any] = []
                 slot.append(sub)
                 self._slot = sub
-                self._invoke(listener, *(args if listener in listeners else (event,)), log=log)
+                self._invoke(listener, *(args if listener in listeners else (event,)), event=event)
         finally:
             self._slot, self._next_stage = saved
 
-    def _invoke(self, listener: Listener, *args: Any, log: Any) -> None:
+    def _event_log(self, event: Event) -> Any:
+        username = getattr(event, "username", None)
+        return self._log.bind(seq=event.seq, username=username) if username else self._log.bind(seq=event.seq)
+
+    def _invoke(self, listener: Listener, *args: Any, event: Event) -> None:
         try:
             result = listener(*args)
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
-                task.add_done_callback(lambda t: self._report_task(t, listener, log))
+                task.add_done_callback(lambda t: self._report_task(t, listener, self._event_log(event)))
         except Exception:
-            log.exception("listener failed", listener=getattr(listener, "__qualname__", repr(listener)))
+            self._event_log(event).exception(
+                "listener failed", listener=getattr(listener, "__qualname__", repr(listener))
+            )
 
     def _report_task(self, task: asyncio.Future[Any], listener: Listener, log: Any) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -675,25 +682,33 @@ class Server:
                     closes.append(item)
 
         walk(root)
+        # A broadcast hands the same bytes to every recipient: frame them once. Server frames are unmasked
+        # text frames; without extensions (compression off) their wire form depends on the payload only,
+        # so they are built here and written directly, after anything websockets itself has queued.
+        framed: dict[int, bytes] = {}
+        direct = not self.config.compression
+        max_buffer = self.config.max_buffer
         for ws, datas in frames.items():
-            if ws.protocol.state is not State.OPEN:  # type: ignore[attr-defined]
-                continue
             protocol = ws.protocol  # type: ignore[attr-defined]
+            if protocol.state is not State.OPEN:
+                continue
             try:
-                for data in datas:
-                    protocol.send_text(data)
-                chunks = protocol.data_to_send()
+                if direct:
+                    parts = protocol.data_to_send()  # normally empty: pings and pongs are written at once
+                    for data in datas:
+                        wire = framed.get(id(data))
+                        if wire is None:
+                            wire = framed[id(data)] = _text_frame(data)
+                        parts.append(wire)
+                else:
+                    for data in datas:
+                        protocol.send_text(data)
+                    parts = protocol.data_to_send()
                 self.metrics.frames_out += len(datas)
-                if all(chunks):  # frames only (no half-close): one write, one syscall for a whole burst
-                    ws.transport.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])  # type: ignore[attr-defined]
-                    if ws.transport.get_write_buffer_size() > self.config.max_buffer:  # type: ignore[attr-defined]
-                        self._cut_off(ws, ws.lobby_label, "slow consumer")  # type: ignore[arg-type]
-                else:  # pragma: no cover - closing frames are never queued here; keep websockets' handling
-                    for chunk in chunks:
-                        if chunk:
-                            ws.transport.write(chunk)  # type: ignore[attr-defined]
-                        elif ws.transport.can_write_eof():  # type: ignore[attr-defined]
-                            ws.transport.write_eof()  # type: ignore[attr-defined]
+                transport = ws.transport  # type: ignore[attr-defined]
+                transport.write(b"".join(parts) if len(parts) > 1 else parts[0])  # one write for a whole burst
+                if transport.get_write_buffer_size() > max_buffer:
+                    self._cut_off(ws, ws.lobby_label, "slow consumer")  # type: ignore[arg-type]
             except Exception as error:  # the peer went away mid-write: its close unlinks it
                 self._log.debug("write failed", error=str(error))
         for close in closes:
@@ -702,6 +717,18 @@ class Server:
 
 
 _stamp = object.__setattr__
+_pack_len16 = struct.Struct("!BBH").pack
+_pack_len64 = struct.Struct("!BBQ").pack
+
+
+def _text_frame(data: bytes) -> bytes:
+    """One final, unmasked text frame (RFC 6455 section 5.2) holding ``data``."""
+    length = len(data)
+    if length < 126:
+        return bytes((0x81, length)) + data
+    if length < 65536:
+        return _pack_len16(0x81, 126, length) + data
+    return _pack_len64(0x81, 127, length) + data
 
 
 def run_event_loop(main: Any) -> Any:
