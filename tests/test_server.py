@@ -539,3 +539,23 @@ async def test_a_deploy_stop_keeps_the_users_and_the_next_start_brings_them_back
         ("unlink", "server restart"), ("close", "server restart"),
     ]
     assert first.closed and second.counts == {"listen": 1, "link": 1}
+
+
+async def test_with_compression_on_frames_go_through_permessage_deflate(tmp_path):
+    """compression=True negotiates permessage-deflate (browsers offer it) and frames still arrive intact."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, compression=True))
+    await server.start()
+    try:
+        alice = await Raw.open(url(server), compression="deflate")
+        assert "permessage-deflate" in (alice.ws.response.headers.get("Sec-WebSocket-Extensions") or "")
+        await alice.link("alice")
+        await alice.send({"type": "test/broadcast", "payload": "x" * 5000})
+        assert await alice.next() == {"type": "test/broadcasted", "payload": "x" * 5000}
+    finally:
+        await server.close()
+
+
+async def test_without_compression_the_offer_is_declined_like_the_reference(server):
+    alice = await Raw.open(url(server), compression="deflate")
+    assert alice.ws.response.headers.get("Sec-WebSocket-Extensions") is None
+    assert (await alice.link("alice"))[0] == ACCEPTED
