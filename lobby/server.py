@@ -20,27 +20,26 @@ import gc
 import inspect
 import logging
 import signal
-import struct
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.frames import DATA_OPCODES, Opcode
 from websockets.protocol import State
 
 from events import Event, EventStore, now_us
 
+from .config import DEFAULT_MAX_FRAME_SIZE, QueryRule, ServerConfig
+from .connection import LobbyConnection, close_quietly, respond, text_frame, unlink_reason
 from .errors import ServerError
 from .health import METRICS_CONTENT_TYPE, Metrics
 from .protocol import (
-    DEFAULT_VERSIONS,
     Authenticate,
     CloseConnection,
     Effect,
@@ -48,79 +47,9 @@ from .protocol import (
     Resume,
     SendFrame,
     ServerProtocol,
-    is_valid_username,
 )
 
 __all__ = ["run_event_loop", "Server", "ServerConfig", "AuthInfo", "QueryRule", "DEFAULT_MAX_FRAME_SIZE", "LISTENER_EVENTS"]
-
-#: Frames up to 4 MiB must be handled (the Krmx conformance suite sends them); larger ones close the connection.
-DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
-LISTENER_EVENTS = ("listen", "authenticate", "join", "link", "message", "unlink", "leave", "close", "event")
-
-#: A required query parameter: ``True`` present, ``False`` absent, a string equal, a callable a predicate.
-QueryRule = bool | str | Callable[[str | None], bool]
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Every option of a server. Built once (from code, CLI flags or ``LOBBY_*`` variables), never read deep."""
-
-    host: str = "127.0.0.1"
-    port: int = 8082
-    #: The websocket path; other paths get HTTP 404.
-    path: str = "/"
-    db: str = "lobby.db"
-    durability: Literal["full", "normal"] = "full"
-    lobby: str = "main"
-    accept_new_users: bool = True
-    username_predicate: Callable[[str], bool] = is_valid_username
-    query_params: dict[str, QueryRule] = field(default_factory=dict)
-    #: Seconds between pings; a connection that has not answered the previous ping by then is terminated.
-    ping_interval: float | None = 15.0
-    auth_timeout: float = 10.0
-    versions: tuple[str, ...] = DEFAULT_VERSIONS
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    #: permessage-deflate: off, like the reference server (it costs CPU on every frame of every fan-out).
-    compression: bool = False
-    #: Write a registry snapshot every this many events, so start-up folds only the tail of the log.
-    snapshot_every: int = 10_000
-    #: Open connections at most; more are refused with HTTP 503 before the upgrade.
-    max_connections: int = 10_000
-    #: Messages per second one connection may send on average, and in one burst (a token bucket).
-    message_rate: float = 1000.0
-    message_burst: int = 1000
-    #: Bytes waiting to be written to one connection at most: a client that stops reading is cut off.
-    max_buffer: int = 16 * 1024 * 1024
-    #: Seconds a new connection has to link for the first time.
-    link_deadline: float | None = 60.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, not {self.port}")
-        if not self.path.startswith("/"):
-            object.__setattr__(self, "path", "/" + self.path)
-        if self.durability not in ("full", "normal"):
-            raise ValueError(f"durability must be 'full' or 'normal', not {self.durability!r}")
-        if self.ping_interval is not None and self.ping_interval <= 0:
-            raise ValueError("ping_interval must be positive (or None to disable pings)")
-        if self.auth_timeout <= 0:
-            raise ValueError("auth_timeout must be positive")
-        if self.max_frame_size < 1024:
-            raise ValueError("max_frame_size must be at least 1024 bytes")
-        if not self.versions:
-            raise ValueError("at least one client version line must be accepted")
-        if self.snapshot_every < 1:
-            raise ValueError("snapshot_every must be at least 1")
-        if self.path in ("/health", "/metrics"):
-            raise ValueError(f"path {self.path} is taken by the health and metrics endpoints")
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
-        if self.message_rate <= 0 or self.message_burst < 1:
-            raise ValueError("message_rate must be positive and message_burst at least 1")
-        if self.max_buffer < self.max_frame_size:
-            raise ValueError("max_buffer must be at least max_frame_size (a reply may be that large)")
-        if self.link_deadline is not None and self.link_deadline <= 0:
-            raise ValueError("link_deadline must be positive (or None for no deadline)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +61,7 @@ class AuthInfo:
 
 
 Listener = Callable[..., Any]
+LISTENER_EVENTS = ("listen", "authenticate", "join", "link", "message", "unlink", "leave", "close", "event")
 #: Inputs of one connection handled in one turn at most (see Server._take_inputs).
 TURN_SHARE = 32
 
@@ -338,9 +268,9 @@ class Server:
         parameters (otherwise no websocket at all)."""
         url = urlsplit(request.path)
         if url.path == "/health":
-            return _respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json")
+            return respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json")
         if url.path == "/metrics":
-            return _respond(connection, HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
+            return respond(connection, HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
         if url.path != self.config.path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         if len(self._ws_server.connections) >= self.config.max_connections:
@@ -370,7 +300,7 @@ class Server:
         await ws.wait_closed()
         if ws.lobby_cut:
             return
-        reason = _unlink_reason(ws)
+        reason = unlink_reason(ws)
         if reason == "dropped":
             self._submit(ws, lambda: self._require_core().disconnect(ws, reason))
         else:  # websockets enforced a limit: a frame too large, a missed pong
@@ -698,7 +628,7 @@ class Server:
                     for data in datas:
                         wire = framed.get(id(data))
                         if wire is None:
-                            wire = framed[id(data)] = _text_frame(data)
+                            wire = framed[id(data)] = text_frame(data)
                         parts.append(wire)
                 else:
                     for data in datas:
@@ -713,24 +643,10 @@ class Server:
                 self._log.debug("write failed", error=str(error))
         for close in closes:
             ws = close.connection
-            asyncio.ensure_future(_close_quietly(ws, close.reason))  # type: ignore[arg-type]
+            asyncio.ensure_future(close_quietly(ws, close.reason))  # type: ignore[arg-type]
 
 
 _stamp = object.__setattr__
-_pack_len16 = struct.Struct("!BBH").pack
-_pack_len64 = struct.Struct("!BBQ").pack
-
-
-def _text_frame(data: bytes) -> bytes:
-    """One final, unmasked text frame (RFC 6455 section 5.2) holding ``data``."""
-    length = len(data)
-    if length < 126:
-        return bytes((0x81, length)) + data
-    if length < 65536:
-        return _pack_len16(0x81, 126, length) + data
-    return _pack_len64(0x81, 127, length) + data
-
-
 def run_event_loop(main: Any) -> Any:
     """Run ``main`` on uvloop where it is installed (Linux, macOS: its C transports cut the per-frame cost
     of reading and writing sockets), else on asyncio's own loop.
@@ -748,71 +664,10 @@ def run_event_loop(main: Any) -> Any:
     return uvloop.run(main)
 
 
-def _respond(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str) -> Any:
-    response = connection.respond(status, "")
-    response.body = body
-    del response.headers["Content-Length"], response.headers["Content-Type"]
-    response.headers["Content-Length"] = str(len(body))
-    response.headers["Content-Type"] = content_type
-    return response
-
-
-class LobbyConnection(ServerConnection):
-    """A websockets connection that hands each whole message straight to the lobby server's inbox.
-
-    websockets would queue messages for a reader task, which wakes once per message; the lobby reads
-    every message anyway, in order, so it takes them where they are parsed (fragments joined here;
-    websockets already bounds their total size by ``max_size``)."""
-
-    lobby_server: Server
-    #: The connection's name in the log (``c1``, ``c2``, ... in a session), set when it opens.
-    lobby_label: str | None = None
-    lobby_linked = False
-    lobby_cut = False
-    lobby_tokens = 0.0
-    lobby_refilled = 0.0
-    _fragments: list[bytes] | None = None
-
-    def process_event(self, event: Any) -> None:
-        if self.request is None or event.opcode not in DATA_OPCODES:
-            super().process_event(event)
-            return
-        if event.opcode is not Opcode.CONT:
-            self._fragments = None
-        if event.fin and self._fragments is None:
-            data = event.data
-        else:
-            if self._fragments is None:
-                self._fragments = []
-            self._fragments.append(event.data)
-            if not event.fin:
-                return
-            data = b"".join(self._fragments)
-            self._fragments = None
-        self.lobby_server._frame(self, data)
-
-
 def _debug_enabled(log: Any) -> bool:
     """Whether debug lines are kept (so that per-message lines cost nothing when they are not)."""
     is_enabled_for = getattr(log, "is_enabled_for", None)
     return True if is_enabled_for is None else bool(is_enabled_for(logging.DEBUG))
-
-
-def _unlink_reason(ws: ServerConnection) -> str:
-    """Why a connection ended, from the close frame we sent (if we closed it)."""
-    sent = ws.protocol.close_sent
-    if sent is not None and sent.code == 1009:
-        return "frame too large"
-    if sent is not None and sent.code == 1011 and "ping" in sent.reason:
-        return "ping timeout"
-    return "dropped"
-
-
-async def _close_quietly(ws: ServerConnection, reason: str) -> None:
-    try:
-        await asyncio.wait_for(ws.close(1001, reason), 2)
-    except Exception:
-        ws.transport.abort()
 
 
 def _reason(error: BaseException) -> str:

@@ -559,3 +559,13 @@ async def test_without_compression_the_offer_is_declined_like_the_reference(serv
     alice = await Raw.open(url(server), compression="deflate")
     assert alice.ws.response.headers.get("Sec-WebSocket-Extensions") is None
     assert (await alice.link("alice"))[0] == ACCEPTED
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_frames_written_directly_are_what_websockets_would_write(size):
+    from websockets.frames import Frame, Opcode
+
+    from lobby.connection import text_frame
+
+    data = b"x" * size
+    assert text_frame(data) == Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])

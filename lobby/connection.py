@@ -1,0 +1,91 @@
+"""The websocket side of one connection: messages straight from websockets' parser to the lobby server,
+frames written as they go on the wire, and why a connection ended."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import DATA_OPCODES, Opcode
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["LobbyConnection", "text_frame", "respond", "unlink_reason", "close_quietly"]
+
+_pack_len16 = struct.Struct("!BBH").pack
+_pack_len64 = struct.Struct("!BBQ").pack
+
+
+def text_frame(data: bytes) -> bytes:
+    """One final, unmasked text frame (RFC 6455 section 5.2) holding ``data``."""
+    length = len(data)
+    if length < 126:
+        return bytes((0x81, length)) + data
+    if length < 65536:
+        return _pack_len16(0x81, 126, length) + data
+    return _pack_len64(0x81, 127, length) + data
+
+
+def respond(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str) -> Any:
+    response = connection.respond(status, "")
+    response.body = body
+    del response.headers["Content-Length"], response.headers["Content-Type"]
+    response.headers["Content-Length"] = str(len(body))
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+class LobbyConnection(ServerConnection):
+    """A websockets connection that hands each whole message straight to the lobby server's inbox.
+
+    websockets would queue messages for a reader task, which wakes once per message; the lobby reads
+    every message anyway, in order, so it takes them where they are parsed (fragments joined here;
+    websockets already bounds their total size by ``max_size``)."""
+
+    lobby_server: Server
+    #: The connection's name in the log (``c1``, ``c2``, ... in a session), set when it opens.
+    lobby_label: str | None = None
+    lobby_linked = False
+    lobby_cut = False
+    lobby_tokens = 0.0
+    lobby_refilled = 0.0
+    _fragments: list[bytes] | None = None
+
+    def process_event(self, event: Any) -> None:
+        if self.request is None or event.opcode not in DATA_OPCODES:
+            super().process_event(event)
+            return
+        if event.opcode is not Opcode.CONT:
+            self._fragments = None
+        if event.fin and self._fragments is None:
+            data = event.data
+        else:
+            if self._fragments is None:
+                self._fragments = []
+            self._fragments.append(event.data)
+            if not event.fin:
+                return
+            data = b"".join(self._fragments)
+            self._fragments = None
+        self.lobby_server._frame(self, data)
+
+
+def unlink_reason(ws: ServerConnection) -> str:
+    """Why a connection ended, from the close frame we sent (if we closed it)."""
+    sent = ws.protocol.close_sent
+    if sent is not None and sent.code == 1009:
+        return "frame too large"
+    if sent is not None and sent.code == 1011 and "ping" in sent.reason:
+        return "ping timeout"
+    return "dropped"
+
+
+async def close_quietly(ws: ServerConnection, reason: str) -> None:
+    try:
+        await asyncio.wait_for(ws.close(1001, reason), 2)
+    except Exception:
+        ws.transport.abort()
