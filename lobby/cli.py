@@ -134,10 +134,11 @@ def _option(args: argparse.Namespace, flag: str) -> str | None:
     return value
 
 
-def load_app(spec: str) -> Server:
+def load_app(spec: str, option: str = "app") -> Server:
+    """The ``lobby.Server`` that ``module:attribute`` names (or that the function it names returns)."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise UsageError(f"app must be module:attribute, like examples.chat:app (got {spec!r})")
+        raise UsageError(f"{option} must be module:attribute, like examples.chat:app (got {spec!r})")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:

@@ -305,23 +305,11 @@ def load_server(spec: str | None) -> Any:
     or a plain ``lobby.Server()``. ``lobby`` is imported here, only when redrive runs."""
     if spec is None:
         return importlib.import_module("lobby").Server()
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ReplayError(f"--app must be module:attribute, like examples.chat:app (got {spec!r})")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    lobby_cli = importlib.import_module("lobby.cli")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ReplayError(f"cannot import module {module_name!r}: {error}") from None
-    try:
-        app = getattr(module, attribute)
-    except AttributeError:
-        raise ReplayError(f"module {module_name!r} has no attribute {attribute!r}") from None
-    if isinstance(app, type) or (callable(app) and not hasattr(app, "start")):
-        app = app()
-    if not all(hasattr(app, name) for name in ("configure", "start", "close", "on")):
-        raise ReplayError(f"{spec} is a {type(app).__name__}, not a lobby.Server")
+        app = lobby_cli.load_app(spec, option="--app")
+    except lobby_cli.UsageError as error:
+        raise ReplayError(str(error)) from None
     if getattr(app, "status", "initializing") != "initializing":
         raise ReplayError(f"{spec} is already {app.status}; redrive needs a server that has not started")
     return app
