@@ -313,6 +313,9 @@ class Server:
             ws.lobby_tokens = float(self.config.message_burst)
             ws.lobby_refilled = self._loop.time()
             self._submit(ws, lambda: self._require_core().connect(ws))
+            # The handshake's headers are not needed any more: a lobby keeps thousands of idle connections.
+            ws.request.headers.clear()  # type: ignore[union-attr]
+            ws.response.headers.clear()  # type: ignore[union-attr]
             if self.config.link_deadline is not None:
                 self._loop.call_later(self.config.link_deadline, self._check_linked, ws)
 
