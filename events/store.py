@@ -28,7 +28,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .errors import EventLogError
-from .model import EVENT_TYPES, Event, encode_data, event_from_fields
+from .model import Event, encode_data, event_from_fields
 from .projection import Registry, rebuild
 
 __all__ = ["EventStore", "SessionInfo", "APPLICATION_ID", "SCHEMA_VERSION", "MEMORY"]
