@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import types
+from dataclasses import replace
 
 import pytest
 from freezegun import freeze_time
@@ -265,13 +266,28 @@ def test_a_version_1_log_stays_readable_and_is_migrated_on_write(db_path):
         assert list(store.load_registry("main").users) == ["alice"]
 
 
-def test_message_bodies_are_stored_as_json(db_path):
-    """The data column holds orjson bytes that any SQLite tool can read with json_extract."""
+def test_message_bodies_are_stored_as_json_text(db_path):
+    """The data column holds JSON text that any SQLite tool can read with json_extract."""
     ev = Events()
     with EventStore(db_path) as store:
-        store.append([ev.listen(), ev.join("al"), ev.link("al"), ev.message("al", {"type": "x/y", "payload": 3})])
-        row = store.db.execute("SELECT json_extract(data, '$.message.payload') FROM log WHERE seq = 4").fetchone()
-    assert row == (3,)
+        store.append([ev.listen(), ev.join("al"), ev.link("al"), ev.message("al", {"type": "x/y", "payload": "é"})])
+        row = store.db.execute(
+            "SELECT typeof(data), json_extract(data, '$.message.payload') FROM log WHERE seq = 4"
+        ).fetchone()
+    assert row == ("text", "é")
+
+
+def test_data_stored_as_blobs_by_earlier_versions_reads_the_same(db_path):
+    """Earlier versions wrote the JSON as blobs: such rows read as the events they were."""
+    ev = Events()
+    events = [ev.listen(), ev.join("al"), ev.link("al"), ev.message("al", {"type": "x/y", "payload": "é"})]
+    with EventStore(db_path) as store:
+        store.append(events)
+        store.db.execute("UPDATE events SET data = CAST(data AS BLOB) WHERE data IS NOT NULL")
+        store.db.conn.commit()
+        assert {t for t, in store.db.execute("SELECT typeof(data) FROM events")} == {"null", "blob"}
+    with EventStore.open_readonly(db_path) as reader:
+        assert list(reader.read()) == [replace(e, seq=i) for i, e in enumerate(events, 1)]
 
 
 def test_deferred_appends_are_made_durable_by_one_sync(db_path, monkeypatch):
