@@ -11,7 +11,7 @@ import pytest
 from freezegun import freeze_time
 from sqlite_utils import Database
 
-from events import APPLICATION_ID, EventLogError, EventStore, Join, now_us
+from events import APPLICATION_ID, EventLogError, EventStore, Join, now_us, rebuild
 from events.store import SCHEMA_VERSION, migrations
 
 from .factories import Events
@@ -309,3 +309,21 @@ def test_deferred_appends_are_made_durable_by_one_sync(db_path, monkeypatch):
         assert len(synced) == 1 and os.readlink(f"/proc/self/fd/{synced[0]}").endswith("lobby.db-wal")
         store.sync()  # nothing new to sync
         assert len(synced) == 1
+
+
+def test_load_registry_of_one_lobby_ends_at_its_own_last_event(db_path):
+    """Two lobbies share a log: each registry stands at its own lobby's last event (a custom message
+    here), not at the other lobby's later events, and equals a full fold of that lobby's events."""
+    a, b = Events(lobby="a", session="sa"), Events(lobby="b", session="sb")
+    log = [
+        a.listen(), b.listen(), a.join("al"), a.link("al"), b.join("bo"),
+        a.message("al", {"type": "x/y"}), b.link("bo"), b.unlink("bo", "dropped"),
+    ]
+    with EventStore(db_path) as store:
+        store.append(log)
+        stored = list(store.read())
+        assert store.load_registry("a").seq == 6
+        assert store.load_registry("a") == rebuild(e for e in stored if e.lobby == "a")
+        assert store.load_registry("b") == rebuild(e for e in stored if e.lobby == "b")
+        assert store.load_registry("a", to_seq=5) == rebuild(e for e in stored[:5] if e.lobby == "a")
+        assert store.load_registry("nobody").lobby is None
