@@ -541,7 +541,7 @@ class Server:
     def _invoke(self, listener: Listener, *args: Any, event: Event) -> None:
         try:
             result = listener(*args)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):  # most listeners return None: skip the check
                 task = asyncio.ensure_future(result)
                 task.add_done_callback(lambda t: self._report_task(t, listener, self._event_log(event)))
         except Exception:
