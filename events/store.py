@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,6 +24,11 @@ from typing import Literal
 from urllib.parse import quote
 
 import orjson
+
+try:
+    import fcntl
+except ImportError:  # Windows: no claim on a lobby (see EventStore.claim)
+    fcntl = None  # type: ignore[assignment]
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
@@ -165,6 +171,7 @@ class EventStore:
         self._sids: dict[tuple[str, str], int] = {}
         self._unsynced = False
         self._wal_fd: int | None = None
+        self._lock_fds: list[int] = []
         self._sessions_by_sid: dict[int, tuple[str, str]] = {}
         self._codes: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -202,6 +209,7 @@ class EventStore:
         self._sids = {}
         self._unsynced = False
         self._wal_fd = None
+        self._lock_fds = []
         self._sessions_by_sid = {}
         self._codes = {}
         self._names = {}
@@ -255,10 +263,43 @@ class EventStore:
                 self.db.execute(f"PRAGMA application_id={APPLICATION_ID}")
             migrations.apply(self.db)
 
+    def claim(self, lobby: str) -> None:
+        """Take ``lobby`` of this log for this store alone until :meth:`close`: two servers appending one
+        lobby's events to one log would interleave two sessions and leave a log that does not fold.
+
+        The lock is an advisory ``flock`` on a file beside the log (``<log>-<lobby>.lock``, holding the
+        owner's pid), which the system releases when the process ends, however it ends. Raises
+        :class:`EventLogError` if another store (in this process or another) holds it."""
+        if self.readonly:
+            raise EventLogError(f"{self.path}: opened read-only, cannot claim a lobby")
+        if self.path == MEMORY or fcntl is None:  # nothing to share an in-memory log with; no flock on Windows
+            return
+        name = quote(lobby, safe="")
+        if len(name) > 64:
+            name = hashlib.sha256(lobby.encode()).hexdigest()[:32]
+        lock_path = f"{self.path}-{name}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise EventLogError(f"{self.path}: cannot create the lock file {lock_path}: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            owner = f" (pid {holder})" if holder.isdigit() else ""
+            raise EventLogError(f"{self.path}: lobby {lobby!r} is in use by another server{owner}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fds.append(fd)
+
     def close(self) -> None:
         if getattr(self, "_wal_fd", None) is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
+        for fd in getattr(self, "_lock_fds", ()):
+            os.close(fd)  # releases the claim
+        self._lock_fds = []
         self.db.close()
 
     def __enter__(self) -> EventStore:
@@ -447,7 +488,7 @@ class EventStore:
                 [session] + ([lobby] if lobby is not None else []),
             ).fetchall()
             if not found:
-                return iter(())
+                return (event for event in ())  # a generator like every read: it has close()
             where.append(f"sid IN ({', '.join('?' * len(found))})")
             params.extend(sid for sid, _, _ in found)
             where.append("seq BETWEEN ? AND ?")
@@ -521,7 +562,11 @@ class EventStore:
                 registry.lobby, registry.seq, registry.session, registry.closed = lobby, seq, session, bool(closed)
                 registry.users = dict(orjson.loads(users))
                 from_seq = seq + 1
-        rebuild(self.read(from_seq, bound, lobby=lobby, types=LIFECYCLE_TYPES), registry)
+        events = self.read(from_seq, bound, lobby=lobby, types=LIFECYCLE_TYPES)
+        try:
+            rebuild(events, registry)
+        finally:
+            events.close()  # type: ignore[attr-defined]  # its cursor, before anyone closes the database
         if registry.lobby is not None:
             # The fold's position is the lobby's last event up to the bound, whatever its type.
             last = self.db.execute(

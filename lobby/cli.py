@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from events import EventLogError
+from events import LobbyError
 
 from .logs import LOG_LEVELS, configure_logging
 from .server import Server, run_event_loop
@@ -24,8 +25,8 @@ __all__ = ["main"]
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise ValueError("must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number")
     return value
 
 
@@ -36,13 +37,22 @@ def _port(text: str) -> int:
     return value
 
 
+_SIZE_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "k": 1024, "m": 1024**2, "g": 1024**3, "": 1}
+
+
 def _size(text: str) -> int:
-    units = {"k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2}
+    """A size in bytes: ``65536``, ``64k``, ``4MiB``, ``1.5GiB``."""
     lowered = text.strip().lower()
-    for suffix, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+    for suffix, factor in _SIZE_UNITS.items():  # longest suffixes first
         if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * factor)
-    return int(lowered)
+            try:
+                value = float(lowered[: len(lowered) - len(suffix)]) * factor
+            except ValueError:
+                break
+            if math.isfinite(value) and value >= 0:
+                return int(value)
+            break
+    raise ValueError("must be a size in bytes, like 65536, 64KiB, 4MiB or 1GiB")
 
 
 def _bool(text: str) -> bool:
@@ -143,14 +153,17 @@ def load_app(spec: str, option: str = "app") -> Server:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise UsageError(f"cannot import module {module_name!r}: {error}") from None
+    except Exception as error:  # not found, or the module itself failed while importing
+        raise UsageError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}") from None
     try:
         app = getattr(module, attribute)
     except AttributeError:
         raise UsageError(f"module {module_name!r} has no attribute {attribute!r}") from None
     if not isinstance(app, Server) and callable(app):
-        app = app()
+        try:
+            app = app()
+        except Exception as error:
+            raise UsageError(f"{spec}() failed (a factory takes no arguments): {type(error).__name__}: {error}") from None
     if not isinstance(app, Server):
         raise UsageError(f"{spec} is a {type(app).__name__}, not a lobby.Server")
     return app
@@ -183,7 +196,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     try:
         return run_event_loop(server.serve(keep_users_on_stop=on_stop == "keep"))
-    except EventLogError as error:
+    except LobbyError as error:  # the log cannot be used: not ours, in use, or it does not fold
         raise UsageError(str(error)) from None
     except OSError as error:
         print(f"lobby: cannot listen on {server.config.host}:{server.config.port}: {error}", file=sys.stderr)

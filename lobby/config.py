@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -51,29 +52,44 @@ class ServerConfig:
     link_deadline: float | None = 60.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, not {self.port}")
+        # Every option is checked here, whatever set it (code, flags, variables): a bad value fails at
+        # configuration with its name, not later inside a connection.
+        for name in ("host", "db", "lobby", "path"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, not {getattr(self, name)!r}")
+        if not _is_int(self.port) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer 0..65535, not {self.port!r}")
         if not self.path.startswith("/"):
             object.__setattr__(self, "path", "/" + self.path)
-        if self.durability not in ("full", "normal"):
-            raise ValueError(f"durability must be 'full' or 'normal', not {self.durability!r}")
-        if self.ping_interval is not None and self.ping_interval <= 0:
-            raise ValueError("ping_interval must be positive (or None to disable pings)")
-        if self.auth_timeout <= 0:
-            raise ValueError("auth_timeout must be positive")
-        if self.max_frame_size < 1024:
-            raise ValueError("max_frame_size must be at least 1024 bytes")
-        if not self.versions:
-            raise ValueError("at least one client version line must be accepted")
-        if self.snapshot_every < 1:
-            raise ValueError("snapshot_every must be at least 1")
         if self.path in ("/health", "/metrics"):
             raise ValueError(f"path {self.path} is taken by the health and metrics endpoints")
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
-        if self.message_rate <= 0 or self.message_burst < 1:
-            raise ValueError("message_rate must be positive and message_burst at least 1")
+        if self.durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {self.durability!r}")
+        for name in ("ping_interval", "link_deadline"):
+            value = getattr(self, name)
+            if value is not None and not _is_positive(value):
+                raise ValueError(f"{name} must be a positive number of seconds (or None to disable), not {value!r}")
+        for name in ("auth_timeout", "message_rate"):
+            if not _is_positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive number, not {getattr(self, name)!r}")
+        for name, least in (("max_frame_size", 1024), ("snapshot_every", 1), ("max_connections", 1),
+                            ("message_burst", 1), ("max_buffer", 1024)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}, not {value!r}")
         if self.max_buffer < self.max_frame_size:
             raise ValueError("max_buffer must be at least max_frame_size (a reply may be that large)")
-        if self.link_deadline is not None and self.link_deadline <= 0:
-            raise ValueError("link_deadline must be positive (or None for no deadline)")
+        if isinstance(self.versions, str) or not self.versions or not all(
+            isinstance(v, str) and v for v in self.versions
+        ):
+            raise ValueError(f"versions must be a non-empty tuple of version lines like ('0.5', '0.6'), not {self.versions!r}")
+        object.__setattr__(self, "versions", tuple(self.versions))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive(value: object) -> bool:
+    """A finite number above zero (not a bool: ``True`` seconds is a mistake)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

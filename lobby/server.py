@@ -33,7 +33,7 @@ import structlog
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
 
-from events import Event, EventStore, now_us
+from events import Event, EventLogError, EventStore, InconsistentEvent, now_us
 
 from .config import DEFAULT_MAX_FRAME_SIZE, QueryRule, ServerConfig
 from .connection import LobbyConnection, close_quietly, respond, text_frame, unlink_reason
@@ -167,12 +167,18 @@ class Server:
         self._status = "starting"
         try:
             self.store = EventStore(config.db, durability=config.durability)
+            self.store.claim(config.lobby)
             registry = self.store.load_registry(config.lobby)
-        except BaseException:
+        except BaseException as error:
             self._status = "initializing"
             if self.store is not None:
                 self.store.close()
                 self.store = None
+            if isinstance(error, InconsistentEvent):
+                raise EventLogError(
+                    f"{config.db}: lobby {config.lobby!r} does not fold ({error}); "
+                    f"`lobby replay verify {config.db}` lists every problem"
+                ) from error
             raise
         self.core = ServerProtocol(
             registry,

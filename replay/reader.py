@@ -170,7 +170,7 @@ class Log:
         """``EventStore.read`` bounded by ``upto``."""
         bound = self.upto if to_seq is None else min(to_seq, self.upto)
         if bound < from_seq:
-            return iter(())
+            return (event for event in ())  # a generator like every read: it has close()
         events = self.store.read(from_seq, bound, **filters)
         self._reading.add(events)
         return events

@@ -1,0 +1,162 @@
+"""`lobby serve` refuses bad input with one line and exit code 2, and one lobby of a log has one server."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import structlog
+
+from events import EventLogError, EventStore
+from lobby import Server
+from lobby.cli import main
+
+from .factories import Events
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """``lobby serve`` configures logging for the process, onto the streams capsys replaces: put it back."""
+    saved, handlers = structlog.get_config(), logging.root.handlers[:]
+    yield
+    structlog.configure(**saved)
+    logging.root.handlers[:] = handlers
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--link-deadline", "nan"),
+        ("--ping-interval", "nan"),
+        ("--auth-timeout", "inf"),
+        ("--message-rate", "nan"),
+        ("--max-frame-size", "infk"),
+        ("--max-buffer", "nanm"),
+        ("--max-frame-size", "-1"),
+        ("--db", ""),
+        ("--lobby", ""),
+        ("--host", ""),
+    ],
+)
+def test_bad_option_values_exit_2_with_one_line(tmp_path, capsys, flag, value):
+    args = ["serve", "--port", "0", "--db", str(tmp_path / "lobby.db"), flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lobby: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "lobby.db").exists()
+
+
+def test_bad_option_values_from_the_environment_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOBBY_LINK_DEADLINE", "nan")
+    assert main(["serve", "--port", "0", "--db", str(tmp_path / "lobby.db")]) == 2
+    assert "LOBBY_LINK_DEADLINE" in capsys.readouterr().err
+
+
+def test_sizes_take_binary_units(tmp_path, monkeypatch):
+    """4MiB, 64k and 1GiB are sizes; the parsed values reach the server's configuration."""
+    seen = {}
+    monkeypatch.setattr(Server, "serve", lambda self, **_: _record(seen, self))
+    monkeypatch.setattr("lobby.cli.run_event_loop", lambda coroutine: coroutine)
+    args = ["serve", "--port", "0", "--db", str(tmp_path / "x.db"), "--max-frame-size", "64k", "--max-buffer", "1GiB"]
+    assert main(args) == 0
+    assert (seen["max_frame_size"], seen["max_buffer"]) == (64 * 1024, 1024**3)
+
+
+def _record(seen: dict, server: Server) -> int:
+    seen.update(max_frame_size=server.config.max_frame_size, max_buffer=server.config.max_buffer)
+    return 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"link_deadline": math.nan},
+        {"ping_interval": math.inf},
+        {"auth_timeout": math.nan},
+        {"message_rate": math.nan},
+        {"port": "80"},
+        {"port": True},
+        {"max_frame_size": 4096.5},
+        {"versions": "0.6"},
+        {"versions": ()},
+        {"lobby": ""},
+        {"db": None},
+    ],
+)
+def test_bad_options_in_code_raise_a_clear_value_error(tmp_path, options):
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=name):
+        Server(**{"db": str(tmp_path / "lobby.db"), **options})
+
+
+APP_MODULE = """
+from lobby import Server
+
+def needs_a_port(port):
+    return Server()
+
+def broken():
+    raise RuntimeError("no config file")
+"""
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("..relative:app", "cannot import module"),
+        ("failing_at_import:app", "RuntimeError: boom"),
+        ("syntax_error:app", "SyntaxError"),
+        ("factories_mod:needs_a_port", "needs_a_port() failed"),
+        ("factories_mod:broken", "no config file"),
+        ("os:system", "os:system() failed"),
+    ],
+)
+def test_an_app_that_cannot_be_loaded_exits_2_with_one_line(tmp_path, capsys, monkeypatch, spec, words):
+    (tmp_path / "factories_mod.py").write_text(APP_MODULE)
+    (tmp_path / "failing_at_import.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "syntax_error.py").write_text("def (:\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["serve", spec, "--port", "0", "--db", str(tmp_path / "lobby.db")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lobby: ") and words in err and "Traceback" not in err
+
+
+async def test_a_second_server_on_the_same_lobby_of_a_log_is_refused(tmp_path):
+    """Two servers appending one lobby would interleave two sessions; another lobby of the log is fine,
+    and the lobby is free again once its server stopped."""
+    db = str(tmp_path / "lobby.db")
+    first = Server(port=0, db=db, ping_interval=None)
+    await first.start()
+    try:
+        second = Server(port=0, db=db, ping_interval=None)
+        with pytest.raises(EventLogError, match="lobby 'main' is in use by another server"):
+            await second.start()
+        other = Server(port=0, db=db, lobby="other", ping_interval=None)
+        await other.start()
+        await other.close()
+    finally:
+        await first.close()
+    third = Server(port=0, db=db, ping_interval=None)
+    await third.start()
+    await third.close()
+
+
+def test_serve_on_a_lobby_in_use_exits_2(tmp_path, capsys):
+    db = tmp_path / "lobby.db"
+    with EventStore(db) as holder:
+        holder.claim("main")
+        assert main(["serve", "--port", "0", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another server" in err and "Traceback" not in err
+
+
+def test_serve_on_a_log_that_does_not_fold_exits_2_and_names_verify(tmp_path, capsys):
+    db = tmp_path / "lobby.db"
+    ev = Events()
+    with EventStore(db) as store:
+        store.append([ev.listen(), ev.link("ghost")])  # a link of a user who never joined
+    assert main(["serve", "--port", "0", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fold" in err and "seq 2" in err and "lobby replay verify" in err and "Traceback" not in err
