@@ -111,6 +111,11 @@ _INSERT_CHUNKS: dict[int, str] = {}
 _UPDATE_LAST = "UPDATE sessions SET last_seq = ? WHERE sid = ?"
 
 
+def _unprefixed(error: BaseException, seq: int) -> str:
+    text = str(error) or type(error).__name__
+    return text.removeprefix(f"seq {seq}: ")
+
+
 def _insert_sql(rows: int) -> str:
     sql = _INSERT_CHUNKS.get(rows)
     if sql is None:
@@ -521,8 +526,15 @@ class EventStore:
         try:
             while rows := cursor.fetchmany(4096):
                 for seq, sid, at, code, username, data in rows:
-                    type_ = names.get(code) or type_name(code)
-                    yield event_from_fields(seq, *session_of(sid), at, type_, username, data)
+                    try:
+                        type_ = names.get(code) or type_name(code)
+                        event = event_from_fields(seq, *session_of(sid), at, type_, username, data)
+                    except (ValueError, TypeError, KeyError) as error:
+                        raise EventLogError(
+                            f"{self.path}: seq {seq}: cannot read this event ({_unprefixed(error, seq)}): "
+                            "a damaged row, or one written by a newer krmx-lobby"
+                        ) from None
+                    yield event
         finally:
             cursor.close()
 

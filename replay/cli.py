@@ -153,7 +153,9 @@ def _step(args: argparse.Namespace) -> int:
     walk = step(args.db, args.session, lobby=args.lobby, from_seq=args.from_seq, to_seq=args.to_seq)
     if pause:
         _out("Enter: next event, c: continue to the end, q: quit")
+    walked = False
     for event, registry in walk:
+        walked = True
         _out(event_row(event))
         _out(f"{'':>8}users: {registry_line(registry)}")
         if pause:
@@ -165,6 +167,8 @@ def _step(args: argparse.Namespace) -> int:
                 break
             if answer.strip().lower() == "c":
                 pause = False
+    if not walked:
+        _out("(no events match)")
     return 0
 
 

@@ -8,7 +8,7 @@ from typing import IO
 
 import orjson
 
-from .reader import open_log, progress
+from .reader import check_output, open_log, progress
 from .render import event_json
 from .timeline import select
 
@@ -27,6 +27,8 @@ def export(
     """Write the events of ``session`` (or of the seq range, or of the whole log) to ``output`` (a path,
     a binary file, or standard output) as JSON lines: ``event.to_dict()`` plus an ISO ``time``. Returns
     how many events were written. A path is written whole or not at all (a temporary file, then renamed)."""
+    if output is not None and not hasattr(output, "write"):
+        check_output(path, output)  # type: ignore[arg-type]
     with open_log(path) as log:
         selection = select(log, session, lobby=lobby, from_seq=from_seq, to_seq=to_seq)
         total = max(0, selection.to_seq - selection.from_seq + 1)

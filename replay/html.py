@@ -19,7 +19,7 @@ import orjson
 from events import Event
 
 from .index import registry_at
-from .reader import ReplayError, format_duration, format_time, open_log, progress
+from .reader import ReplayError, check_output, format_duration, format_time, open_log, progress
 from .render import event_detail, reason_label
 from .sessions import SessionSummary, summarize
 
@@ -430,6 +430,8 @@ def html(
     ``axis``: ``time``, ``seq`` or ``auto`` (time, unless every event has the same time)."""
     if axis not in ("auto", "time", "seq"):
         raise ReplayError(f"axis must be auto, time or seq, not {axis!r}")
+    if output is not None:
+        check_output(path, output)
     with open_log(path) as log:
         info = log.session(session, lobby)
         summary = summarize(log, info)

@@ -183,3 +183,40 @@ def test_commands_work_while_a_server_writes_the_log(tmp_path):
         stop.set()
         writer.join(10)
     assert not errors
+
+
+def test_replay_never_writes_over_the_log_it_reads(game_log, capsys):
+    before = open(game_log, "rb").read()
+    for command, target in (("export", game_log), ("html", game_log), ("export", f"{game_log}-wal")):
+        code, _, err = run(capsys, command, game_log, "-o", target)
+        assert code == 2 and "is the event log itself" in err, (command, target, err)
+    assert open(game_log, "rb").read() == before
+    assert len(replay.sessions(game_log)) == 2
+
+
+def test_step_over_an_empty_range_says_so(game_log, capsys):
+    for bounds in (("--from-seq", "1000"), ("--from-seq", "5", "--to-seq", "2")):
+        code, out, err = run(capsys, "step", game_log, *bounds, "--no-pause")
+        assert (code, out, err) == (0, "(no events match)\n", "")
+
+
+def test_a_damaged_row_or_an_unknown_type_is_one_line_naming_its_seq(tmp_path, capsys):
+    import sqlite3
+
+    path = tmp_path / "damaged.db"
+    ev = Events()
+    with EventStore(path) as store:
+        store.append([ev.listen(), ev.join("bob"), ev.link("bob"), ev.message("bob", {"type": "a/b"})])
+    damage = sqlite3.connect(path)
+    damage.execute("INSERT INTO types (name) VALUES ('vote')")
+    damage.execute("INSERT INTO events (sid, at, type, username, data) "
+                   "VALUES (1, 1, (SELECT code FROM types WHERE name = 'vote'), 'bob', '{}')")
+    damage.commit()
+    for command in ("timeline", "verify", "export"):
+        code, _, err = run(capsys, command, path)
+        assert code == 2 and "seq 5: cannot read this event (unknown event type 'vote')" in err, (command, err)
+    damage.execute("UPDATE events SET data = '{not json' WHERE seq = 4")
+    damage.commit()
+    damage.close()
+    code, _, err = run(capsys, "timeline", path, "--to-seq", "4")
+    assert code == 2 and "seq 4: cannot read this event" in err and "Traceback" not in err
