@@ -51,6 +51,9 @@ class LobbyConnection(ServerConnection):
     lobby_label: str | None = None
     lobby_linked = False
     lobby_cut = False
+    #: An async authentication of its link is running: its frames queue meanwhile, ``lobby_queued`` bytes.
+    lobby_authenticating = False
+    lobby_queued = 0
     lobby_tokens = 0.0
     lobby_refilled = 0.0
     _fragments: list[bytes] | None = None

@@ -343,6 +343,12 @@ class Server:
             self._cut_off(ws, ws.lobby_label, "rate limit")
             return
         ws.lobby_tokens = tokens - 1
+        if ws.lobby_authenticating:
+            # Its frames wait in the core until the link is decided: bounded like unread replies are.
+            ws.lobby_queued += len(data)
+            if ws.lobby_queued > self.config.max_buffer:
+                self._cut_off(ws, ws.lobby_label, "flood during authentication")
+                return
         self._submit(ws, lambda: self._require_core().receive(ws, data))
 
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str) -> None:
@@ -575,6 +581,7 @@ class Server:
             reason: str | None = _reason(error)
         else:
             if inspect.isawaitable(result):
+                request.connection.lobby_authenticating = True  # type: ignore[attr-defined]
                 task = asyncio.ensure_future(self._authenticate_later(request, result, log))
                 self._auth_tasks.add(task)
                 task.add_done_callback(self._auth_tasks.discard)
@@ -596,6 +603,8 @@ class Server:
             reason = _reason(error)
         if reason is not None:
             log.info("link rejected", reason=reason)
+        request.connection.lobby_authenticating = False  # type: ignore[attr-defined]
+        request.connection.lobby_queued = 0  # type: ignore[attr-defined]
         self._submit(
             request.connection,
             lambda: self._require_core().authenticated(request.connection, request.ticket, reason),

@@ -83,6 +83,37 @@ async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_pat
         await server.close()
 
 
+async def test_frames_queued_behind_a_slow_authentication_are_bounded(tmp_path):
+    """While an async authenticate runs, a connection's frames wait; past max_buffer bytes it is cut off
+    instead of growing memory, and the others are served."""
+    server = await started(tmp_path, max_frame_size=4096, max_buffer=64 * 1024)
+    release = asyncio.Event()
+
+    @server.on("authenticate")
+    async def slow_check(username, info):
+        if username == "flood":
+            await release.wait()
+
+    try:
+        honest = await Raw.open(url(server))
+        await honest.link("honest")
+        flood = await Raw.open(url(server))
+        await flood.send({"type": "krmx/link", "payload": {"username": "flood", "version": "0.5.4"}})
+        chunk = "q" * 4000
+        for _ in range(40):  # 160 KB behind the pending link
+            await flood.send({"type": "game/spam", "payload": chunk})
+        assert await flood.closed()
+        release.set()
+        await honest.echo()
+        with EventStore.open_readonly(server.config.db) as store:
+            cutoff = list(store.read(types=["cutoff"]))
+        assert [(e.connection, e.reason, e.username) for e in cutoff] == [("c2", "flood during authentication", None)]
+        assert server.metrics.cutoffs == {"flood during authentication": 1}
+        assert [u["username"] for u in server.users] == ["honest"]
+    finally:
+        await server.close()
+
+
 async def test_a_connection_that_never_links_is_cut_off_at_the_deadline(tmp_path):
     server = await started(tmp_path, link_deadline=0.3)
     try:
