@@ -308,10 +308,10 @@ async def redrive_async(
         start = registry_at(log, info.lobby, info.first_seq - 1)
     if isinstance(server, type) or not hasattr(server, "start"):  # a class or a function making one
         server = server()
+    if keep_db is not None and os.path.exists(keep_db):
+        raise ReplayError(f"{os.fspath(keep_db)}: exists already; redrive writes a new log")
     folder = tempfile.mkdtemp(prefix="lobby-redrive-")
     new_db = os.fspath(keep_db) if keep_db is not None else os.path.join(folder, "redrive.db")
-    if keep_db is not None and os.path.exists(new_db):
-        raise ReplayError(f"{new_db}: exists already; redrive writes a new log")
     try:
         with EventStore(new_db) as store:
             store.append(_prefix(start, info.lobby, info.start))

@@ -1141,3 +1141,11 @@ def test_json_beyond_our_documented_limits_is_an_invalid_message(lobby, extra):
     lobby.connect("a")
     lobby.frame("a", '{"type":"krmx/link","payload":{"username":"bob","version":"0.5.4",' + extra + "}}")
     assert lobby.take() == {"a": [rejected("invalid message")]}
+
+
+def test_integers_beyond_64_bits_are_read_as_the_nearest_double(three):
+    """As JavaScript (and the reference server) reads every number: the message is recorded as read."""
+    three.frame("a", '{"type":"app/n","payload":18446744073709551616}')
+    assert three.take() == {}
+    (message,) = [event for event in three.events if event.type == "message"]
+    assert message.message == {"type": "app/n", "payload": 1.8446744073709552e19}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import tempfile
+
 import orjson
 
 import replay
@@ -96,3 +100,8 @@ def test_the_command_reports_and_exits_1_on_a_difference(game_log, tmp_path, cap
     assert report["divergence"]["old"]["seq"] == 7 and report["divergence"]["new"]["message"]["payload"]["text"] == "HI BOB"
     assert main([*args, "--app", "nowhere:app"]) == 2
     assert "cannot import module 'nowhere'" in capsys.readouterr().err
+    temporary = tempfile.gettempdir()
+    before = set(glob.glob(os.path.join(temporary, "lobby-redrive-*")))
+    assert main([*args, "--app", "tests.replay_logs:make_game_server", "--keep-db", str(tmp_path / "new.db")]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert set(glob.glob(os.path.join(temporary, "lobby-redrive-*"))) == before  # nothing left behind
