@@ -11,6 +11,7 @@ import argparse
 import importlib
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -198,6 +199,8 @@ def serve_command(args: argparse.Namespace) -> int:
         return run_event_loop(server.serve(keep_users_on_stop=on_stop == "keep"))
     except LobbyError as error:  # the log cannot be used: not ours, in use, or it does not fold
         raise UsageError(str(error)) from None
+    except socket.gaierror as error:  # a host name that does not resolve: a usage error, not a busy port
+        raise UsageError(f"--host / LOBBY_HOST: cannot resolve {server.config.host!r}: {error.strerror}") from None
     except OSError as error:
         print(f"lobby: cannot listen on {server.config.host}:{server.config.port}: {error}", file=sys.stderr)
         return 1

@@ -514,6 +514,8 @@ class ServerProtocol:
     # -- the server API ---------------------------------------------------------------------------------
 
     def _existing(self, username: str, action: str) -> bool:
+        if not isinstance(username, str):
+            raise ServerError(f"cannot {action} {username!r}: a username is a string")
         linked = self.registry.users.get(username)
         if linked is None:
             raise ServerError(f"cannot {action} a user that does not exist ({username!r})")
@@ -522,10 +524,10 @@ class ServerProtocol:
     def join(self, username: str) -> list[Effect]:
         """Server-side join: the user starts unlinked."""
         self._can_only("join a user", "listening")
-        if username in self.registry.users:
-            raise ServerError(f"cannot join a user that already exists ({username!r})")
         if not isinstance(username, str) or not self._valid(username):
             raise ServerError(f"cannot join a user with an invalid username ({username!r})")
+        if username in self.registry.users:
+            raise ServerError(f"cannot join a user that already exists ({username!r})")
         self._join(username)
         return self._take()
 
@@ -555,6 +557,8 @@ class ServerProtocol:
 
     def broadcast(self, message: dict[str, Any], skip: str | None = None) -> list[Effect]:
         self._can_only("broadcast a message", "listening", "closing")
+        if skip is not None and not isinstance(skip, str):
+            raise ServerError(f"skip is one username (a string) or None, not {skip!r}")
         data = self._custom(message)
         if self.registry.closed:  # listeners of a close: nobody is linked any more, nothing to send or record
             return self._take()

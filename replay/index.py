@@ -69,6 +69,7 @@ class _Sidecar:
     def _open(self, create: bool) -> sqlite3.Connection | None:
         if self._opened:
             return self.conn
+        conn = None
         try:
             conn = _connect(sidecar_path(self.log.path), create)
             conn.execute("PRAGMA busy_timeout = 2000")
@@ -83,6 +84,8 @@ class _Sidecar:
                     conn.execute("DELETE FROM checkpoints")
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('log', ?)", [self.fingerprint])
         except sqlite3.Error:
+            if conn is not None:
+                conn.close()
             conn = None
             if not create:
                 return None  # no sidecar yet: not an error, nothing to read

@@ -77,6 +77,8 @@ class LogLine:
 def read_log_lines(path: str | os.PathLike[str]) -> Iterator[LogLine]:
     """Every line of a server log file, in order (a progress bar by bytes on a terminal)."""
     target = Path(path)
+    if target.is_dir():
+        raise ReplayError(f"{path}: is a directory, not a server log file")
     if not target.is_file():
         raise ReplayError(f"{path}: no such log file")
     with open(target, "rb") as handle:

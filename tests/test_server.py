@@ -346,6 +346,12 @@ async def test_server_calls_raise_clear_errors(server):
         server.unlink("bob")
     with pytest.raises(ServerError, match="reserved"):
         server.broadcast({"type": "krmx/joined"})
+    for call in (lambda: server.join(["a"]), lambda: server.kick(["a"]), lambda: server.unlink({}),
+                 lambda: server.send(["a"], {"type": "x/y"})):
+        with pytest.raises(ServerError, match="username"):
+            call()
+    with pytest.raises(ServerError, match="skip is one username"):
+        server.broadcast({"type": "x/y"}, skip=["bob"])
     await server.close()
     with pytest.raises(ServerError, match="closed"):
         server.join("carol")
