@@ -9,7 +9,8 @@ the same way).
 
 What is replayed, from the old log, in order, each over a websocket of its own user:
 
-- a ``link`` (and the ``join`` right before it, for a new user): ``krmx/link``. The auth string is never
+- a ``link`` (and the ``join`` before it, for a new user, with what the app's join listeners sent in
+  between): ``krmx/link``. The auth string is never
   stored, so a link that had one sends ``auth`` (a placeholder, ``"redrive"`` by default): an app whose
   authenticate checks secrets needs a test double that accepts it.
 - a ``message``: the same frame.
@@ -94,9 +95,15 @@ def plan_inputs(old: list[Event]) -> list[Input]:
         following = old[index + 1] if index + 1 < close_at else None
         same_user_next = following is not None and getattr(following, "username", None) == username
         if event.type == "join":
-            if same_user_next and following.type == "link":  # type: ignore[union-attr]
-                inputs.append(Input(index, "link", username, auth=following.auth))  # type: ignore[union-attr]
-                consumed.add(index + 1)
+            # A client's link of a new user records its join, then what the join listeners send, then
+            # the link: one input. A join without a link of the same user after it is the app's doing.
+            after = index + 1
+            while after < close_at and old[after].type in ("send", "broadcast"):
+                after += 1
+            linked = old[after] if after < close_at else None
+            if linked is not None and linked.type == "link" and getattr(linked, "username", None) == username:
+                inputs.append(Input(index, "link", username, auth=linked.auth))  # type: ignore[attr-defined]
+                consumed.add(after)
         elif event.type == "link":
             inputs.append(Input(index, "link", username, auth=event.auth))  # type: ignore[attr-defined]
         elif event.type == "message":

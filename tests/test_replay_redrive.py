@@ -105,3 +105,39 @@ def test_the_command_reports_and_exits_1_on_a_difference(game_log, tmp_path, cap
     assert main([*args, "--app", "tests.replay_logs:make_game_server", "--keep-db", str(tmp_path / "new.db")]) == 2
     assert "exists already" in capsys.readouterr().err
     assert set(glob.glob(os.path.join(temporary, "lobby-redrive-*"))) == before  # nothing left behind
+
+
+def greeting_app() -> Server:
+    """Like the README's chat: every join is greeted before the link is recorded."""
+    server = Server(ping_interval=None)
+
+    @server.on("join")
+    def greet(username):
+        server.broadcast({"type": "chat/joined", "payload": username})
+
+    return server
+
+
+async def test_what_join_listeners_send_before_the_link_is_part_of_the_link(tmp_path):
+    from .wsclient import Raw
+
+    db = tmp_path / "greeting.db"
+    server = greeting_app()
+    server.configure(port=0, db=str(db))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/"
+    alice, bob = await Raw.open(url), await Raw.open(url)
+    await alice.link("alice")
+    await bob.link("bob")
+    await alice.send({"type": "chat/say", "payload": "hi"})
+    await alice.close()
+    await bob.close()
+    await server.close()
+    with EventStore.open_readonly(db) as store:
+        old = list(store.read())
+    assert [e.type for e in old[1:4]] == ["join", "broadcast", "link"]
+    assert [(step.index, step.action, step.username) for step in plan_inputs(old)][:2] == [
+        (1, "link", "alice"), (4, "link", "bob"),
+    ]
+    report = await replay.redrive_async(db, greeting_app, settle=1.0)
+    assert report.ok, report.divergence.describe()
