@@ -23,9 +23,10 @@ What is replayed, from the old log, in order, each over a websocket of its own u
 
 Everything else (joins, kicks, unlinks, sends and broadcasts done by the app, the recovery unlinks after a
 crash) is the server's own doing: it is compared, not replayed. Events are compared by type, username and
-data, ignoring seq, time, session and the listen port. Before each input, the driver waits until the new
-server has recorded as many events as the old log had at that point (at most ``settle`` seconds), so the
-order of inputs across users is the old order.
+data, ignoring seq, time, session and the listen port; in a run of custom messages, the clients' and the
+app's are compared each in their own order, not by how they interleave (see ``_Driver.divergence``).
+Before each input, the driver waits until the new server has recorded as many events as the old log had at
+that point (at most ``settle`` seconds), so the order of inputs across users is the old order.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ CONNECTION_LOST = frozenset({"dropped", "ping timeout", "frame too large"})
 #: Reasons of the unlinks and leaves a server close records.
 CLOSE_REASONS = frozenset({"close", "server restart"})
 CLIENT_VERSION = "0.6.0"
+
+
+#: Custom messages: within a run of them, only the order of each side's own messages is compared.
+CUSTOM = frozenset({"message", "send", "broadcast"})
+
+
+def _run_end(events: list[Event], start: int) -> int:
+    end = start
+    while end < len(events) and events[end].type in CUSTOM:
+        end += 1
+    return end
 
 
 def comparable(event: Event) -> tuple[Any, ...]:
@@ -211,16 +223,53 @@ class _Driver:
         while len(self.new) < count and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.002)
 
-    def divergence(self, upto: int) -> Divergence | None:
-        """Compare the events both logs have up to ``upto`` (old indexes) that were not compared yet."""
+    def divergence(self, upto: int, final: bool = False) -> Divergence | None:
+        """Compare the events both logs have up to ``upto`` (old indexes) that were not compared yet.
+
+        A run of custom messages (``message``, ``send``, ``broadcast``) is compared as a whole once it has
+        ended in both logs (``final``: nothing more will come): the clients' messages in their order, and
+        the app's in theirs, but not how the two interleave. The old server may have taken several
+        clients' messages in one turn (all of them, then every answer), where the replay sends them one
+        at a time (each followed by its answer)."""
         while self.checked < upto:
             index = self.checked
             old = self.old[index] if index < len(self.old) else None
             new = self.new[index] if index < len(self.new) else None
+            if old is not None and new is not None and old.type in CUSTOM and new.type in CUSTOM:
+                old_end, new_end = _run_end(self.old, index), _run_end(self.new, index)
+                if new_end == len(self.new) and not final:
+                    return None  # the new run may go on: compare it once it has ended
+                found = self._compare_run(index, old_end, new_end)
+                if found is not None:
+                    return found
+                self.checked = old_end
+                continue
             if old is None or new is None or comparable(old) != comparable(new):
                 return Divergence(index, old, new, self.old[max(0, index - 3):index])
             self.checked += 1
         return None
+
+    def _compare_run(self, start: int, old_end: int, new_end: int) -> Divergence | None:
+        """The earliest difference (in the old log's order) between the clients' messages of the two runs,
+        or between the app's; ``None`` when both sides are equal."""
+        found: list[tuple[int, Event | None, Event | None]] = []
+        for side in ("message",), ("send", "broadcast"):
+            olds = [self.old[i] for i in range(start, old_end) if self.old[i].type in side]
+            olds_at = [i for i in range(start, old_end) if self.old[i].type in side]
+            news = [self.new[i] for i in range(start, new_end) if self.new[i].type in side]
+            for k in range(max(len(olds), len(news))):
+                old = olds[k] if k < len(olds) else None
+                new = news[k] if k < len(news) else None
+                if old is None or new is None or comparable(old) != comparable(new):
+                    if old is None:  # the new run has more: say what the old log had next instead
+                        found.append((old_end, self.old[old_end] if old_end < len(self.old) else None, new))
+                    else:
+                        found.append((olds_at[k], old, new))
+                    break
+        if not found:
+            return None
+        index, old, new = min(found, key=lambda item: item[0])
+        return Divergence(index, old, new, self.old[max(0, index - 3):index])
 
     async def socket(self, username: str) -> Any:
         from websockets.asyncio.client import connect
@@ -276,7 +325,7 @@ class _Driver:
             await self.perform(step)
         await self.wait_for(len(self.old))
         await asyncio.sleep(min(0.1, self.settle))  # anything recorded after the last expected event
-        found = self.divergence(len(self.old))
+        found = self.divergence(len(self.old), final=True)
         if found is None and len(self.new) > len(self.old):
             index = len(self.old)
             return Divergence(index, None, self.new[index], self.old[max(0, index - 3):])
