@@ -20,6 +20,7 @@ import gc
 import inspect
 import logging
 import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -88,8 +89,9 @@ class Server:
         #: Inputs waiting for a turn, per connection, in arrival order.
         self._inbox: dict[Hashable, deque[Callable[[], list[Effect]]]] = {}
         self._turn_scheduled = False
-        self._next_stage: list[tuple[list[Any], list[Effect]]] | None = None
-        self._slot: list[Any] | None = None
+        #: While listeners run: the next stage of the current turn, where their server calls go.
+        self._next_stage: list[list[Effect]] | None = None
+        self._thread: int | None = None
         self._auth_tasks: set[asyncio.Task[None]] = set()
         self._ws_server: Any = None
         self._since_snapshot = 0
@@ -109,8 +111,8 @@ class Server:
     def on(self, event: str, listener: Listener | None = None) -> Any:
         """Register ``listener`` for ``event``; without a listener, return a decorator.
 
-        Listeners: ``listen(port)``, ``authenticate(username, info)`` (raise to reject: the exception's
-        message is the reason; may be async, see ``auth_timeout``), ``join(username)``, ``link(username)``,
+        Listeners: ``listen(port)``, ``authenticate(username, info)`` (return ``None`` or ``True`` to accept;
+        raise, return ``False`` or return a reason string to reject; may be async, see ``auth_timeout``), ``join(username)``, ``link(username)``,
         ``message(username, message)``, ``unlink(username)``, ``leave(username)``, ``close()``, and
         ``event(event)`` for every committed :class:`events.Event`.
         """
@@ -215,6 +217,7 @@ class Server:
         self.port = sockets[0].getsockname()[1] if sockets else config.port
         self.session = uuid.uuid4().hex[:12]
         self._status = "listening"
+        self._thread = threading.get_ident()
         self._log = structlog.get_logger("lobby").bind(lobby=config.lobby, session=self.session)
         self._log_debug = _debug_enabled(self._log)
         self._log.info(
@@ -405,17 +408,10 @@ class Server:
         if self.core is None or self.fatal is not None:
             return
         self.core.now = self._clock()
-        root: list[Any] = []
-        stage: list[tuple[list[Any], list[Effect]]] = []
-        for action in inbox:
-            effects = action()
-            if effects:
-                slot: list[Any] = []
-                root.append(slot)
-                stage.append((slot, effects))
+        stage = [effects for action in inbox if (effects := action())]
         if stage:
             try:
-                self._run(root, stage)
+                self._run(stage)
             except ServerError:
                 if self.fatal is None:
                     raise
@@ -425,35 +421,35 @@ class Server:
         """A server-side call: from inside a listener, it joins the current turn at the listener's place;
         from anywhere else, it is a turn of its own, committed and written before the call returns."""
         core = self._require_core()
-        if self._next_stage is not None and self._slot is not None:
-            effects = method(*args, **kwargs)
-            slot: list[Any] = []
-            self._slot.append(slot)
-            self._next_stage.append((slot, effects))
+        if self._thread is not None and threading.get_ident() != self._thread:
+            raise ServerError(
+                "call the server from its event loop's thread (from another thread: loop.call_soon_threadsafe)"
+            )
+        if self._next_stage is not None:
+            self._next_stage.append(method(*args, **kwargs))
             return
         core.now = self._clock()
-        effects = method(*args, **kwargs)
-        root: list[Any] = [effects_slot := []]
-        self._run(root, [(effects_slot, effects)])
+        self._run([method(*args, **kwargs)])
 
-    def _run(self, root: list[Any], stage: list[tuple[list[Any], list[Effect]]]) -> None:
+    def _run(self, stage: list[list[Effect]]) -> None:
+        """Commit a turn stage by stage (a stage's listeners run after its commit; what they do is the
+        next stage), sync once, then write the frames in the order they were made. That order is the
+        order of the seqs: stage by stage, and within a stage in the order of its events."""
+        out: list[SendFrame | CloseConnection] = []
         while stage:
-            committed = iter(self._commit([e.event for _, effects in stage for e in effects if type(e) is Record]))
-            next_stage: list[tuple[list[Any], list[Effect]]] = []
-            for slot, effects in stage:
+            committed = iter(self._commit([e.event for effects in stage for e in effects if type(e) is Record]))
+            next_stage: list[list[Effect]] = []
+            for effects in stage:
                 for effect in effects:
                     kind = type(effect)
                     if kind is SendFrame or kind is CloseConnection:
-                        slot.append(effect)
+                        out.append(effect)  # type: ignore[arg-type]
                     elif kind is Record:
-                        self._emit(next(committed), slot, next_stage)
+                        self._emit(next(committed), next_stage)
+                    elif kind is Resume:
+                        next_stage.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
                     else:
-                        sub: list[Any] = []
-                        slot.append(sub)
-                        if kind is Resume:
-                            next_stage.append((sub, self._require_core().resume(effect.connection, effect.ticket)))
-                        else:
-                            self._authenticate(effect, sub, next_stage)  # type: ignore[arg-type]
+                        self._authenticate(effect, next_stage)  # type: ignore[arg-type]
             stage = next_stage
         if self.store is not None:
             try:
@@ -461,7 +457,7 @@ class Server:
             except OSError as error:
                 self._die(error)
                 raise ServerError(f"the event log could not be synced: {error}") from error
-        self._flush(root)
+        self._flush(out)
 
     def _commit(self, events: list[Event]) -> list[Event]:
         if not events:
@@ -504,7 +500,7 @@ class Server:
         if stop is not None:
             stop.set()
 
-    def _emit(self, event: Event, slot: list[Any], next_stage: list[tuple[list[Any], list[Effect]]]) -> None:
+    def _emit(self, event: Event, next_stage: list[list[Effect]]) -> None:
         username = getattr(event, "username", None)
         if event.type == "link":
             connection = self.core.connection_of(username) if self.core is not None else None
@@ -535,16 +531,14 @@ class Server:
             args = ()
         else:
             args = (username,)
-        saved = self._slot, self._next_stage
-        self._next_stage = next_stage
+        saved, self._next_stage = self._next_stage, next_stage
         try:
-            for listener in (*listeners, *catch_all):
-                sub: list[Any] = []
-                slot.append(sub)
-                self._slot = sub
-                self._invoke(listener, *(args if listener in listeners else (event,)), event=event)
+            for listener in listeners:
+                self._invoke(listener, *args, event=event)
+            for listener in catch_all:
+                self._invoke(listener, event, event=event)
         finally:
-            self._slot, self._next_stage = saved
+            self._next_stage = saved
 
     def _event_log(self, event: Event) -> Any:
         username = getattr(event, "username", None)
@@ -568,13 +562,12 @@ class Server:
                 exc_info=task.exception(),
             )
 
-    def _authenticate(
-        self, request: Authenticate, slot: list[Any], next_stage: list[tuple[list[Any], list[Effect]]]
-    ) -> None:
+    def _authenticate(self, request: Authenticate, next_stage: list[list[Effect]]) -> None:
         core = self._require_core()
         listener = self._listeners["authenticate"][0]
         info = AuthInfo(is_new_user=request.is_new_user, auth=request.auth)
         log = self._log.bind(username=request.username)
+        saved, self._next_stage = self._next_stage, next_stage  # its server calls join this turn
         try:
             result = listener(request.username, info)
         except Exception as error:
@@ -586,15 +579,17 @@ class Server:
                 self._auth_tasks.add(task)
                 task.add_done_callback(self._auth_tasks.discard)
                 return
-            reason = None
+            reason = _verdict(result, log)
+        finally:
+            self._next_stage = saved
         if reason is not None:
             log.info("link rejected", reason=reason)
-        next_stage.append((slot, core.authenticated(request.connection, request.ticket, reason)))
+        next_stage.append(core.authenticated(request.connection, request.ticket, reason))
 
     async def _authenticate_later(self, request: Authenticate, pending: Awaitable[Any], log: Any) -> None:
         reason: str | None = None
         try:
-            await asyncio.wait_for(pending, self.config.auth_timeout)
+            reason = _verdict(await asyncio.wait_for(pending, self.config.auth_timeout), log)
         except asyncio.TimeoutError:
             reason = "authentication timeout"
         except asyncio.CancelledError:
@@ -610,26 +605,19 @@ class Server:
             lambda: self._require_core().authenticated(request.connection, request.ticket, reason),
         )
 
-    def _flush(self, root: list[Any]) -> None:
+    def _flush(self, out: list[SendFrame | CloseConnection]) -> None:
         """Write the turn's frames, each connection's in order, with one socket write per connection."""
         frames: dict[Hashable, list[bytes]] = {}
         closes: list[CloseConnection] = []
-
-        def walk(items: list[Any]) -> None:
-            for item in items:
-                kind = type(item)
-                if kind is list:
-                    walk(item)
-                elif kind is SendFrame:
-                    queue = frames.get(item.connection)
-                    if queue is None:
-                        frames[item.connection] = [item.data]
-                    else:
-                        queue.append(item.data)
+        for item in out:
+            if type(item) is SendFrame:
+                queue = frames.get(item.connection)
+                if queue is None:
+                    frames[item.connection] = [item.data]
                 else:
-                    closes.append(item)
-
-        walk(root)
+                    queue.append(item.data)
+            else:
+                closes.append(item)  # type: ignore[arg-type]
         # A broadcast hands the same bytes to every recipient: frame them once. Server frames are unmasked
         # text frames; without extensions (compression off) their wire form depends on the payload only,
         # so they are built here and written directly, after anything websockets itself has queued.
@@ -686,6 +674,22 @@ def _debug_enabled(log: Any) -> bool:
     """Whether debug lines are kept (so that per-message lines cost nothing when they are not)."""
     is_enabled_for = getattr(log, "is_enabled_for", None)
     return True if is_enabled_for is None else bool(is_enabled_for(logging.DEBUG))
+
+
+def _verdict(result: Any, log: Any) -> str | None:
+    """What an authenticate listener's return value says: ``None`` or ``True`` accepts; ``False`` or a
+    string (the reason) rejects. Anything else is a mistake that must not let a user in: rejected, logged."""
+    if result is None or result is True:
+        return None
+    if result is False:
+        return "authentication failed"
+    if isinstance(result, str) and result:
+        return result
+    log.error(
+        "authenticate returned neither None/True (accept) nor False/a reason (reject): rejected",
+        returned=repr(result)[:200],
+    )
+    return "authentication failed"
 
 
 def _reason(error: BaseException) -> str:

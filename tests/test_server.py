@@ -575,3 +575,129 @@ def test_frames_written_directly_are_what_websockets_would_write(size):
 
     data = b"x" * size
     assert text_frame(data) == Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])
+
+
+# -- the order clients see is the order of the log ----------------------------------------------------------
+
+
+def frame_text(message: dict) -> str:
+    return orjson.dumps(message).decode()
+
+
+async def server_side(server: Server, count: int) -> list:
+    """The server's connections, oldest first, once ``count`` of them are open."""
+    for _ in range(200):
+        connections = sorted(server._ws_server.connections, key=lambda ws: int(ws.lobby_label[1:]))
+        if len(connections) >= count and all(ws.lobby_label for ws in connections):
+            return connections
+        await asyncio.sleep(0.01)
+    raise AssertionError("connections did not open")
+
+
+def as_frames(events) -> list:
+    """What a linked bystander sees of these events, in their order."""
+    seen = {"join": joined, "link": linked, "unlink": unlinked, "leave": left}
+    return [seen[e.type](e.username) for e in events if e.type in seen]
+
+
+async def test_two_new_users_linking_in_one_turn_reach_others_in_log_order(server):
+    """Both joins are committed before both links (join listeners run between): a bystander gets the
+    frames in that order too, not each user's join and link together."""
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    carol, bob = await Raw.open(url(server)), await Raw.open(url(server))
+    _, carol_ws, bob_ws = await server_side(server, 3)
+    before = server.core.registry.seq
+    # Both frames reach the server's input before its next turn: one turn takes both.
+    server._frame(carol_ws, frame_text({"type": "krmx/link", "payload": {"username": "carol", "version": "0.5.4"}}))
+    server._frame(bob_ws, frame_text({"type": "krmx/link", "payload": {"username": "bob", "version": "0.5.4"}}))
+    received = [await alice.next() for _ in range(4)]
+    with EventStore.open_readonly(server.config.db) as store:
+        logged = list(store.read(before + 1))
+    assert [(e.type, e.username) for e in logged] == [("join", "carol"), ("join", "bob"), ("link", "carol"), ("link", "bob")]
+    assert received == as_frames(logged)
+    await carol.close()
+    await bob.close()
+
+
+async def test_calls_of_a_sync_authenticate_listener_join_its_turn(tmp_path):
+    """A broadcast made while authenticating is committed and sent in the turn's order, after what the
+    turn recorded before it."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+
+    @server.on("authenticate")
+    def announce(username, info):
+        if username == "bob":
+            server.broadcast({"type": "app/auth", "payload": username})
+
+    await server.start()
+    try:
+        alice, carol = await Raw.open(url(server)), await Raw.open(url(server))
+        await alice.link("alice")
+        await carol.link("carol")
+        await alice.expect(joined("carol"), linked("carol"))
+        bob = await Raw.open(url(server))
+        _, carol_ws, bob_ws = await server_side(server, 3)
+        before = server.core.registry.seq
+        server._frame(carol_ws, frame_text({"type": "krmx/unlink"}))
+        server._frame(bob_ws, frame_text({"type": "krmx/link", "payload": {"username": "bob", "version": "0.5.4"}}))
+        received = [await alice.next() for _ in range(4)]
+        with EventStore.open_readonly(server.config.db) as store:
+            logged = [(e.type, getattr(e, "username", None)) for e in store.read(before + 1)]
+        assert logged == [("unlink", "carol"), ("broadcast", None), ("join", "bob"), ("link", "bob")]
+        assert received == [unlinked("carol"), {"type": "app/auth", "payload": "bob"}, joined("bob"), linked("bob")]
+        await bob.close()
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(
+    ("returned", "reason"),
+    [(False, "authentication failed"), ("no bobs here", "no bobs here"), (0, "authentication failed"),
+     (PermissionError("x"), "authentication failed")],
+)
+async def test_authenticate_returning_anything_but_none_or_true_rejects(tmp_path, returned, reason):
+    """Only None or True accept: a listener that returns False or a reason (or something odd) instead of
+    raising does not let the user in."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    server.on("authenticate", lambda username, info: True if username == "ok" else returned)
+    await server.start()
+    try:
+        client = await Raw.open(url(server))
+        assert await client.link("bob") == [rejected(reason)]
+        assert (await client.link("ok"))[0] == ACCEPTED
+    finally:
+        await server.close()
+
+
+async def test_async_authenticate_returning_false_rejects(tmp_path):
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+
+    @server.on("authenticate")
+    async def check(username, info):
+        return username != "bob"
+
+    await server.start()
+    try:
+        client = await Raw.open(url(server))
+        assert await client.link("bob") == [rejected("authentication failed")]
+        assert (await client.link("ann"))[0] == ACCEPTED
+    finally:
+        await server.close()
+
+
+async def test_a_call_from_another_thread_is_refused_and_the_server_goes_on(server):
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    errors = []
+
+    def from_a_thread():
+        try:
+            server.broadcast({"type": "app/from-thread"})
+        except ServerError as error:
+            errors.append(str(error))
+
+    await asyncio.to_thread(from_a_thread)
+    assert errors and "event loop's thread" in errors[0] and "call_soon_threadsafe" in errors[0]
+    assert await alice.echo() == []  # nothing was sent, and the server still serves
+    assert_projection(server)
