@@ -35,7 +35,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidURI
 
 from .client_protocol import CLIENT_EVENTS, ClientEvent, ClientProtocol, RelinkPolicy
 from .errors import ClientError, LinkRejected
@@ -79,10 +79,9 @@ class EventStream:
         return item  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
-        self._done = True
-        self._client._streams.discard(self)
         while not self._queue.empty():
             self._queue.get_nowait()
+        self._put(_END)  # wakes a consumer waiting in __anext__
 
     async def __aenter__(self) -> EventStream:
         return self
@@ -207,7 +206,10 @@ class Client:
                 if event.name == "message":
                     ...
         """
-        return EventStream(self)
+        stream = EventStream(self)
+        if self.status == "closed" and not self.relinking:
+            stream._put(_END)  # closed for good already: nothing will come
+        return stream
 
     async def wait_for(
         self, event: str, predicate: Callable[..., bool] | None = None, *, timeout: float | None = None
@@ -221,15 +223,24 @@ class Client:
             self._forget(future)
 
     def _dispatch(self, event: ClientEvent) -> None:
-        for fn in (*self._catch_all, *self._listeners.get(event.name, ())):
+        calls = [(fn, (event.name, *event.args)) for fn in self._catch_all]
+        calls += [(fn, event.args) for fn in self._listeners.get(event.name, ())]
+        for fn, args in calls:
             try:
-                result = fn(event.name, *event.args) if fn in self._catch_all else fn(*event.args)
+                result = fn(*args)
                 if inspect.isawaitable(result):
                     self._spawn(result, f"listener {getattr(fn, '__qualname__', fn)!r} of {event.name!r}")
             except Exception:
                 self._log.exception("client listener for %r failed", event.name)
         for predicate, future in list(self._waiters):
-            if not future.done() and predicate(event):
+            if future.done():
+                continue
+            try:
+                matched = predicate(event)
+            except Exception as error:  # a wait_for predicate that fails: its waiter gets the error
+                future.set_exception(error)
+                continue
+            if matched:
                 future.set_result(event)
         for stream in list(self._streams):
             stream._put(event)
@@ -267,6 +278,8 @@ class Client:
         await self._connect(url)
 
     async def _connect(self, url: str) -> None:
+        if not isinstance(url, str):
+            raise ClientError(f"the server's url is a string like ws://host:port/, not {url!r}")
         self.core.connect()
         self.url = url
         opening: asyncio.Future[ClientConnection] = asyncio.ensure_future(self._open(url))
@@ -279,7 +292,7 @@ class Client:
             if opening.cancelled() and self.status == "closed" and not _current_task_cancelling():
                 raise ClientError(f"connecting to {url} was cancelled by disconnect()") from None
             raise
-        except (OSError, InvalidHandshake, TimeoutError, ValueError) as error:
+        except Exception as error:  # refused, bad handshake, timeout, bad url or connect_options, ...
             self.core.closed()
             self._end_if_final()
             detail = str(error) or type(error).__name__
@@ -404,7 +417,9 @@ class Client:
         """Link to ``username`` (a new user joins; an unlinked one is taken over), sending ``auth`` if given.
         Returns on this client's own ``link`` event (the other users of the link burst may still be on the
         way); raises :class:`LinkRejected` with the server's reason, or :class:`ClientError` when the client
-        is not ``connected`` or the connection closes first."""
+        is not ``connected`` or the connection closes first. A Krmx server always answers; cancelling the
+        call (or a timeout around it) leaves the client ``linking`` until that answer comes, and
+        ``disconnect(force=True)`` ends any status."""
         frame = self.core.link(username, auth)
         event = await self._request(
             frame, lambda e: e.name == "reject" or (e.name == "link" and e.args[0] == username), "link"
@@ -482,11 +497,12 @@ class Client:
             self.core.closed()
 
     async def _give_up(self, reason: str) -> None:
+        """No more attempts. Event streams end here (see :class:`EventStream`), even when the last attempt
+        left the client connected (a rejected link): what to do next is the application's call."""
         self._log.warning("automatic relink failed: %s", reason)
         self._relink_task = None
         self._dispatch(ClientEvent("relink_failed", (reason,)))
-        if self.status == "closed":
-            self._end_streams()
+        self._end_streams()
 
 
 def _current_task_cancelling() -> bool:

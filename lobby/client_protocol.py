@@ -204,6 +204,8 @@ class ClientProtocol:
         """The client asks to close: ``closing``. Without ``force`` only when not linked (unlink first)."""
         self._can_only("disconnect", "disconnect(force=True)" if force else "disconnect")
         self.relink_target = None
+        if self.status == "closing":
+            return  # asked already: one closing event
         self.status = "closing"
         self.username = None
         self._emit("closing")
@@ -289,12 +291,20 @@ class ClientProtocol:
             return
         payload = message.get("payload")
         if type_ == "krmx/accepted":
+            if self.status != "linking":
+                self._warn(f"ignored krmx/accepted while the client is {self.status} (no link request is pending)")
+                return
             self.status = "linked"
             self._users = {self.username: True} if self.username is not None else {}
             self._emit("accept")
             return
         if type_ == "krmx/rejected":
             reason = payload.get("reason") if type(payload) is dict else None
+            if reason == "unlinked connection" and self.status == "linking":
+                # The answer to a frame sent before this link (an unlink or a message racing the server's
+                # own unlink): a link request is never rejected so. The link's answer is still to come.
+                self._warn("ignored a late rejection 'unlinked connection' while linking")
+                return
             self.status = "connected"
             self.username = None
             self._emit("reject", reason if isinstance(reason, str) else "rejected")

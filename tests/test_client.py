@@ -677,3 +677,66 @@ async def test_relinks_across_a_restart_of_our_server(our_krmx):
     assert story[:5] == [("listen", None, None), ("join", "simon", None), ("link", "simon", None),
                          ("unlink", "simon", "server restart"), ("close", None, "server restart")]
     assert story[5] == ("listen", None, None) and story[-1] == ("link", "simon", None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Misuse that must neither hang nor break the connection.
+
+
+async def test_a_failing_wait_for_predicate_raises_in_its_waiter_and_the_connection_stays(our_krmx):
+    simon = await our_krmx.linked("simon")
+    waiter = asyncio.ensure_future(simon.client.wait_for("message", lambda m: m["missing"], timeout=WAIT))
+    await asyncio.sleep(0)
+    await simon.client.send({"type": "test/echo", "payload": "x"})
+    with pytest.raises(KeyError, match="missing"):
+        await waiter
+    await simon.sync()
+    assert simon.client.status == "linked"
+
+
+async def test_a_listener_of_one_event_and_of_every_event_gets_each_signature(our_krmx):
+    simon = await our_krmx.linked("simon")
+    calls: list[tuple[Any, ...]] = []
+
+    def both(*args: Any) -> None:
+        calls.append(args)
+
+    simon.client.on("*", both)
+    simon.client.on("message", both)
+    await simon.sync()
+    message = {"type": "test/echoed", "payload": "sync-simon-2"}
+    assert calls == [("message", message), (message,)]
+
+
+async def test_streams_end_when_closed_by_aclose_or_already_closed(our_krmx):
+    recorder = await our_krmx.client("simon")
+    stream = recorder.client.events()
+
+    async def consume() -> list[Any]:
+        return [event async for event in stream]
+
+    consumer = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.05)
+    await stream.aclose()
+    assert await asyncio.wait_for(consumer, WAIT) == []
+    await recorder.client.disconnect(force=True)
+    late = recorder.client.events()
+    assert await asyncio.wait_for(consume_all(late), WAIT) == []
+
+
+async def consume_all(stream: Any) -> list[Any]:
+    return [event async for event in stream]
+
+
+async def test_connect_with_a_bad_url_or_bad_options_is_a_client_error_and_leaves_it_closed(our_krmx):
+    client = Client(ping_interval=None)
+    with pytest.raises(ClientError, match="url is a string"):
+        await client.connect(123)  # type: ignore[arg-type]
+    assert client.status == "initializing"
+    odd = Client(ping_interval=None, connect_options={"bogus": 1})
+    with pytest.raises(ClientError, match="error while trying to connect"):
+        await odd.connect(our_krmx.url)
+    assert odd.status == "closed"
+    await client.connect(our_krmx.url)
+    assert client.status == "connected"
+    await client.disconnect()

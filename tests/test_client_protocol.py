@@ -451,3 +451,36 @@ def test_pair_rejections_carry_the_servers_reason():
         assert bob.records[-1][:2] == ("reject", (reason,)) and bob.core.status == "connected"
     pair.send("B", bob.core.link("bob"))
     assert bob.core.status == "linked"
+
+
+def test_a_late_unlinked_connection_rejection_does_not_answer_a_link():
+    """An unlink raced the server's own unlink: its rejection ('unlinked connection') arrives after the
+    next link request; that link's real answer still comes, and the client links as asked."""
+    client = Recorded()
+    client.linked_as("carol", about("krmx/joined", "carol"), about("krmx/linked", "carol"))
+    core = client.core
+    core.unlink()
+    core.receive(about("krmx/unlinked", "carol"))
+    core.link("dora")
+    core.receive(frame("krmx/rejected", {"reason": "unlinked connection"}))
+    assert core.status == "linking" and core.username == "dora"
+    core.receive(frame("krmx/accepted"))
+    assert (core.status, core.username) == ("linked", "dora")
+    assert "reject" not in client.names() and any("late rejection" in w for w in client.warnings)
+
+
+def test_an_accept_without_a_link_request_is_ignored():
+    client = Recorded()
+    client.core.connect()
+    client.core.connected()
+    client.core.receive(frame("krmx/accepted"))
+    assert client.core.status == "connected" and "accept" not in client.names()
+    assert any("krmx/accepted" in w for w in client.warnings)
+
+
+def test_asking_to_close_twice_is_one_closing():
+    client = Recorded()
+    client.linked_as("ann")
+    client.core.disconnect(force=True)
+    client.core.disconnect(force=True)
+    assert client.names().count("closing") == 1
