@@ -93,6 +93,7 @@ class Server:
         self._next_stage: list[list[Effect]] | None = None
         self._thread: int | None = None
         self._auth_tasks: set[asyncio.Task[None]] = set()
+        self._listener_tasks: set[asyncio.Future[Any]] = set()
         self._ws_server: Any = None
         self._since_snapshot = 0
         self._connections_opened = 0
@@ -549,6 +550,8 @@ class Server:
             result = listener(*args)
             if result is not None and inspect.isawaitable(result):  # most listeners return None: skip the check
                 task = asyncio.ensure_future(result)
+                self._listener_tasks.add(task)  # the loop keeps only a weak reference to a task
+                task.add_done_callback(self._listener_tasks.discard)
                 task.add_done_callback(lambda t: self._report_task(t, listener, self._event_log(event)))
         except Exception:
             self._event_log(event).exception(
