@@ -240,6 +240,8 @@ def event_from_fields(
     except KeyError:
         raise ValueError(f"seq {seq}: unknown event type {type_!r}") from None
     fields = orjson.loads(data) if data else {}
+    if type(fields) is not dict:
+        raise ValueError(f"data is not a JSON object: {str(data)[:60]!r}")
     if username is not None:
         fields["username"] = username
     allowed = _FIELD_NAMES[cls]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,7 +23,8 @@ QueryRule = bool | str | Callable[[str | None], bool]
 class ServerConfig:
     """Every option of a server. Built once (from code, CLI flags or ``LOBBY_*`` variables), never read deep."""
 
-    host: str = "127.0.0.1"
+    #: A name or address, a list of them, or ``None`` for every interface.
+    host: str | list[str] | None = "127.0.0.1"
     port: int = 8082
     #: The websocket path; other paths get HTTP 404.
     path: str = "/"
@@ -54,9 +56,14 @@ class ServerConfig:
     def __post_init__(self) -> None:
         # Every option is checked here, whatever set it (code, flags, variables): a bad value fails at
         # configuration with its name, not later inside a connection.
-        for name in ("host", "db", "lobby", "path"):
+        if isinstance(self.db, os.PathLike):
+            object.__setattr__(self, "db", os.fspath(self.db))
+        for name in ("db", "lobby", "path"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, not {getattr(self, name)!r}")
+        hosts = [self.host] if isinstance(self.host, str) else self.host
+        if hosts is not None and (not isinstance(hosts, (list, tuple)) or not all(isinstance(h, str) and h for h in hosts)):
+            raise ValueError(f"host must be a name or address, a list of them, or None (every interface), not {self.host!r}")
         if not _is_int(self.port) or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be an integer 0..65535, not {self.port!r}")
         if not self.path.startswith("/"):

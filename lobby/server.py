@@ -208,7 +208,7 @@ class Server:
                 compression="deflate" if config.compression else None,
                 server_header=None,
             )
-        except OSError:
+        except BaseException:  # cannot listen, or cancelled while trying: undo the start, the claim too
             self._status = "initializing"
             self.core = None
             self.store.close()
@@ -245,10 +245,14 @@ class Server:
 
     def _finish(self) -> None:
         if self.store is not None:
-            if self.core is not None and self.core.registry.seq is not None:
-                self.store.save_snapshot(self.core.registry)
-            self.store.close()
-            self.store = None
+            try:
+                if self.core is not None and self.core.registry.seq is not None:
+                    self.store.save_snapshot(self.core.registry)
+            except Exception as error:  # a snapshot is derived data: the next start folds the tail instead
+                self._log.warning("closing snapshot not written", error=str(error))
+            finally:
+                self.store.close()  # releases the lobby's claim too
+                self.store = None
         self._status = "closed"
         self._log.info("closed")
 

@@ -108,12 +108,14 @@ def plan_inputs(old: list[Event]) -> list[Input]:
         same_user_next = following is not None and getattr(following, "username", None) == username
         if event.type == "join":
             # A client's link of a new user records its join, then what the join listeners send, then
-            # the link: one input. A join without a link of the same user after it is the app's doing.
+            # the link, all in one turn (one time): one input. A join without a link of the same user
+            # after it (in its turn, when something came between) is the app's doing.
             after = index + 1
-            while after < close_at and old[after].type in ("send", "broadcast"):
+            while after < close_at and old[after].type in ("send", "broadcast") and old[after].at == event.at:
                 after += 1
             linked = old[after] if after < close_at else None
-            if linked is not None and linked.type == "link" and getattr(linked, "username", None) == username:
+            same_turn = after == index + 1 or (linked is not None and linked.at == event.at)
+            if same_turn and linked is not None and linked.type == "link" and getattr(linked, "username", None) == username:
                 inputs.append(Input(index, "link", username, auth=linked.auth))  # type: ignore[attr-defined]
                 consumed.add(after)
         elif event.type == "link":

@@ -216,7 +216,10 @@ def test_a_damaged_row_or_an_unknown_type_is_one_line_naming_its_seq(tmp_path, c
         code, _, err = run(capsys, command, path)
         assert code == 2 and "seq 5: cannot read this event (unknown event type 'vote')" in err, (command, err)
     damage.execute("UPDATE events SET data = '{not json' WHERE seq = 4")
+    damage.execute("UPDATE events SET data = '[1]' WHERE seq = 1")
     damage.commit()
     damage.close()
-    code, _, err = run(capsys, "timeline", path, "--to-seq", "4")
+    code, _, err = run(capsys, "timeline", path, "--from-seq", "2", "--to-seq", "4")
     assert code == 2 and "seq 4: cannot read this event" in err and "Traceback" not in err
+    code, _, err = run(capsys, "verify", path)
+    assert code == 2 and "seq 1: cannot read this event (data is not a JSON object" in err

@@ -180,3 +180,23 @@ def test_messages_the_old_server_took_in_one_turn_compare_equal_when_sent_one_by
     assert not report.ok
     assert (report.divergence.old.seq, report.divergence.old.type) == (12, "send")
     assert report.divergence.new.message == {"type": "test/echoed", "payload": "HI BO"}
+
+
+def test_a_join_by_the_app_is_not_taken_for_a_later_link_of_that_user():
+    """The app joined 'bot' and announced it in one turn; bot's client linked in a later turn: the link
+    is an input of its own, at its own place."""
+    from dataclasses import replace as with_at
+
+    from .factories import Events
+
+    ev = Events()
+    log = [ev.listen(), ev.join("ann"), ev.link("ann")]
+    app_turn = [ev.join("bot"), ev.broadcast({"type": "t/seat", "payload": "bot"})]
+    log += [with_at(event, at=app_turn[0].at) for event in app_turn]
+    log += [ev.link("bot")]
+    assert [(step.index, step.action, step.username) for step in plan_inputs(log)] == [
+        (1, "link", "ann"), (5, "link", "bot"),
+    ]
+    # The same events in one turn are one client input: the join listeners' broadcast sits in between.
+    one_turn = [with_at(event, at=log[3].at) for event in log[3:]]
+    assert [(s.index, s.action) for s in plan_inputs(log[:3] + one_turn)] == [(1, "link"), (3, "link")]

@@ -160,3 +160,53 @@ def test_serve_on_a_log_that_does_not_fold_exits_2_and_names_verify(tmp_path, ca
     assert main(["serve", "--port", "0", "--db", str(db)]) == 2
     err = capsys.readouterr().err
     assert "does not fold" in err and "seq 2" in err and "lobby replay verify" in err and "Traceback" not in err
+
+
+async def test_a_cancelled_start_releases_the_lobby(tmp_path, monkeypatch):
+    """A start cancelled while it opens the socket (a slow name lookup, a timeout around it) undoes
+    itself: the same server can start again, and so can another one on the lobby."""
+    import asyncio
+
+    import lobby.server
+
+    real_serve = lobby.server.serve
+
+    async def slow_serve(*args, **kwargs):
+        await asyncio.sleep(10)
+
+    db = str(tmp_path / "lobby.db")
+    server = Server(port=0, db=db, ping_interval=None)
+    monkeypatch.setattr(lobby.server, "serve", slow_serve)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(server.start(), 0.2)
+    assert server.status == "initializing"
+    monkeypatch.setattr(lobby.server, "serve", real_serve)
+    await server.start()
+    await server.close()
+
+
+async def test_a_failing_closing_snapshot_still_closes_and_releases_the_lobby(tmp_path, monkeypatch):
+    db = str(tmp_path / "lobby.db")
+    server = Server(port=0, db=db, ping_interval=None)
+    await server.start()
+    monkeypatch.setattr(server.store, "save_snapshot", _disk_full)
+    await server.close()
+    assert server.status == "closed"
+    again = Server(port=0, db=db, ping_interval=None)
+    await again.start()
+    assert again.core.registry.closed is False and again.core.registry.session == again.session
+    await again.close()
+
+
+def _disk_full(registry) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_db_may_be_a_path_and_host_none_or_a_list(tmp_path):
+    from pathlib import Path
+
+    assert Server(db=Path(tmp_path) / "x.db").config.db == str(Path(tmp_path) / "x.db")
+    assert Server(db=str(tmp_path / "x.db"), host=None).config.host is None
+    assert Server(db=str(tmp_path / "x.db"), host=["127.0.0.1", "::1"]).config.host == ["127.0.0.1", "::1"]
+    with pytest.raises(ValueError, match="host"):
+        Server(db=str(tmp_path / "x.db"), host=[""])
