@@ -3,8 +3,11 @@
 - Schema through sqlite-utils ``Migrations`` (set ``krmx-lobby``); the schema version is the number of
   migrations applied. ``PRAGMA application_id`` marks the file as ours, so another application's
   database is recognised and never touched.
-- WAL journal; ``synchronous=FULL`` by default (in WAL mode ``NORMAL`` may roll back committed
-  transactions after a power loss), ``durability="normal"`` to trade that for speed.
+- WAL journal; ``durability="full"`` by default: every commit is durable (in WAL mode ``NORMAL`` may roll
+  back committed transactions after a power loss), ``durability="normal"`` to trade that for speed. The
+  connection runs at ``synchronous=NORMAL`` and FULL's one extra step, an fsync of the WAL after a
+  commit, is the store's own: right after the commit, or once for several (``append(sync=False)`` then
+  :meth:`EventStore.sync`).
 - ``append`` writes a batch in one transaction (group commit) and assigns gapless, increasing seqs.
   Rows are small (the type is a one-byte code, spelled out by the ``types`` table and the ``log`` view)
   and a batch goes in as few multi-row ``INSERT`` statements, letting SQLite number the rows.
@@ -186,7 +189,7 @@ class EventStore:
             self._load_types()
             if self.path != MEMORY:
                 self.db.enable_wal()
-            self.db.execute(f"PRAGMA synchronous={durability.upper()}")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # FULL's fsync of the WAL: see append and sync
         except sqlite3.Error as error:
             self.db.close()
             raise EventLogError(f"{self.path}: {error}") from None
@@ -334,19 +337,11 @@ class EventStore:
         count = len(events)
         if not count:
             return []
-        conn = self.db.conn
-        deferred = not sync and self.durability == "full" and self.path != MEMORY
-        if deferred:
-            conn.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: commit without fsync
-        try:
-            seqs = self._append(conn, events, count)
-        finally:
-            if deferred:
-                conn.execute("PRAGMA synchronous=FULL")
-        if deferred:
+        seqs = self._append(self.db.conn, events, count)
+        if self.durability == "full" and self.path != MEMORY:
             self._unsynced = True
-        elif self.durability == "full":
-            self._unsynced = False  # a FULL commit fsyncs the WAL, with everything before it
+            if sync:
+                self.sync()
         return seqs
 
     def sync(self) -> None:
