@@ -177,6 +177,8 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         for problem in report.problems:
             _json_line(problem.to_dict())
+        summary = {**report.to_dict(), "kind": "summary", "problems": len(report.problems)}
+        _json_line(summary)  # last line, also for a clean log
     else:
         for problem in report.problems:
             where = f"{problem.lobby}/{problem.session}" if problem.lobby else ""

@@ -146,6 +146,11 @@ class Log:
         if not candidates:
             raise ReplayError(f"{self.path}: the log has no sessions")
         if ref is None or ref == "last":
+            if lobby is None and len({s.lobby for s in candidates}) > 1:
+                raise ReplayError(
+                    f"{self.path}: the log has several lobbies ({', '.join(self.lobbies())}); "
+                    "which one's last session? pick it with --lobby"
+                )
             return candidates[-1]
         exact = [s for s in candidates if s.session == ref]
         found = exact or [s for s in candidates if s.session.startswith(ref)]
@@ -179,22 +184,42 @@ class Log:
     def session_events(self, session: SessionRange, **filters: Any) -> Iterator[Event]:
         return self.read(session.first_seq, session.last_seq, lobby=session.lobby, session=session.session, **filters)
 
-    def at_of(self, seq: int) -> int | None:
-        """``at`` of the first event at or after ``seq`` (``None`` past the end)."""
-        row = self.store.db.execute(
-            "SELECT at FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT 1", [seq, self.upto]
-        ).fetchone()
+    def clock_date(self, lobby: str | None = None) -> int | None:
+        """The time whose UTC date a bare clock time (``21:03``) is on, without a session: the start of the
+        last session (of ``lobby``), as commands show by default."""
+        candidates = [s for s in self.sessions if lobby is None or s.lobby == lobby]
+        return candidates[-1].start if candidates else None
+
+    def at_of(self, seq: int, lobby: str | None = None) -> int | None:
+        """``at`` of the first event (of ``lobby``, if given) at or after ``seq`` (``None`` past the end)."""
+        if lobby is None:
+            row = self.store.db.execute(
+                "SELECT at FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT 1", [seq, self.upto]
+            ).fetchone()
+        else:
+            row = self.store.db.execute(
+                "SELECT at FROM events WHERE seq >= ? AND seq <= ? "
+                "AND sid IN (SELECT sid FROM sessions WHERE lobby = ?) ORDER BY seq LIMIT 1",
+                [seq, self.upto, lobby],
+            ).fetchone()
         return None if row is None else row[0]
 
-    def seq_at_time(self, at: int, session: SessionRange | None = None) -> int:
-        """The last seq whose event happened at or before ``at`` (0 before the log, ``first_seq - 1`` before
-        ``session``). A binary search on the primary key: ``at`` does not decrease along the log of a run."""
+    def seq_at_time(self, at: int, session: SessionRange | None = None, lobby: str | None = None) -> int:
+        """The last seq whose event (of ``session``'s lobby, or of ``lobby``) happened at or before ``at`` (0
+        before the log, ``first_seq - 1`` before ``session``). A binary search on the primary key: ``at``
+        does not decrease along one lobby's events (lobbies sharing a log interleave their clocks), so a
+        log of several lobbies needs the lobby."""
+        if session is not None:
+            lobby = session.lobby
+        elif lobby is None and len(self.lobbies()) > 1:
+            raise ReplayError(f"{self.path}: the log has several lobbies ({', '.join(self.lobbies())}); "
+                              "a time needs one: pick it with --lobby")
         low = session.first_seq if session is not None else 1
         high = min(session.last_seq, self.upto) if session is not None else self.upto
         answer = low - 1
         while low <= high:
             middle = (low + high) // 2
-            found = self.at_of(middle)
+            found = self.at_of(middle, lobby)
             if found is not None and found <= at:
                 answer, low = middle, middle + 1
             else:

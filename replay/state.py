@@ -80,10 +80,15 @@ def point_of(
     if at_seq is not None:
         if not 0 <= at_seq <= log.upto:
             raise ReplayError(f"seq {at_seq} is not in the log (seqs 1..{log.upto}; 0 is before the first event)")
+        if info is not None and not info.first_seq - 1 <= at_seq <= info.last_seq:
+            raise ReplayError(
+                f"seq {at_seq} is not in session {info.session} (seqs {info.first_seq}..{info.last_seq}; "
+                f"{info.first_seq - 1} is before its first event)"
+            )
         return name, at_seq
     if at_time is not None:
-        reference = info.start if info is not None else log.at_of(1)
-        return name, log.seq_at_time(to_microseconds(at_time, reference), info)
+        reference = info.start if info is not None else log.clock_date(name)
+        return name, log.seq_at_time(to_microseconds(at_time, reference), info, name)
     if info is not None:
         return name, info.first_seq - 1 if default == "start" else min(info.last_seq, log.upto)
     return name, 0 if default == "start" else log.upto
@@ -141,7 +146,7 @@ def compare(before: StatePoint, after: StatePoint) -> StateDiff:
         joined=[name for name in new if name not in old],
         left=[name for name in old if name not in new],
         linked=[name for name, linked in new.items() if linked and not old.get(name, False)],
-        unlinked=[name for name, linked in old.items() if linked and not new.get(name, False)],
+        unlinked=[name for name, linked in old.items() if linked and new.get(name) is False],  # left: in left only
     )
 
 

@@ -86,13 +86,15 @@ def select(
         unknown = sorted(wanted_types - EVENT_TYPES.keys())
         if unknown:
             raise ReplayError(f"unknown event type {', '.join(unknown)} (types: {', '.join(EVENT_TYPES)})")
-    reference = info.start if info is not None else log.at_of(1)
+    reference = info.start if info is not None else log.clock_date(lobby)
     since_us = to_microseconds(since, reference) if since is not None else None
     until_us = to_microseconds(until, reference) if until is not None else None
-    if since_us is not None:
-        low = max(low, log.seq_at_time(since_us - 1, info) + 1)
-    if until_us is not None:
-        high = min(high, log.seq_at_time(until_us, info))
+    # Narrow the seqs by time where one lobby's clock orders them; the events are filtered by time anyway.
+    ordered = info is not None or lobby is not None or len(log.lobbies()) <= 1
+    if since_us is not None and ordered:
+        low = max(low, log.seq_at_time(since_us - 1, info, lobby) + 1)
+    if until_us is not None and ordered:
+        high = min(high, log.seq_at_time(until_us, info, lobby))
     return Selection(
         from_seq=low, to_seq=high,
         lobby=info.lobby if info is not None else lobby,

@@ -197,3 +197,45 @@ def test_points_outside_the_log_and_both_forms_are_refused(game_log):
     assert replay.state(game_log, at_time="21:00:30").seq == 3
     with pytest.raises(ReplayError, match="has no date"):
         parse_time("21:00")
+
+
+def _two_lobbies(path: Path) -> None:
+    """Lobbies a and b share a log; b's clock runs behind a's, so times do not follow seqs across lobbies."""
+    a, b = Events(lobby="a", session="sa", at=1_000), Events(lobby="b", session="sb", at=0)
+    events = [a.listen(), b.listen(), a.join("ann"), b.join("bob"), a.link("ann"), b.link("bob"),
+              a.unlink("ann", "dropped"), b.unlink("bob", "dropped")]
+    with EventStore(path) as store:
+        store.append(events)
+
+
+def test_a_time_in_a_log_of_two_lobbies_is_one_lobbys_time(tmp_path):
+    path = tmp_path / "two.db"
+    _two_lobbies(path)
+    # b's events: listen 1, join 2, link 3, unlink 4 (us); a's: 1001..1004. At 3 us bob is linked in b.
+    at = "1970-01-01T00:00:00.000003Z"
+    point = replay.state(path, lobby="b", at_time=at)
+    assert point.seq == 6 and point.registry.users == {"bob": True}
+    assert [e.seq for e in replay.timeline(path, lobby="b", since=at, until=at)] == [6]
+    assert [e.seq for e in replay.timeline(path, since=at, until=at)] == [6]  # every lobby: filtered by time
+    with pytest.raises(ReplayError, match="several lobbies"):
+        replay.state(path, at_time=at)
+    with pytest.raises(ReplayError, match="several lobbies"):
+        list(replay.step(path))  # which lobby's last session?
+    diff = replay.diff(path, lobby="a", from_seq=5, to_seq=7)
+    assert (diff.linked, diff.unlinked, diff.left) == ([], ["ann"], [])
+
+
+def test_a_seq_outside_the_named_session_is_refused(game_log):
+    first, second = replay.sessions(game_log)
+    with pytest.raises(ReplayError, match=f"not in session {first.session}"):
+        replay.state(game_log, session=first.session, at_seq=second.last_seq)
+    assert replay.state(game_log, session=first.session, at_seq=first.first_seq - 1).registry.users == {}
+
+
+def test_a_user_who_left_is_listed_as_left_not_as_unlinked(game_log):
+    first = replay.sessions(game_log)[0]
+    with EventStore.open_readonly(game_log) as store:
+        leave = next(e for e in store.read(session=first.session) if e.type == "leave" and e.reason == "requested")
+    diff = replay.diff(game_log, from_seq=leave.seq - 2, to_seq=leave.seq)  # linked at the start
+    assert diff.before.registry.users[leave.username] is True
+    assert leave.username in diff.left and leave.username not in diff.unlinked

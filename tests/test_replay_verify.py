@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import orjson
+
 import replay
 from events import EventStore
 from lobby.cli import main
@@ -99,7 +101,12 @@ def test_live_takes_the_last_open_session_as_running(tmp_path, capsys):
     live = replay.verify(path, live=True)
     assert live.ok and live.running == ["main/s1"]
     assert main(["replay", "verify", str(path), "--live", "--json"]) == 0
+    (summary,) = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert summary == {"kind": "summary", "path": str(path), "ok": True, "events": 3, "last_seq": 3,
+                       "sessions": 1, "running": ["main/s1"], "problems": 0}
     assert main(["replay", "verify", str(path), "--json"]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines == ['{"seq":3,"kind":"never-closed","lobby":"main","session":"s1","message":'
-                     + lines[0].split('"message":', 1)[1]]
+    assert lines[0] == ('{"seq":3,"kind":"never-closed","lobby":"main","session":"s1","message":'
+                        + lines[0].split('"message":', 1)[1])
+    assert orjson.loads(lines[1]) == {"kind": "summary", "path": str(path), "ok": False, "events": 3,
+                                      "last_seq": 3, "sessions": 1, "running": [], "problems": 1}
