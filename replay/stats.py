@@ -134,6 +134,10 @@ class _SessionFold:
             self.user(name)
             if linked:  # only after a crash: linked until the recovery unlinks them
                 self.linked_since[name] = summary.start
+        # A recovery unlink is dated at the restart, but its users dropped at the crash: the last event of
+        # the session before (the best bound the log has), from which their time to relink counts.
+        before = [s for s in log.sessions if s.lobby == summary.lobby and s.first_seq < summary.first_seq]
+        self.crashed_at = before[-1].last_at if before else None
 
     def user(self, name: str) -> UserStats:
         found = self.result.users.get(name)
@@ -161,7 +165,8 @@ class _SessionFold:
             user.linked_us += event.at - self.linked_since.pop(name, event.at)  # type: ignore[arg-type]
             if reason not in NOT_DROPS:
                 user.drops[reason] += 1
-                self.dropped_at[name] = event.at  # type: ignore[index]
+                recovered = reason == "recovered" and self.crashed_at is not None
+                self.dropped_at[name] = self.crashed_at if recovered else event.at  # type: ignore[index]
         elif kind == "leave":
             self.user(name).left = event.reason  # type: ignore[arg-type, attr-defined]
             self.dropped_at.pop(name, None)  # type: ignore[arg-type]
@@ -187,9 +192,8 @@ def stats(path: str | os.PathLike[str], session: str | None = None, *, lobby: st
         if session is not None:
             chosen = [log.session(session, lobby)]
         else:
-            if lobby is not None:
-                log.lobby(lobby)
-            chosen = [s for s in log.sessions if lobby is None or s.lobby == lobby]
+            log.lobby(lobby)  # one lobby: users of different lobbies are different users, even of one name
+            chosen = [s for s in log.sessions if s.lobby == log.lobby(lobby)]
         total = sum(min(s.last_seq, log.upto) - s.first_seq + 1 for s in chosen)
         folds: dict[tuple[str, str], _SessionFold] = {}
 

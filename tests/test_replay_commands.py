@@ -223,3 +223,24 @@ def test_a_damaged_row_or_an_unknown_type_is_one_line_naming_its_seq(tmp_path, c
     assert code == 2 and "seq 4: cannot read this event" in err and "Traceback" not in err
     code, _, err = run(capsys, "verify", path)
     assert code == 2 and "seq 1: cannot read this event (data is not a JSON object" in err
+
+
+def test_time_to_relink_after_a_crash_counts_from_the_crash(crash_log):
+    """The recovery unlink is dated at the restart; bob was gone since the crashed session's last event."""
+    db, _ = crash_log
+    crashed, restarted = replay.sessions(db)
+    with EventStore.open_readonly(db) as store:
+        relink = next(e for e in store.read(session=restarted.session) if e.type == "link" and e.username == "bob")
+    report = replay.stats(db, restarted.session)
+    assert report.sessions[0].users["bob"].relinks_us == [relink.at - crashed.last_at]
+    assert crashed.last_at < restarted.start
+
+
+def test_stats_of_every_session_needs_one_lobby(tmp_path, capsys):
+    a, b = Events(lobby="a", session="sa"), Events(lobby="b", session="sb")
+    path = tmp_path / "two.db"
+    with EventStore(path) as store:
+        store.append([a.listen(), b.listen(), a.join("bot1"), b.join("bot1")])
+    code, _, err = run(capsys, "stats", path)
+    assert code == 2 and "several lobbies" in err
+    assert [s.summary.lobby for s in replay.stats(path, lobby="b").sessions] == ["b"]
