@@ -247,10 +247,23 @@ def open_log(path: str | os.PathLike[str]) -> Log:
 _CLOCK = re.compile(r"^\d{1,2}:\d{2}(:\d{2}(\.\d{1,6})?)?$")
 
 
-def parse_time(text: str, reference: int | None = None) -> int:
+_FRACTION = re.compile(r":\d{2}\.(\d{1,6})(?!\d)")
+
+
+def parse_time(text: str, reference: int | None = None, *, end: bool = False) -> int:
     """UTC microseconds from an ISO 8601 time (``2026-11-27T21:03:00Z``; no zone means UTC) or a clock
-    time (``21:03``, ``21:03:00.5``) on the UTC date of ``reference`` (microseconds)."""
+    time (``21:03``, ``21:03:00.5``) on the UTC date of ``reference`` (microseconds).
+
+    ``end``: for an upper bound or a point, a time given to a fraction of a second names the whole of its
+    last digit (``21:03:00.531`` is up to ``21:03:00.531999``), so a time pasted from the millisecond
+    output includes the events printed with it."""
     text = text.strip()
+    fraction = _FRACTION.search(text)
+    widen = 10 ** (6 - len(fraction.group(1))) - 1 if end and fraction else 0
+    return _parse_time(text, reference) + widen
+
+
+def _parse_time(text: str, reference: int | None) -> int:
     if _CLOCK.match(text):
         if reference is None:
             raise ReplayError(f"time {text!r} has no date; give a full time like 2026-11-27T{text}")

@@ -88,7 +88,7 @@ def point_of(
         return name, at_seq
     if at_time is not None:
         reference = info.start if info is not None else log.clock_date(name)
-        return name, log.seq_at_time(to_microseconds(at_time, reference), info, name)
+        return name, log.seq_at_time(to_microseconds(at_time, reference, end=True), info, name)
     if info is not None:
         return name, info.first_seq - 1 if default == "start" else min(info.last_seq, log.upto)
     return name, 0 if default == "start" else log.upto

@@ -17,14 +17,15 @@ __all__ = ["Selection", "select", "timeline", "to_microseconds"]
 Moment = str | int | datetime
 
 
-def to_microseconds(value: Moment, reference: int | None = None) -> int:
-    """UTC microseconds from a datetime, an int (already microseconds) or a string (see ``parse_time``)."""
+def to_microseconds(value: Moment, reference: int | None = None, *, end: bool = False) -> int:
+    """UTC microseconds from a datetime, an int (already microseconds) or a string (see ``parse_time``,
+    and its ``end``)."""
     if isinstance(value, datetime):
         moment = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
         return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
     if isinstance(value, int):
         return value
-    return parse_time(value, reference)
+    return parse_time(value, reference, end=end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ def select(
             raise ReplayError(f"unknown event type {', '.join(unknown)} (types: {', '.join(EVENT_TYPES)})")
     reference = info.start if info is not None else log.clock_date(lobby)
     since_us = to_microseconds(since, reference) if since is not None else None
-    until_us = to_microseconds(until, reference) if until is not None else None
+    until_us = to_microseconds(until, reference, end=True) if until is not None else None
     # Narrow the seqs by time where one lobby's clock orders them; the events are filtered by time anyway.
     ordered = info is not None or lobby is not None or len(log.lobbies()) <= 1
     if since_us is not None and ordered:

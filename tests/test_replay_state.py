@@ -239,3 +239,15 @@ def test_a_user_who_left_is_listed_as_left_not_as_unlinked(game_log):
     diff = replay.diff(game_log, from_seq=leave.seq - 2, to_seq=leave.seq)  # linked at the start
     assert diff.before.registry.users[leave.username] is True
     assert leave.username in diff.left and leave.username not in diff.unlinked
+
+
+def test_a_time_pasted_from_the_millisecond_output_includes_its_events(tmp_path):
+    """Times print to the millisecond; as an upper bound or a point, ``.531`` means up to ``.531999``."""
+    ev = Events(at=1_795_824_886_531_000)  # events at .531001, .531002, ...
+    path = tmp_path / "ms.db"
+    with EventStore(path) as store:
+        store.append([ev.listen(), ev.join("bot4"), ev.link("bot4")])
+    printed = "2026-11-28T00:14:46.531Z"
+    assert [e.seq for e in replay.timeline(path, since=printed, until=printed)] == [1, 2, 3]
+    assert replay.state(path, at_time=printed).registry.users == {"bot4": True}
+    assert replay.state(path, at_time="2026-11-28T00:14:46.531001Z").seq == 1  # microseconds: exact
