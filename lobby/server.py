@@ -113,9 +113,9 @@ class Server:
         """Register ``listener`` for ``event``; without a listener, return a decorator.
 
         Listeners: ``listen(port)``, ``authenticate(username, info)`` (return ``None`` or ``True`` to accept;
-        raise, return ``False`` or return a reason string to reject; may be async, see ``auth_timeout``), ``join(username)``, ``link(username)``,
-        ``message(username, message)``, ``unlink(username)``, ``leave(username)``, ``close()``, and
-        ``event(event)`` for every committed :class:`events.Event`.
+        raise, return ``False`` or return a reason string to reject; may be async, see ``auth_timeout``),
+        ``join(username)``, ``link(username)``, ``message(username, message)``, ``unlink(username)``,
+        ``leave(username)``, ``close()``, and ``event(event)`` for every committed :class:`events.Event`.
         """
         if event not in LISTENER_EVENTS:
             raise ValueError(f"unknown server event {event!r}; expected one of {', '.join(LISTENER_EVENTS)}")

@@ -256,17 +256,16 @@ class _Driver:
         or between the app's; ``None`` when both sides are equal."""
         found: list[tuple[int, Event | None, Event | None]] = []
         for side in ("message",), ("send", "broadcast"):
-            olds = [self.old[i] for i in range(start, old_end) if self.old[i].type in side]
-            olds_at = [i for i in range(start, old_end) if self.old[i].type in side]
+            olds = [i for i in range(start, old_end) if self.old[i].type in side]
             news = [self.new[i] for i in range(start, new_end) if self.new[i].type in side]
             for k in range(max(len(olds), len(news))):
-                old = olds[k] if k < len(olds) else None
+                old = self.old[olds[k]] if k < len(olds) else None
                 new = news[k] if k < len(news) else None
                 if old is None or new is None or comparable(old) != comparable(new):
                     if old is None:  # the new run has more: say what the old log had next instead
                         found.append((old_end, self.old[old_end] if old_end < len(self.old) else None, new))
                     else:
-                        found.append((olds_at[k], old, new))
+                        found.append((olds[k], old, new))
                     break
         if not found:
             return None

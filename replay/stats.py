@@ -192,8 +192,8 @@ def stats(path: str | os.PathLike[str], session: str | None = None, *, lobby: st
         if session is not None:
             chosen = [log.session(session, lobby)]
         else:
-            log.lobby(lobby)  # one lobby: users of different lobbies are different users, even of one name
-            chosen = [s for s in log.sessions if s.lobby == log.lobby(lobby)]
+            name = log.lobby(lobby)  # one lobby: users of different lobbies differ, even of one name
+            chosen = [s for s in log.sessions if s.lobby == name]
         total = sum(min(s.last_seq, log.upto) - s.first_seq + 1 for s in chosen)
         folds: dict[tuple[str, str], _SessionFold] = {}
 
