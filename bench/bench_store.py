@@ -5,7 +5,9 @@
 Prints, in one run, side by side:
   (a) append throughput of our store at FULL and NORMAL durability with batches of 1, 64 and 1024 events;
   (c) the same workload through the ``eventsourcing`` library's SQLite recorder (one ``insert_events`` call
-      per batch, so the same group commit);
+      per batch, so the same group commit); each batch size is measured in rounds that run the three in
+      turn, and the ratio printed is the median of the rounds' own ratios, so that the machine's drift
+      (20-40% between runs here) hits both stores alike;
   (b) the time to rebuild the registry of a 1,000,000-event log: the start-up path (``load_registry``:
       the latest snapshot, then the lifecycle events of the tail), the same without any snapshot (a log
       written before snapshots existed), and a full fold of every event, custom messages included, as
@@ -19,6 +21,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -125,23 +128,36 @@ def build_big_log(path: Path, count: int, snapshot_every: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000, help="size of the log to rebuild")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per append measurement")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per append measurement")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds per batch size; each runs ours FULL, eventsourcing and ours NORMAL in turn")
     parser.add_argument("--snapshot-every", type=int, default=10_000)
     parser.add_argument("--dir", default=None, help="folder for the logs (default: a temporary folder)")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
     try:
         print(f"# python bench/bench_store.py {' '.join(argv or sys.argv[1:])}  (logs in {folder})")
-        print("\n(a, c) append throughput, events/s (higher is better)")
-        print(f"{'batch':>6} {'ours FULL':>12} {'ours NORMAL':>12} {'eventsourcing':>14} {'ours FULL / es':>15}")
+        print(f"\n(a, c) append throughput, events/s (higher is better): medians of {args.rounds} rounds, each")
+        print("running the three in turn, so that the machine's drift hits them alike; the ratio is the median")
+        print("of the rounds' own ratios")
+        print(f"{'batch':>6} {'ours FULL':>12} {'ours NORMAL':>12} {'eventsourcing':>14} {'ours FULL / es':>15}"
+              "  per round")
         for batch in BATCHES:
-            seconds = args.seconds if batch > 1 else min(args.seconds, 1.0)
-            full = time_ours(folder, "full", batch, seconds)
-            normal = time_ours(folder, "normal", batch, seconds)
-            es = time_eventsourcing(folder, batch, seconds)
-            es_text = f"{es:14,.0f}" if es else f"{'not installed':>14}"
-            ratio = f"{full / es:15.2f}" if es else f"{'-':>15}"
-            print(f"{batch:>6} {full:12,.0f} {normal:12,.0f} {es_text} {ratio}")
+            seconds = args.seconds if batch > 1 else min(args.seconds, 0.5)
+            full, normal, es = [], [], []
+            for _ in range(args.rounds):
+                full.append(time_ours(folder, "full", batch, seconds))
+                es.append(time_eventsourcing(folder, batch, seconds))  # right after FULL: the pair it is compared to
+                normal.append(time_ours(folder, "normal", batch, seconds))
+            if es[0] is None:
+                es_text, ratio, rounds = f"{'not installed':>14}", f"{'-':>15}", ""
+            else:
+                ratios = [f / e for f, e in zip(full, es)]
+                es_text = f"{statistics.median(es):14,.0f}"
+                ratio = f"{statistics.median(ratios):15.2f}"
+                rounds = "  " + " ".join(f"{r:.2f}" for r in ratios)
+            print(f"{batch:>6} {statistics.median(full):12,.0f} {statistics.median(normal):12,.0f} {es_text} {ratio}"
+                  f"{rounds}")
 
         path = folder / "big.db"
         start = time.perf_counter()
