@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from .errors import ClientError
-from .protocol import PROTOCOL_VERSION
+from .protocol import PROTOCOL_VERSION, loads
 
 __all__ = [
     "ClientProtocol",
@@ -275,7 +275,7 @@ class ClientProtocol:
         - Any other message: ``message(message)`` while ``linked``, otherwise dropped with a warning.
         """
         try:
-            message = orjson.loads(data)
+            message = loads(data)
         except orjson.JSONDecodeError:
             self._warn(f"ignored a frame from the server that is not JSON: {data[:100]!r}")
             return

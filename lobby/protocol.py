@@ -105,16 +105,63 @@ Effect = Record | SendFrame | CloseConnection | Authenticate | Resume
 # -- frames -------------------------------------------------------------------------------------------------
 
 
-def parse_frame(data: str | bytes) -> dict[str, Any] | None:
-    """A Krmx message, or ``None`` when the frame is not a JSON object with a string ``type`` (strict JSON;
-    binary frames are UTF-8 like text frames; nesting deeper than orjson's 1024 levels is invalid)."""
+#: Nesting levels a message may have (the frame's object is level 1). Game payloads stay far below it; the
+#: log stores a message one level deeper, and orjson writes at most 254 levels (it reads 1024).
+MAX_DEPTH = 128
+
+# A JSON string escape in the raw text: an escaped backslash (skipped, so that ``\\\\ud83d`` is no escape),
+# a surrogate pair (kept), or a lone surrogate (the group: replaced).
+_SURROGATE_ESCAPES = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
+)
+
+
+def _replace_lone_surrogate(match: re.Match[bytes]) -> bytes:
+    return b"\\ufffd" if match.group(1) else match.group(0)
+
+
+def loads(data: str | bytes) -> Any:
+    """``orjson.loads``, except that a lone UTF-16 surrogate escape (``"\\ud83d"``, what JavaScript's
+    ``JSON.stringify`` writes for half an emoji, and the reference server passes on) reads as U+FFFD, the
+    replacement character: the log and every frame stay valid UTF-8. Raises ``orjson.JSONDecodeError``."""
     try:
-        message = orjson.loads(data)
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
+        fixed = _SURROGATE_ESCAPES.sub(_replace_lone_surrogate, raw) if b"\\u" in raw else raw
+        if fixed == raw:
+            raise
+        return orjson.loads(fixed)
+
+
+def parse_frame(data: str | bytes) -> dict[str, Any] | None:
+    """A Krmx message, or ``None`` when the frame is not a JSON object with a string ``type`` (strict JSON, see
+    :func:`loads`; binary frames are UTF-8 like text frames; nesting deeper than :data:`MAX_DEPTH` is invalid)."""
+    try:
+        message = loads(data)
     except orjson.JSONDecodeError:
         return None
-    if type(message) is not dict or type(message.get("type")) is not str:
+    if type(message) is not dict or type(message.get("type")) is not str or too_deep(message, data):
         return None
     return message
+
+
+def too_deep(value: Any, text: str | bytes) -> bool:
+    """Whether ``value`` (``text`` as JSON) nests deeper than :data:`MAX_DEPTH`. Counting the brackets of the
+    text answers almost every message at C speed: fewer of them than the limit cannot nest that deep."""
+    opening = b"[{" if isinstance(text, bytes) else "[{"
+    if text.count(opening[0:1]) + text.count(opening[1:2]) <= MAX_DEPTH:
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if type(item) is dict else item
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                if depth + 1 > MAX_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def encode(type_: str, payload: Any = None) -> bytes:
@@ -574,6 +621,9 @@ class ServerProtocol:
         if message["type"].startswith("krmx/"):
             raise ServerError(f"the krmx/ prefix is reserved for the protocol: {message['type']!r}")
         try:
-            return dumps(message)
+            data = dumps(message)
         except TypeError as error:
             raise ServerError(f"message is not JSON-serialisable: {error}") from None
+        if too_deep(message, data):
+            raise ServerError(f"message nests deeper than {MAX_DEPTH} levels")
+        return data

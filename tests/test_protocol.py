@@ -16,8 +16,10 @@ import orjson
 import pytest
 
 from events import Close, Join, Link, Unlink, rebuild
+from events.model import encode_data
 from lobby.errors import ServerError
 from lobby.protocol import (
+    MAX_DEPTH,
     Authenticate,
     CloseConnection,
     Record,
@@ -666,6 +668,54 @@ def test_custom_message_from_linked_connection_is_recorded_whole(three, message)
     assert three.take() == {}
 
 
+def nested(depth: int) -> dict:
+    """A message nesting ``depth`` levels, its own object included."""
+    payload: list = []
+    for _ in range(depth - 2):
+        payload = [payload]
+    return {"type": "app/deep", "payload": payload}
+
+
+def test_nesting_up_to_the_limit_is_a_message_and_beyond_it_unlinks(three):
+    """MAX_DEPTH levels are a message; one more is invalid (the log stores a message one level deeper, and
+    orjson cannot write past 254: a frame it could read but not log would stop the server)."""
+    three.frame("a", nested(MAX_DEPTH))
+    assert three.new_events() == [("message", "alice", nested(MAX_DEPTH))]
+    assert encode_data(three.events[-1])  # the log can write it
+    three.frame("a", nested(MAX_DEPTH + 1))
+    assert three.new_events() == [("unlink", "alice", "invalid message")]
+
+
+def test_nesting_is_counted_in_structure_not_in_brackets_of_strings(three):
+    message = {"type": "app/text", "payload": "[{" * 500}
+    three.frame("a", message)
+    assert three.new_events() == [("message", "alice", message)]
+
+
+@pytest.mark.parametrize(
+    ("raw", "payload"),
+    [
+        (rb'"hi \ud83d"', "hi \ufffd"),  # a lone high surrogate: half an emoji, as JSON.stringify writes it
+        (rb'"\uDE00 x"', "\ufffd x"),  # a lone low surrogate, in capitals
+        (rb'"\ud83d\ude00 \ud83d"', "\U0001f600 \ufffd"),  # a pair stays an emoji
+        (rb'"\\ud83d"', "\\ud83d"),  # an escaped backslash, then plain text
+    ],
+    ids=repr,
+)
+def test_lone_surrogate_escapes_read_as_the_replacement_character(three, raw, payload):
+    """The reference server passes lone surrogates on (JSON.parse takes them); orjson refuses them. They
+    become U+FFFD, so the message is delivered and the log and frames stay valid UTF-8."""
+    three.frame("a", b'{"type":"chat/say","payload":' + raw + b"}")
+    assert three.new_events() == [("message", "alice", {"type": "chat/say", "payload": payload})]
+    assert encode_data(three.events[-1])
+
+
+@pytest.mark.parametrize("data", [rb'{"type":"chat/say","payload":"\Ud83d"}', rb'{"type":"a/b","p":"\ud83d"} x'])
+def test_invalid_json_stays_invalid_around_a_lone_surrogate(three, data):
+    three.frame("a", data)
+    assert three.new_events() == [("unlink", "alice", "invalid message")]
+
+
 def test_binary_custom_message_is_handled_like_text(three):
     three.frame("a", b'{"type":"app/bin","payload":[1,2]}')
     assert three.new_events() == [("message", "alice", {"type": "app/bin", "payload": [1, 2]})]
@@ -808,6 +858,8 @@ def test_server_broadcast_with_skip(three, skip, receivers):
         ("broadcast", ({"type": 1},), "string 'type'"),
         ("broadcast", ("app/x",), "string 'type'"),
         ("broadcast", ({"type": "app/x", "payload": object()},), "not JSON-serialisable"),
+        ("send", ("alice", nested(MAX_DEPTH + 1)), "deeper than 128"),
+        ("broadcast", (nested(MAX_DEPTH + 1),), "deeper than 128"),
         ("listen", ("s2",), "cannot start listening when the server is listening"),
     ],
 )
@@ -1129,17 +1181,12 @@ def test_broadcast_while_closing_does_not_leak_an_inconsistent_event():
         lobby.call("send", "alice", {"type": "app/bye"})
 
 
-@pytest.mark.parametrize(
-    "extra",
-    ['"n":1e400', '"note":"\\ud800"'],
-    ids=["number beyond double range", "lone surrogate escape"],
-)
-def test_json_beyond_our_documented_limits_is_an_invalid_message(lobby, extra):
-    """RFC 8259 lets a parser limit number range (section 6) and leaves unpaired surrogates unpredictable
-    (section 8.2). We refuse both as 'invalid message': such a value could not be written to the log or sent
-    back out (orjson writes neither), so accepting it would turn a client's frame into a failed commit."""
+def test_a_number_beyond_the_range_of_a_double_is_an_invalid_message(lobby):
+    """RFC 8259 lets a parser limit number range (section 6). We refuse it as 'invalid message': such a value
+    could not be written to the log or sent back out (orjson writes no infinity), so accepting it would turn a
+    client's frame into a failed commit. (Unpaired surrogates, section 8.2, read as U+FFFD: see above.)"""
     lobby.connect("a")
-    lobby.frame("a", '{"type":"krmx/link","payload":{"username":"bob","version":"0.5.4",' + extra + "}}")
+    lobby.frame("a", '{"type":"krmx/link","payload":{"username":"bob","version":"0.5.4","n":1e400}}')
     assert lobby.take() == {"a": [rejected("invalid message")]}
 
 

@@ -222,7 +222,10 @@ async def test_hostile_frames_from_an_unlinked_connection(server, frame, answer)
         ('{"type": "krmx/whatever"}', "reserved type"),
         ('{"type": "krmx/link", "payload": {"username": "x", "version": "0.5.4"}}', "link while linked"),
         ('{"type": "krmx/unlink"}', "requested"),
+        # orjson reads 1024 levels but writes 254: logging this one would fail and stop the server
+        ('{"type": "game/deep", "payload": ' + "[" * 300 + "]" * 300 + "}", "invalid message"),
     ],
+    ids=lambda value: repr(value)[:40],
 )
 async def test_hostile_frames_from_a_linked_connection_unlink_it(server, frame, reason):
     honest = await Raw.open(url(server))
@@ -257,6 +260,16 @@ async def test_a_frame_over_the_size_limit_closes_only_that_connection(tmp_path)
             assert list(store.read(types=["unlink"]))[-1].reason == "frame too large"
     finally:
         await server.close()
+
+
+async def test_a_lone_surrogate_escape_is_echoed_as_the_replacement_character(server):
+    """As JSON.stringify writes half an emoji; the reference passes it on, we read it as U+FFFD."""
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    await alice.send_raw('{"type": "test/echo", "payload": "hi \\ud83d"}')
+    assert await alice.next() == {"type": "test/echoed", "payload": "hi \ufffd"}
+    with EventStore.open_readonly(server.config.db) as store:
+        assert list(store.read(types=["message"]))[-1].message["payload"] == "hi \ufffd"
 
 
 async def test_frames_of_4_mib_are_handled_by_default(server):
