@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import DATA_OPCODES, Opcode
+from websockets.protocol import State
 
 if TYPE_CHECKING:
     from .server import Server
@@ -56,6 +57,9 @@ class LobbyConnection(ServerConnection):
     lobby_queued = 0
     lobby_tokens = 0.0
     lobby_refilled = 0.0
+    #: Frames that came before the handshake was answered, for the lobby once the connection opens.
+    lobby_early: list[bytes] | None = None
+    lobby_early_bytes = 0
     _fragments: list[bytes] | None = None
 
     def process_event(self, event: Any) -> None:
@@ -74,6 +78,17 @@ class LobbyConnection(ServerConnection):
                 return
             data = b"".join(self._fragments)
             self._fragments = None
+        if self.protocol.state is State.CONNECTING:
+            # Sent right behind the upgrade request, before the handshake is answered: kept for the lobby
+            # until the connection opens (dropped if it never does), bounded like unread replies are.
+            self.lobby_early_bytes += len(data)
+            if self.lobby_early_bytes > self.lobby_server.config.max_buffer:
+                self.transport.abort()
+                return
+            if self.lobby_early is None:
+                self.lobby_early = []
+            self.lobby_early.append(data)
+            return
         self.lobby_server._frame(self, data)
 
 

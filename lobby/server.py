@@ -332,6 +332,9 @@ class Server:
             ws.response.headers.clear()  # type: ignore[union-attr]
             if self.config.link_deadline is not None:
                 self._loop.call_later(self.config.link_deadline, self._check_linked, ws)
+            early, ws.lobby_early = ws.lobby_early, None
+            for data in early or ():
+                self._frame(ws, data)
 
     def _check_linked(self, ws: LobbyConnection) -> None:
         if not ws.lobby_linked and not ws.lobby_cut and ws.protocol.state is State.OPEN:

@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 from structlog.testing import capture_logs
+from websockets.frames import Frame, Opcode
 
 from events import EventStore, rebuild
 from lobby import Server, ServerError
@@ -260,6 +261,36 @@ async def test_a_frame_over_the_size_limit_closes_only_that_connection(tmp_path)
             assert list(store.read(types=["unlink"]))[-1].reason == "frame too large"
     finally:
         await server.close()
+
+
+async def test_frames_sent_with_the_upgrade_request_are_handled_after_the_handshake(server):
+    """A client may send its link in the same packet as its upgrade request (before the 101): the frame
+    waits for the handshake, then links, and the connection counts once."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    link = orjson.dumps({"type": "krmx/link", "payload": {"username": "early", "version": "0.5.4"}})
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[])
+    )
+    response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert response.startswith(b"HTTP/1.1 101")
+    frame = await asyncio.wait_for(reader.readexactly(2), 5)
+    body = await asyncio.wait_for(reader.readexactly(frame[1]), 5)
+    assert orjson.loads(body) == ACCEPTED
+    for _ in range(50):
+        if server.users == [{"username": "early", "isLinked": True}]:
+            break
+        await asyncio.sleep(0.02)
+    assert server.users == [{"username": "early", "isLinked": True}]
+    assert server.metrics.health()["connections"] == 1
+    writer.close()
+    for _ in range(50):
+        if server.metrics.health()["connections"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert server.metrics.health()["connections"] == 0
+    assert server.users == [{"username": "early", "isLinked": False}]
 
 
 async def test_a_lone_surrogate_escape_is_echoed_as_the_replacement_character(server):
