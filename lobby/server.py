@@ -65,6 +65,9 @@ Listener = Callable[..., Any]
 LISTENER_EVENTS = ("listen", "authenticate", "join", "link", "message", "unlink", "leave", "close", "event")
 #: Inputs of one connection handled in one turn at most (see Server._take_inputs).
 TURN_SHARE = 32
+#: Seconds a close waits for async listeners still running (a ``close`` listener saving the game) before
+#: it cancels them, with a warning for each.
+LISTENER_GRACE = 10.0
 
 
 class Server:
@@ -241,7 +244,20 @@ class Server:
         core.closed()
         self._ws_server.close()
         await self._ws_server.wait_closed()
+        await self._wait_for_listeners()
         self._finish()
+
+    async def _wait_for_listeners(self) -> None:
+        """Let async listeners finish (the loop would cancel them silently once serve() returns)."""
+        if not self._listener_tasks:
+            return
+        _, pending = await asyncio.wait(list(self._listener_tasks), timeout=LISTENER_GRACE)
+        for task in pending:
+            name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+            self._log.warning("listener cancelled at close", listener=name, waited=LISTENER_GRACE)
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
     def _finish(self) -> None:
         if self.store is not None:
@@ -557,6 +573,8 @@ class Server:
             result = listener(*args)
             if result is not None and inspect.isawaitable(result):  # most listeners return None: skip the check
                 task = asyncio.ensure_future(result)
+                if isinstance(task, asyncio.Task):
+                    task.set_name(f"{event.type} listener {getattr(listener, '__qualname__', repr(listener))}")
                 self._listener_tasks.add(task)  # the loop keeps only a weak reference to a task
                 task.add_done_callback(self._listener_tasks.discard)
                 task.add_done_callback(lambda t: self._report_task(t, listener, self._event_log(event)))

@@ -19,6 +19,7 @@ from websockets.frames import Frame, Opcode
 
 from events import EventStore, rebuild
 from lobby import Server, ServerError
+from lobby import server as server_module
 
 from .wsclient import ACCEPTED, Raw, joined, left, linked, rejected, unlinked
 
@@ -415,6 +416,36 @@ async def test_close_kicks_everyone_in_join_order_and_logs_close(tmp_path):
             ("link", None), ("leave", "close"), ("unlink", "close"), ("leave", "close"), ("close", "close"),
         ]
         assert store.sessions()[0].closed
+
+
+async def test_close_waits_for_async_listeners_and_cancels_them_after_the_grace(tmp_path, monkeypatch):
+    """A close listener that saves the game (async) finishes before close() returns; one that outlasts
+    LISTENER_GRACE is cancelled with a warning naming it, not silently by the loop's shutdown."""
+    monkeypatch.setattr(server_module, "LISTENER_GRACE", 0.5)
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    saved: list[str] = []
+
+    @server.on("close")
+    async def save_game() -> None:
+        await asyncio.sleep(0.1)
+        saved.append("game")
+
+    @server.on("leave")
+    async def never_done(username: str) -> None:
+        await asyncio.sleep(60)
+        saved.append(username)
+
+    await server.start()
+    server.join("zed")
+    with capture_logs() as logs:
+        started = time.monotonic()
+        await server.close()
+    assert saved == ["game"]
+    assert time.monotonic() - started < 5
+    cancelled = [entry for entry in logs if entry["event"] == "listener cancelled at close"]
+    assert [entry["listener"] for entry in cancelled] == [
+        "leave listener test_close_waits_for_async_listeners_and_cancels_them_after_the_grace.<locals>.never_done"
+    ]
 
 
 async def test_close_keeping_users_brings_them_back_unlinked(tmp_path):
