@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -84,6 +84,19 @@ class ServerConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < least:
                 raise ValueError(f"{name} must be an integer of at least {least}, not {value!r}")
+        for name in ("accept_new_users", "compression"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if not callable(self.username_predicate):
+            raise ValueError(f"username_predicate must be a function of the username, not {self.username_predicate!r}")
+        if not isinstance(self.query_params, Mapping) or not all(
+            isinstance(name, str) and name and (isinstance(rule, (bool, str)) or callable(rule))
+            for name, rule in self.query_params.items()
+        ):
+            raise ValueError(
+                "query_params must map parameter names to a rule (True: present, False: absent, a string: equal, "
+                f"a function: a predicate), not {self.query_params!r}"
+            )
         if self.max_buffer < self.max_frame_size:
             raise ValueError("max_buffer must be at least max_frame_size (a reply may be that large)")
         if isinstance(self.versions, str) or not self.versions or not all(

@@ -124,6 +124,8 @@ class Server:
             raise ValueError(f"unknown server event {event!r}; expected one of {', '.join(LISTENER_EVENTS)}")
 
         def register(fn: Listener) -> Listener:
+            if not callable(fn):
+                raise ValueError(f"a {event} listener must be a function, not {fn!r}")
             if event == "authenticate" and self._listeners.get("authenticate"):
                 raise ServerError("only one authenticate listener can be registered")
             self._listeners.setdefault(event, []).append(fn)

@@ -82,12 +82,34 @@ def _record(seen: dict, server: Server) -> int:
         {"versions": ()},
         {"lobby": ""},
         {"db": None},
+        {"accept_new_users": "false"},
+        {"compression": "no"},
+        {"username_predicate": "x"},
+        {"query_params": ["token"]},
+        {"query_params": {"token": 5}},
+        {"query_params": {"": True}},
     ],
+    ids=repr,
 )
 def test_bad_options_in_code_raise_a_clear_value_error(tmp_path, options):
     name = next(iter(options))
     with pytest.raises(ValueError, match=name):
         Server(**{"db": str(tmp_path / "lobby.db"), **options})
+
+
+def test_good_query_rules_and_predicates_are_taken(tmp_path):
+    server = Server(db=str(tmp_path / "lobby.db"), accept_new_users=False, username_predicate=str.isalpha,
+                    query_params={"a": True, "b": False, "c": "x", "d": lambda value: value == "1"})
+    assert server.config.query_params["c"] == "x"
+
+
+@pytest.mark.parametrize("event", ["authenticate", "join"])
+def test_a_listener_that_is_not_a_function_is_refused_at_registration(tmp_path, event):
+    server = Server(db=str(tmp_path / "lobby.db"))
+    with pytest.raises(ValueError, match=f"{event} listener must be a function"):
+        server.on(event, "not a function")
+    with pytest.raises(ValueError, match="must be a function"):
+        server.on(event)(5)
 
 
 APP_MODULE = """
