@@ -123,6 +123,7 @@ class Client:
         self._listeners: dict[str, list[Listener]] = {}
         self._catch_all: list[Listener] = []
         self._waiters: list[tuple[Callable[[ClientEvent], bool], asyncio.Future[ClientEvent]]] = []
+        self._event_waiters: set[asyncio.Future[ClientEvent]] = set()  # those of wait_for
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ws: ClientConnection | None = None
@@ -215,11 +216,19 @@ class Client:
         self, event: str, predicate: Callable[..., bool] | None = None, *, timeout: float | None = None
     ) -> tuple[Any, ...]:
         """Wait for the next ``event`` whose arguments satisfy ``predicate``; return its arguments. Raises
-        :class:`TimeoutError` after ``timeout`` seconds."""
+        :class:`TimeoutError` after ``timeout`` seconds, and :class:`ClientError` when the client closes for
+        good first (a close that no relink follows, or ``relink_failed``) or is closed for good already
+        (except for ``connecting`` and ``connect``, which a later ``connect()`` brings)."""
+        if event not in CLIENT_EVENTS:
+            raise ValueError(f"unknown client event {event!r}; expected one of {', '.join(CLIENT_EVENTS)}")
+        if self.status == "closed" and not self.relinking and event not in ("connecting", "connect"):
+            raise ClientError(f"cannot wait for {event!r}: the client is closed (connect() first)")
         future = self._expect(lambda e: e.name == event and (predicate is None or bool(predicate(*e.args))))
+        self._event_waiters.add(future)
         try:
             return (await asyncio.wait_for(future, timeout)).args
         finally:
+            self._event_waiters.discard(future)
             self._forget(future)
 
     def _dispatch(self, event: ClientEvent) -> None:
@@ -246,8 +255,12 @@ class Client:
             stream._put(event)
 
     def _end_streams(self) -> None:
+        """The client closed for good: event streams end, and waiters for an event that will not come fail."""
         for stream in list(self._streams):
             stream._put(_END)
+        for future in self._event_waiters:
+            if not future.done():
+                future.set_exception(ClientError("the client closed for good before the event came"))
 
     def _expect(self, predicate: Callable[[ClientEvent], bool]) -> asyncio.Future[ClientEvent]:
         future: asyncio.Future[ClientEvent] = asyncio.get_running_loop().create_future()
@@ -420,6 +433,11 @@ class Client:
         is not ``connected`` or the connection closes first. A Krmx server always answers; cancelling the
         call (or a timeout around it) leaves the client ``linking`` until that answer comes, and
         ``disconnect(force=True)`` ends any status."""
+        if self.relinking:
+            raise ClientError("cannot link while an automatic relink is in progress (disconnect() first)")
+        await self._link(username, auth)
+
+    async def _link(self, username: str, auth: str | None) -> None:
         frame = self.core.link(username, auth)
         event = await self._request(
             frame, lambda e: e.name == "reject" or (e.name == "link" and e.args[0] == username), "link"
@@ -461,7 +479,7 @@ class Client:
                 try:
                     if self.status == "closed":
                         await self._connect(url)
-                    await asyncio.wait_for(self.link(username, auth), policy.link_timeout)
+                    await asyncio.wait_for(self._link(username, auth), policy.link_timeout)
                 except LinkRejected as rejection:
                     if not policy.retry_rejected(rejection.reason):
                         await self._give_up(f"link rejected: {rejection.reason}")

@@ -11,6 +11,7 @@ import argparse
 import functools
 import importlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -343,8 +344,8 @@ def _quiet_server_logs(path: str | None) -> None:
 
 
 def _redrive(args: argparse.Namespace) -> int:
-    if args.settle <= 0:
-        raise ReplayError("--settle must be positive")
+    if not math.isfinite(args.settle) or args.settle <= 0:
+        raise ReplayError(f"--settle must be a positive number of seconds, not {args.settle}")
     server = load_server(args.app)
     _quiet_server_logs(args.server_log)
     report = redrive(args.db, server, args.session, lobby=args.lobby, settle=args.settle, auth=args.auth,

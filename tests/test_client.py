@@ -542,6 +542,28 @@ async def test_server_close_is_seen_and_not_relinked(krmx):
     assert names == ["unlink", "leave", "unlink", "leave", "close"]
 
 
+async def test_wait_for_fails_when_the_client_closes_for_good_and_refuses_when_closed(our_krmx):
+    """A wait for an event that will never come raises instead of hanging (as streams end)."""
+    simon = await our_krmx.linked("simon")
+    waiter = asyncio.ensure_future(simon.client.wait_for("message"))
+    await asyncio.sleep(0)
+    await our_krmx.server.stop()
+    with pytest.raises(ClientError, match="closed for good"):
+        await asyncio.wait_for(waiter, WAIT)
+    with pytest.raises(ClientError, match="client is closed"):
+        await simon.client.wait_for("message", timeout=WAIT)
+    connecting = asyncio.ensure_future(simon.client.wait_for("connecting", timeout=WAIT))
+    await asyncio.sleep(0)
+    assert not connecting.done()  # a later connect() brings it
+    connecting.cancel()
+
+
+async def test_wait_for_an_unknown_event_is_refused(our_krmx):
+    simon = await our_krmx.linked("simon")
+    with pytest.raises(ValueError, match="unknown client event 'messages'"):
+        await simon.client.wait_for("messages", timeout=WAIT)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Automatic relink.
 
@@ -637,6 +659,8 @@ async def test_disconnect_stops_a_relink_in_progress(krmx):
     krmx.proxy.refusing = True
     krmx.proxy.cut()
     await simon.next_event("relinking", lambda attempt, delay: attempt == 2, after=mark)
+    with pytest.raises(ClientError, match="relink is in progress"):  # the relink would tear that link down
+        await simon.client.link("other")
     await simon.client.disconnect()
     assert simon.client.status == "closed" and not simon.client.relinking
     assert simon.events[-1]["event"] in ("relink_failed", "close")

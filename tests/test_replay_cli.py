@@ -96,8 +96,9 @@ def test_bad_arguments(game_log, capsys):
     assert code == 2 and err.startswith("lobby replay state: cannot read time 'soon'")
     code, _, err = run(capsys, ["state", game_log, "--lobby", "attic"])
     assert code == 2 and "no lobby 'attic' in this log (lobbies: main)" in err
-    code, _, err = run(capsys, ["redrive", game_log, "--settle", "0"])
-    assert code == 2 and "--settle must be positive" in err
+    for settle in ("0", "nan", "inf", "-1"):  # nan would report false differences, inf would wait forever
+        code, _, err = run(capsys, ["redrive", game_log, "--settle", settle])
+        assert code == 2 and "--settle must be a positive number of seconds" in err
     code, _, err = run(capsys, ["redrive", game_log, "--app", "json"])
     assert code == 2 and "--app must be module:attribute" in err
     assert run(capsys, [])[0] == 2  # `lobby replay` alone: the help, on stderr
