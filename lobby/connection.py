@@ -81,9 +81,13 @@ class LobbyConnection(ServerConnection):
         if self.protocol.state is State.CONNECTING:
             # Sent right behind the upgrade request, before the handshake is answered: kept for the lobby
             # until the connection opens (dropped if it never does), bounded like unread replies are.
+            if self.transport.is_closing():
+                return
             self.lobby_early_bytes += len(data)
             if self.lobby_early_bytes > self.lobby_server.config.max_buffer:
+                self.lobby_early = None
                 self.transport.abort()
+                self.lobby_server._cut_off(None, None, "flood during handshake")
                 return
             if self.lobby_early is None:
                 self.lobby_early = []

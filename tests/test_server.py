@@ -294,6 +294,25 @@ async def test_frames_sent_with_the_upgrade_request_are_handled_after_the_handsh
     assert server.users == [{"username": "early", "isLinked": False}]
 
 
+async def test_frames_beyond_max_buffer_before_the_handshake_cut_the_connection_off(tmp_path):
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, max_buffer=1024,
+                    max_frame_size=1024)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        frame = Frame(Opcode.TEXT, b'{"type":"x/y","payload":"' + b"z" * 700 + b'"}').serialize(mask=True, extensions=[])
+        writer.write(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" + frame * 3
+        )
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # aborted before any answer
+        assert server.metrics.cutoffs == {"flood during handshake": 1}
+        assert server.metrics.health()["connections"] == 0
+        writer.close()
+    finally:
+        await server.close()
+
+
 async def test_a_lone_surrogate_escape_is_echoed_as_the_replacement_character(server):
     """As JSON.stringify writes half an emoji; the reference passes it on, we read it as U+FFFD."""
     alice = await Raw.open(url(server))
