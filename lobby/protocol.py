@@ -35,6 +35,7 @@ __all__ = [
     "ServerProtocol",
     "Record",
     "SendFrame",
+    "Rejection",
     "CloseConnection",
     "Authenticate",
     "Resume",
@@ -71,6 +72,14 @@ class Record:
 class SendFrame:
     connection: Hashable
     data: bytes
+
+
+@dataclass(slots=True)
+class Rejection(SendFrame):
+    """The ``krmx/rejected`` frame of a link request, with what a log line about it needs."""
+
+    username: str | None = None
+    reason: str = ""
 
 
 @dataclass(slots=True)
@@ -286,9 +295,9 @@ class ServerProtocol:
         assert self.session is not None
         return {"lobby": self.lobby, "session": self.session, "at": self.now}
 
-    def _reject(self, connection: Hashable, reason: str) -> None:
+    def _reject(self, connection: Hashable, reason: str, username: str | None = None) -> None:
         self.rejections[_reason_kind(reason)] += 1
-        self._out.append(SendFrame(connection, rejected(reason)))
+        self._out.append(Rejection(connection, rejected(reason), username, reason))
 
     def _send(self, connection: Hashable, data: bytes) -> None:
         self._out.append(SendFrame(connection, data))
@@ -431,14 +440,14 @@ class ServerProtocol:
         auth: str | None = payload.get("auth")
         if not any(version.startswith(accepted) for accepted in self.versions):
             server = "|".join(f"{accepted}.*" for accepted in self.versions)
-            self._reject(connection, f"krmx server version mismatch (server={server},client={version})")
+            self._reject(connection, f"krmx server version mismatch (server={server},client={version})", username)
             return
         if not self._valid(username):
-            self._reject(connection, "invalid username")
+            self._reject(connection, "invalid username", username)
             return
         reason = self._link_blocker(username)
         if reason is not None:
-            self._reject(connection, reason)
+            self._reject(connection, reason, username)
             return
         if not self.authenticates:
             self._accept(connection, state, username, auth)
@@ -475,7 +484,7 @@ class ServerProtocol:
         if reason is None:
             reason = self._link_blocker(username)
         if reason is not None:
-            self._reject(connection, reason)
+            self._reject(connection, reason, username)
         else:
             self._accept(connection, state, username, auth)
         self._drain(connection, state)
@@ -497,7 +506,7 @@ class ServerProtocol:
         if username in self.registry.users:
             self._link(connection, state, username, auth)
         else:  # a join listener kicked the user before its link
-            self._reject(connection, f"user {username} left before the link completed")
+            self._reject(connection, f"user {username} left before the link completed", username)
         self._drain(connection, state)
         return self._take()
 

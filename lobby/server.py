@@ -45,6 +45,7 @@ from .protocol import (
     CloseConnection,
     Effect,
     Record,
+    Rejection,
     Resume,
     SendFrame,
     ServerProtocol,
@@ -384,7 +385,7 @@ class Server:
         """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
         the cut-off (and the unlink of its user) in the next turn, and the connection is closed."""
         self.metrics.cutoffs[reason] += 1
-        self._log.warning("cut off", connection=label, reason=reason)
+        self._log.warning("cut off", reason=reason, **_whom(ws, label))
         if ws is not None:
             ws.lobby_cut = True
             if reason == "slow consumer":
@@ -472,6 +473,12 @@ class Server:
                         out.append(effect)  # type: ignore[arg-type]
                     elif kind is Record:
                         self._emit(next(committed), next_stage)
+                    elif kind is Rejection:
+                        out.append(effect)  # type: ignore[arg-type]
+                        self._log.info(
+                            "link rejected", reason=effect.reason, username=_shown(effect.username),  # type: ignore[attr-defined]
+                            **_whom(effect.connection),
+                        )
                     elif kind is Resume:
                         next_stage.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
                     else:
@@ -612,8 +619,6 @@ class Server:
             reason = _verdict(result, log)
         finally:
             self._next_stage = saved
-        if reason is not None:
-            log.info("link rejected", reason=reason)
         next_stage.append(core.authenticated(request.connection, request.ticket, reason))
 
     async def _authenticate_later(self, request: Authenticate, pending: Awaitable[Any], log: Any) -> None:
@@ -626,8 +631,6 @@ class Server:
             raise
         except Exception as error:
             reason = _reason(error)
-        if reason is not None:
-            log.info("link rejected", reason=reason)
         request.connection.lobby_authenticating = False  # type: ignore[attr-defined]
         request.connection.lobby_queued = 0  # type: ignore[attr-defined]
         self._submit(
@@ -640,14 +643,14 @@ class Server:
         frames: dict[Hashable, list[bytes]] = {}
         closes: list[CloseConnection] = []
         for item in out:
-            if type(item) is SendFrame:
+            if type(item) is CloseConnection:
+                closes.append(item)
+            else:  # a SendFrame, or a Rejection (a SendFrame too)
                 queue = frames.get(item.connection)
                 if queue is None:
                     frames[item.connection] = [item.data]
                 else:
                     queue.append(item.data)
-            else:
-                closes.append(item)  # type: ignore[arg-type]
         # A broadcast hands the same bytes to every recipient: frame them once. Server frames are unmasked
         # text frames; without extensions (compression off) their wire form depends on the payload only,
         # so they are built here and written directly, after anything websockets itself has queued.
@@ -725,3 +728,17 @@ def _verdict(result: Any, log: Any) -> str | None:
 def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
+
+
+def _shown(username: str | None) -> str | None:
+    """A username as a log line shows it: a rejected one can be anything up to a frame's size."""
+    return username if username is None or len(username) <= 64 else username[:64] + "..."
+
+
+def _whom(ws: Any, label: str | None = None) -> dict[str, Any]:
+    """Which connection a log line is about: its name in the log and the peer's address."""
+    if ws is None:
+        return {"connection": label}
+    peer = ws.transport.get_extra_info("peername") if ws.transport is not None else None
+    remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+    return {"connection": label or ws.lobby_label, "remote": remote}

@@ -342,6 +342,37 @@ async def test_an_app_exception_is_logged_with_its_traceback_and_serving_goes_on
     assert failures[0]["log_level"] == "error" and failures[0]["exc_info"] is True
 
 
+async def test_every_link_rejection_is_logged_once_with_its_reason_user_and_connection(server):
+    """On Saturday, "why can't alice log in" is answered by the log: each rejection, the core's and the app's."""
+
+    @server.on("authenticate")
+    def authenticate(username, info):
+        if username == "mallory":
+            raise PermissionError("banned")
+
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    other = await Raw.open(url(server))
+    with capture_logs() as logs:
+        assert await other.link("alice") == [rejected("user alice is already linked to a connection")]
+        assert await other.link("bob", version="0.4.0") == [
+            rejected("krmx server version mismatch (server=0.5.*|0.6.*,client=0.4.0)")]
+        assert await other.link("mallory") == [rejected("banned")]
+        assert await other.link("x" * 200) == [rejected("invalid username")]
+        await other.send_raw("not json")
+        assert await other.next() == rejected("invalid message")
+    lines = [line for line in logs if line["event"] == "link rejected"]
+    assert [(line["username"], line["reason"]) for line in lines] == [
+        ("alice", "user alice is already linked to a connection"),
+        ("bob", "krmx server version mismatch (server=0.5.*|0.6.*,client=0.4.0)"),
+        ("mallory", "banned"),
+        ("x" * 64 + "...", "invalid username"),
+        (None, "invalid message"),
+    ]
+    assert {line["connection"] for line in lines} == {"c2"}
+    assert all(line["remote"].startswith("127.0.0.1:") for line in lines)
+
+
 # -- authentication ------------------------------------------------------------------------------------------
 
 
