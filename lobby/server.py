@@ -509,7 +509,10 @@ class Server:
         self._since_snapshot += len(seqs)
         if self._since_snapshot >= self.config.snapshot_every:
             self._since_snapshot = 0
-            self.store.save_snapshot(registry)
+            try:
+                self.store.save_snapshot(registry)
+            except Exception as error:  # derived data: the next start folds a longer tail instead
+                self._log.warning("snapshot not written", error=str(error), seq=registry.seq)
         # Stamp the seqs in place: these events are not published yet (no listener or log line has seen
         # them), and a copy of each would cost more than the rest of the turn's bookkeeping.
         for event, seq in zip(events, seqs):

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -371,6 +372,27 @@ async def test_every_link_rejection_is_logged_once_with_its_reason_user_and_conn
     ]
     assert {line["connection"] for line in lines} == {"c2"}
     assert all(line["remote"].startswith("127.0.0.1:") for line in lines)
+
+
+async def test_a_snapshot_that_cannot_be_written_does_not_cost_the_turn(tmp_path, monkeypatch):
+    """A snapshot is derived data: a full disk while writing one is a warning, and the turn's listeners run
+    and its frames leave as usual (it was a traceback, and the turn was dropped)."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, snapshot_every=1))
+    await server.start()
+    try:
+        def disk_full(registry):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(server.store, "save_snapshot", disk_full)
+        alice = await Raw.open(url(server))
+        with capture_logs() as logs:
+            assert (await alice.link("alice"))[0] == ACCEPTED
+            await alice.echo("after the failed snapshot")
+        warnings = [line for line in logs if line["event"] == "snapshot not written"]
+        assert warnings and warnings[0]["error"] == "database or disk is full"
+        assert server.users == [{"username": "alice", "isLinked": True}]
+    finally:
+        await server.close()
 
 
 # -- authentication ------------------------------------------------------------------------------------------
