@@ -285,7 +285,8 @@ class EventStore:
         name = quote(lobby, safe="")
         if len(name) > 64:
             name = hashlib.sha256(lobby.encode()).hexdigest()[:32]
-        lock_path = f"{self.path}-{name}.lock"
+        # Beside the real file: two paths to one log (a symlink per release, say) must meet at one lock.
+        lock_path = f"{os.path.realpath(self.path)}-{name}.lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
@@ -349,7 +350,8 @@ class EventStore:
         if not self._unsynced:
             return
         if self._wal_fd is None:
-            self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+            # SQLite resolves a symlinked log and keeps its WAL beside the real file.
+            self._wal_fd = os.open(os.path.realpath(self.path) + "-wal", os.O_RDONLY)
         os.fsync(self._wal_fd)
         self._unsynced = False
 

@@ -323,6 +323,25 @@ def test_deferred_appends_are_made_durable_by_one_sync(db_path, monkeypatch):
         assert len(synced) == 1
 
 
+def test_a_symlinked_log_syncs_its_real_wal_and_two_paths_to_it_share_one_claim(tmp_path):
+    """The usual deploy layout, releases/N/lobby.db -> shared/lobby.db: SQLite keeps the WAL beside the real
+    file, so that is the one to fsync; and a second path to the same log meets the first one's claim."""
+    (tmp_path / "shared").mkdir()
+    for release in ("a", "b"):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "lobby.db").symlink_to(tmp_path / "shared" / "lobby.db")
+    ev = Events()
+    with EventStore(tmp_path / "a" / "lobby.db") as first:
+        first.claim("main")
+        first.append([ev.listen(), ev.join("alice")])  # FULL: fsyncs the WAL
+        assert (tmp_path / "shared" / "lobby.db-wal").exists()
+        with EventStore(tmp_path / "b" / "lobby.db") as second:
+            with pytest.raises(EventLogError, match="lobby 'main' is in use by another server"):
+                second.claim("main")
+    with EventStore.open_readonly(tmp_path / "b" / "lobby.db") as reader:
+        assert [e.type for e in reader.read()] == ["listen", "join"]
+
+
 def test_load_registry_of_one_lobby_ends_at_its_own_last_event(db_path):
     """Two lobbies share a log: each registry stands at its own lobby's last event (a custom message
     here), not at the other lobby's later events, and equals a full fold of that lobby's events."""
