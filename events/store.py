@@ -242,6 +242,11 @@ class EventStore:
         try:
             app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
             tables = self.db.table_names()
+        except sqlite3.OperationalError as error:  # read-only or missing permissions, not a damaged file
+            raise EventLogError(
+                f"{self.path}: cannot open it ({error}); check the permissions of the file and of its folder "
+                "(SQLite keeps the -wal and -shm files beside the log)"
+            ) from None
         except sqlite3.DatabaseError as error:
             raise EventLogError(f"{self.path}: not an SQLite database ({error})") from None
         if app_id == APPLICATION_ID:

@@ -203,6 +203,26 @@ def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(db_path):
     assert db_path.read_bytes() == before
 
 
+def test_a_log_that_cannot_be_opened_for_permissions_says_so_not_that_it_is_damaged(db_path, monkeypatch):
+    """A read-only folder (SQLite cannot create the -shm file) fails with an OperationalError; the operator
+    must be sent to the permissions, not told the log is not an SQLite database."""
+    EventStore(db_path).close()
+    real_execute = Database.execute
+
+    def readonly(self, sql, *args, **kwargs):
+        if sql == "PRAGMA application_id":
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        return real_execute(self, sql, *args, **kwargs)
+
+    monkeypatch.setattr(Database, "execute", readonly)
+    for open_log in (EventStore, EventStore.open_readonly):
+        with pytest.raises(EventLogError) as error:
+            open_log(db_path)
+        assert "not an SQLite database" not in str(error.value)
+        assert "attempt to write a readonly database" in str(error.value)
+        assert "check the permissions of the file and of its folder" in str(error.value)
+
+
 def test_a_database_of_another_application_is_refused_and_left_alone(db_path):
     other = Database(db_path)
     other["customers"].insert({"name": "Ada"})
