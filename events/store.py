@@ -203,6 +203,7 @@ class EventStore:
         self = cls.__new__(cls)
         self.path = str(path)
         self.readonly = True
+        self.migrated = []
         self.durability = "full"
         if not Path(self.path).exists():
             raise EventLogError(f"{self.path}: no such file")
@@ -271,10 +272,13 @@ class EventStore:
         return False
 
     def _migrate(self) -> None:
-        if migrations.pending(self.db):
+        pending = migrations.pending(self.db)
+        if pending:
             with self.db.atomic():
                 self.db.execute(f"PRAGMA application_id={APPLICATION_ID}")
             migrations.apply(self.db)
+        #: The migrations this open applied (an older log upgraded, or a new log created), for the server's log.
+        self.migrated = [migration.name for migration in pending]
 
     def claim(self, lobby: str) -> None:
         """Take ``lobby`` of this log for this store alone until :meth:`close`: two servers appending one

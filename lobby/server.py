@@ -35,11 +35,12 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.protocol import State
 
 from events import Event, EventLogError, EventStore, InconsistentEvent, now_us
+from events.store import SCHEMA_VERSION
 
 from .config import DEFAULT_MAX_FRAME_SIZE, QueryRule, ServerConfig
 from .connection import LobbyConnection, close_quietly, respond, text_frame, unlink_reason
 from .errors import ServerError
-from .health import METRICS_CONTENT_TYPE, Metrics
+from .health import METRICS_CONTENT_TYPE, VERSION, Metrics
 from .protocol import (
     Authenticate,
     CloseConnection,
@@ -69,6 +70,9 @@ TURN_SHARE = 32
 #: Seconds a close waits for async listeners still running (a ``close`` listener saving the game) before
 #: it cancels them, with a warning for each.
 LISTENER_GRACE = 10.0
+#: The options the start-up line shows, so that the log tells which limits a session ran with.
+_LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "max_connections",
+           "ping_interval", "auth_timeout", "accept_new_users", "compression", "snapshot_every")
 
 
 class Server:
@@ -227,9 +231,13 @@ class Server:
         self._thread = threading.get_ident()
         self._log = structlog.get_logger("lobby").bind(lobby=config.lobby, session=self.session)
         self._log_debug = _debug_enabled(self._log)
+        if self.store.migrated:
+            self._log.info("event log schema", db=str(config.db), applied=self.store.migrated,
+                           version=SCHEMA_VERSION)
         self._log.info(
             "listening", host=config.host, port=self.port, db=str(config.db), users=len(registry.users),
-            recovering=registry.needs_recovery,
+            recovering=registry.needs_recovery, version=VERSION, durability=config.durability,
+            limits={name: getattr(config, name) for name in _LIMITS},
         )
         self._call(self.core.listen, self.session, self.port)
         return self.port
@@ -287,6 +295,7 @@ class Server:
             loop.add_signal_handler(signum, stop.set)
         self._stop_event = stop
         await self.start()
+        self._log.info("serving until SIGINT or SIGTERM", on_stop="keep" if keep_users_on_stop else "close")
         await stop.wait()
         if self.fatal is not None:
             return 1

@@ -395,6 +395,21 @@ async def test_a_snapshot_that_cannot_be_written_does_not_cost_the_turn(tmp_path
         await server.close()
 
 
+async def test_the_start_line_tells_the_version_durability_limits_and_a_schema_change(tmp_path):
+    """Which mode and limits a session ran with, and that a log was created or migrated, is in the log."""
+    db = str(tmp_path / "lobby.db")
+    for expected_schema in (["m001_events", "m002_snapshots"], None):  # a new log, then the same log again
+        server = Server(port=0, db=db, ping_interval=None, durability="normal", max_connections=77)
+        with capture_logs() as logs:
+            await server.start()
+        await server.close()
+        listening = next(line for line in logs if line["event"] == "listening")
+        assert listening["durability"] == "normal" and listening["version"]
+        assert listening["limits"]["max_connections"] == 77 and listening["limits"]["ping_interval"] is None
+        schema = [line["applied"] for line in logs if line["event"] == "event log schema"]
+        assert schema == ([expected_schema] if expected_schema else [])
+
+
 # -- authentication ------------------------------------------------------------------------------------------
 
 

@@ -296,7 +296,10 @@ def test_a_version_1_log_stays_readable_and_is_migrated_on_write(db_path):
     with EventStore(db_path) as store:
         assert "snapshots" in store.db.table_names()
         assert [m.name for m in migrations.applied(store.db)] == ["m001_events", "m002_snapshots"]
+        assert store.migrated == ["m002_snapshots"]  # the server logs it
         assert list(store.load_registry("main").users) == ["alice"]
+    with EventStore(db_path) as store:
+        assert store.migrated == []
 
 
 def test_message_bodies_are_stored_as_json_text(db_path):
