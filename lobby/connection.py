@@ -87,7 +87,7 @@ class LobbyConnection(ServerConnection):
             if self.lobby_early_bytes > self.lobby_server.config.max_buffer:
                 self.lobby_early = None
                 self.transport.abort()
-                self.lobby_server._cut_off(None, None, "flood during handshake")
+                self.lobby_server._cut_off(None, None, "flood during handshake", peer=self)
                 return
             if self.lobby_early is None:
                 self.lobby_early = []

@@ -316,7 +316,7 @@ class Server:
         if url.path != self.config.path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         if len(self._ws_server.connections) >= self.config.max_connections:
-            self._cut_off(None, None, "too many connections")
+            self._cut_off(None, None, "too many connections", peer=connection)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self.config.query_params:
             query = {key: values[-1] for key, values in parse_qs(url.query, keep_blank_values=True).items()}
@@ -390,11 +390,11 @@ class Server:
                 return
         self._submit(ws, lambda: self._require_core().receive(ws, data))
 
-    def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str) -> None:
+    def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str, peer: Any = None) -> None:
         """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
         the cut-off (and the unlink of its user) in the next turn, and the connection is closed."""
         self.metrics.cutoffs[reason] += 1
-        self._log.warning("cut off", reason=reason, **_whom(ws, label))
+        self._log.warning("cut off", reason=reason, **_whom(ws or peer, label))
         if ws is not None:
             ws.lobby_cut = True
             if reason == "slow consumer":

@@ -7,6 +7,7 @@ import urllib.request
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 from websockets.exceptions import InvalidStatus
 
 from events import EventStore, rebuild
@@ -134,9 +135,11 @@ async def test_connections_beyond_the_maximum_are_refused_before_the_upgrade(tmp
     server = await started(tmp_path, max_connections=2)
     try:
         first, second = await Raw.open(url(server)), await Raw.open(url(server))
-        with pytest.raises(InvalidStatus) as refused:
+        with capture_logs() as logs, pytest.raises(InvalidStatus) as refused:
             await Raw.open(url(server))
         assert refused.value.response.status_code == 503
+        [line] = [line for line in logs if line["event"] == "cut off"]
+        assert line["reason"] == "too many connections" and line["remote"].startswith("127.0.0.1:")
         await first.link("first")
         await second.close()
         await first.echo()
