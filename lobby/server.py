@@ -420,38 +420,45 @@ class Server:
             self._turn_scheduled = True
             asyncio.get_running_loop().call_soon(self._turn)
 
-    def _take_inputs(self) -> list[Callable[[], list[Effect]]]:
-        """This turn's inputs: at most TURN_SHARE of each connection's, in their order, so one connection
-        that sent a thousand frames at once delays the others by a share, not by all of them. What is left
-        waits for the next turn, after the loop has read the sockets again."""
-        taken: list[Callable[[], list[Effect]]] = []
+    def _take_inputs(self) -> list[list[Callable[[], list[Effect]]]]:
+        """This turn's inputs in rounds: round k holds the k-th queued input of every connection that has
+        one, so that a connection's next frame meets the state its previous frame's listeners left (frames
+        are handled strictly in order, as one at a time would be), while inputs of different connections
+        share a commit. At most TURN_SHARE rounds: one connection that sent a thousand frames at once delays
+        the others by a share, not by all of them; the rest waits for the next turn, after the loop has
+        read the sockets again."""
+        rounds: list[list[Callable[[], list[Effect]]]] = []
         inbox = self._inbox
         for connection in list(inbox):
             queue = inbox[connection]
-            if len(queue) <= TURN_SHARE:
-                taken.extend(queue)
+            for index in range(min(len(queue), TURN_SHARE)):
+                if index == len(rounds):
+                    rounds.append([])
+                rounds[index].append(queue.popleft())
+            if not queue:
                 del inbox[connection]
-            else:
-                taken.extend(queue.popleft() for _ in range(TURN_SHARE))
         if inbox:
             self._turn_scheduled = True
             asyncio.get_running_loop().call_soon(self._turn)
-        return taken
+        return rounds
 
     def _turn(self) -> None:
         self._turn_scheduled = False
-        inbox = self._take_inputs()
+        rounds = self._take_inputs()
         if self.core is None or self.fatal is not None:
             return
         self.core.now = self._clock()
-        stage = [effects for action in inbox if (effects := action())]
-        if stage:
-            try:
-                self._run(stage)
-            except ServerError:
-                if self.fatal is None:
-                    raise
-                # Logged by _die; the server is down and serve() returns 1.
+        out: list[SendFrame | CloseConnection] = []
+        try:
+            for actions in rounds:
+                stage = [effects for action in actions if (effects := action())]
+                if stage:
+                    self._stages(stage, out)
+            self._send(out)
+        except ServerError:
+            if self.fatal is None:
+                raise
+            # Logged by _die; the server is down and serve() returns 1.
 
     def _call(self, method: Callable[..., list[Effect]], *args: Any, **kwargs: Any) -> None:
         """A server-side call: from inside a listener, it joins the current turn at the listener's place;
@@ -465,13 +472,14 @@ class Server:
             self._next_stage.append(method(*args, **kwargs))
             return
         core.now = self._clock()
-        self._run([method(*args, **kwargs)])
-
-    def _run(self, stage: list[list[Effect]]) -> None:
-        """Commit a turn stage by stage (a stage's listeners run after its commit; what they do is the
-        next stage), sync once, then write the frames in the order they were made. That order is the
-        order of the seqs: stage by stage, and within a stage in the order of its events."""
         out: list[SendFrame | CloseConnection] = []
+        self._stages([method(*args, **kwargs)], out)
+        self._send(out)
+
+    def _stages(self, stage: list[list[Effect]], out: list[SendFrame | CloseConnection]) -> None:
+        """Commit stage by stage (a stage's listeners run after its commit; what they do is the next stage),
+        collecting the frames in ``out`` in the order they were made: the order of the seqs, stage by stage,
+        and within a stage in the order of its events."""
         while stage:
             committed = iter(self._commit([e.event for effects in stage for e in effects if type(e) is Record]))
             next_stage: list[list[Effect]] = []
@@ -493,6 +501,9 @@ class Server:
                     else:
                         self._authenticate(effect, next_stage)  # type: ignore[arg-type]
             stage = next_stage
+
+    def _send(self, out: list[SendFrame | CloseConnection]) -> None:
+        """End a turn: one fsync for all of its commits, then its frames."""
         if self.store is not None:
             try:
                 self.store.sync()  # one fsync per turn: every event of the turn is durable before a frame leaves

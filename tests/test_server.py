@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -408,6 +409,93 @@ async def test_the_start_line_tells_the_version_durability_limits_and_a_schema_c
         assert listening["limits"]["max_connections"] == 77 and listening["limits"]["ping_interval"] is None
         schema = [line["applied"] for line in logs if line["event"] == "event log schema"]
         assert schema == ([expected_schema] if expected_schema else [])
+
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class Wire:
+    """A websocket client on a bare socket: frames sent together go out in one write, so the server reads
+    them together and handles them in one turn."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, server: Server) -> Wire:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(HANDSHAKE)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+        return cls(reader, writer)
+
+    def send(self, *messages: dict) -> None:
+        self.writer.write(
+            b"".join(Frame(Opcode.TEXT, orjson.dumps(m)).serialize(mask=True, extensions=[]) for m in messages)
+        )
+
+    async def next(self) -> Any:
+        head = await asyncio.wait_for(self.reader.readexactly(2), 5)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(await self.reader.readexactly(2), "big")
+        assert head[0] == 0x81, head  # a final text frame
+        return orjson.loads(await self.reader.readexactly(length))
+
+    async def expect(self, *frames: Any) -> None:
+        assert [await self.next() for _ in frames] == list(frames)
+
+
+def link_frame(username: str) -> dict:
+    return {"type": "krmx/link", "payload": {"username": username, "version": "0.5.4"}}
+
+
+@pytest.fixture
+async def ordered(server):
+    """The echo app, plus a greeting on every link and a kick on request."""
+
+    @server.on("link")
+    def greet(username):
+        server.send(username, {"type": "test/greeting", "payload": username})
+
+    @server.on("message")
+    def kick(username, message):
+        if message["type"] == "test/kick":
+            server.kick(message["payload"])
+
+    return server
+
+
+@pytest.mark.parametrize(
+    ("burst", "answers"),
+    [
+        ([{"type": "test/echo", "payload": 1}, {"type": "krmx/unlink"}],
+         [{"type": "test/echoed", "payload": 1}, unlinked("alice")]),
+        ([{"type": "test/kick", "payload": "alice"}, link_frame("alice")],
+         [unlinked("alice"), left("alice"), ACCEPTED, joined("alice"), linked("alice"),
+          {"type": "test/greeting", "payload": "alice"}]),
+        ([{"type": "test/kick", "payload": "alice"}, {"type": "test/echo", "payload": 1}],
+         [unlinked("alice"), left("alice"), rejected("unlinked connection")]),
+        ([{"type": "krmx/unlink"}, link_frame("bob"), {"type": "krmx/unlink"}],
+         [unlinked("alice"), ACCEPTED, joined("alice"), joined("bob"), linked("bob"),
+          {"type": "test/greeting", "payload": "bob"}, unlinked("bob")]),
+    ],
+    ids=["echo then unlink", "kicked then link", "kicked then echo", "unlink, link, unlink"],
+)
+async def test_frames_read_together_are_handled_in_order_each_after_the_listeners_of_the_last(
+    ordered, burst, answers
+):
+    """KRMX.md: a connection's frames are handled strictly in order. Frames that arrive together meet the
+    state the listeners of the frame before them left, as one at a time would: the echo is answered before
+    the unlink, the kicked connection's link is a new link, its echo is from an unlinked connection."""
+    alice = await Wire.open(ordered)
+    alice.send(link_frame("alice"))
+    await alice.expect(ACCEPTED, joined("alice"), linked("alice"), {"type": "test/greeting", "payload": "alice"})
+    alice.send(*burst)
+    await alice.expect(*answers)
+    assert_projection(ordered)
 
 
 # -- authentication ------------------------------------------------------------------------------------------
