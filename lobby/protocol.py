@@ -158,6 +158,8 @@ def parse_frame(data: str | bytes) -> dict[str, Any] | None:
 def too_deep(value: Any, text: str | bytes) -> bool:
     """Whether ``value`` (``text`` as JSON) nests deeper than :data:`MAX_DEPTH`. Counting the brackets of the
     text answers almost every message at C speed: fewer of them than the limit cannot nest that deep."""
+    if len(text) <= 2 * MAX_DEPTH:  # each level opens and closes: too short to nest that deep (most frames)
+        return False
     opening = b"[{" if isinstance(text, bytes) else "[{"
     if text.count(opening[0:1]) + text.count(opening[1:2]) <= MAX_DEPTH:
         return False
