@@ -427,10 +427,14 @@ class Server:
         share a commit. At most TURN_SHARE rounds: one connection that sent a thousand frames at once delays
         the others by a share, not by all of them; the rest waits for the next turn, after the loop has
         read the sockets again."""
-        rounds: list[list[Callable[[], list[Effect]]]] = []
+        first: list[Callable[[], list[Effect]]] = []
+        rounds = [first]
         inbox = self._inbox
-        for connection in list(inbox):
-            queue = inbox[connection]
+        for connection, queue in list(inbox.items()):
+            if len(queue) == 1:  # the usual case: one frame since the last turn
+                first.append(queue[0])
+                del inbox[connection]
+                continue
             for index in range(min(len(queue), TURN_SHARE)):
                 if index == len(rounds):
                     rounds.append([])
