@@ -131,13 +131,18 @@ def _replace_lone_surrogate(match: re.Match[bytes]) -> bytes:
 
 def loads(data: str | bytes) -> Any:
     """``orjson.loads``, except that a lone UTF-16 surrogate escape (``"\\ud83d"``, what JavaScript's
-    ``JSON.stringify`` writes for half an emoji, and the reference server passes on) reads as U+FFFD, the
-    replacement character: the log and every frame stay valid UTF-8. Raises ``orjson.JSONDecodeError``."""
+    ``JSON.stringify`` writes for half an emoji, and the reference server passes on) and bytes that are not
+    UTF-8 read as U+FFFD, the replacement character: the log and every frame stay valid UTF-8. Raises
+    ``orjson.JSONDecodeError``."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
-        fixed = _SURROGATE_ESCAPES.sub(_replace_lone_surrogate, raw) if b"\\u" in raw else raw
+        # Bytes that are not UTF-8 (only a binary frame can carry them: websockets refuses such a text frame)
+        # read as U+FFFD too, as the reference server reads them.
+        fixed = raw.decode(errors="replace").encode()
+        if b"\\u" in fixed:
+            fixed = _SURROGATE_ESCAPES.sub(_replace_lone_surrogate, fixed)
         if fixed == raw:
             raise
         return orjson.loads(fixed)

@@ -244,7 +244,6 @@ def three() -> Lobby:
         '{"payload":{"username":"bob","version":"0.5.4"}}',
         b"\x00\x01\x02binary",
         b"\xff\xfe\xfd",
-        b'{"type":"krmx/link\xff"}',
         "NaN",
         '{"type":"krmx/link","payload":NaN}',
         '{"type":"app/x","payload":-Infinity}',
@@ -708,6 +707,24 @@ def test_lone_surrogate_escapes_read_as_the_replacement_character(three, raw, pa
     three.frame("a", b'{"type":"chat/say","payload":' + raw + b"}")
     assert three.new_events() == [("message", "alice", {"type": "chat/say", "payload": payload})]
     assert encode_data(three.events[-1])
+
+
+@pytest.mark.parametrize(
+    ("raw", "payload"),
+    [(b'"\xff"', "\ufffd"), (b'"caf\xc3"', "caf\ufffd"), (b'"\xed\xa0\xbd \\ud83d"', "\ufffd\ufffd\ufffd \ufffd")],
+    ids=repr,
+)
+def test_bytes_that_are_not_utf8_in_a_binary_frame_read_as_the_replacement_character(three, raw, payload):
+    """As the reference decodes a binary frame (websockets itself refuses a text frame that is not UTF-8)."""
+    three.frame("a", b'{"type":"chat/say","payload":' + raw + b"}")
+    assert three.new_events() == [("message", "alice", {"type": "chat/say", "payload": payload})]
+    assert encode_data(three.events[-1])
+
+
+def test_a_link_type_with_bytes_that_are_not_utf8_is_another_type(lobby):
+    lobby.connect("a")
+    lobby.frame("a", b'{"type":"krmx/link\xff"}')
+    assert lobby.take() == {"a": [rejected("unlinked connection")]}
 
 
 @pytest.mark.parametrize("data", [rb'{"type":"chat/say","payload":"\Ud83d"}', rb'{"type":"a/b","p":"\ud83d"} x'])
