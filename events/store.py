@@ -243,7 +243,9 @@ class EventStore:
         try:
             app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
             tables = self.db.table_names()
-        except sqlite3.OperationalError as error:  # read-only or missing permissions, not a damaged file
+        except sqlite3.OperationalError as error:  # not a damaged file: locked, read-only, no permission, ...
+            if "locked" in str(error):
+                raise EventLogError(f"{self.path}: is locked by another process ({error})") from None
             raise EventLogError(
                 f"{self.path}: cannot open it ({error}); check the permissions of the file and of its folder "
                 "(SQLite keeps the -wal and -shm files beside the log)"

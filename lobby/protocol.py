@@ -117,6 +117,11 @@ Effect = Record | SendFrame | CloseConnection | Authenticate | Resume
 #: Nesting levels a message may have (the frame's object is level 1). Game payloads stay far below it; the
 #: log stores a message one level deeper, and orjson writes at most 254 levels (it reads 1024).
 MAX_DEPTH = 128
+# 254 - MAX_DEPTH nested lists, the innermost holding the value too_deep checks: orjson writes 254 levels at most.
+_NEST_INNER: list[Any] = [None]
+_NEST_OUTER: list[Any] = _NEST_INNER
+for _ in range(254 - MAX_DEPTH - 1):
+    _NEST_OUTER = [_NEST_OUTER]
 
 # A JSON string escape in the raw text: an escaped backslash (skipped, so that ``\\\\ud83d`` is no escape),
 # a surrogate pair (kept), or a lone surrogate (the group: replaced).
@@ -161,22 +166,24 @@ def parse_frame(data: str | bytes) -> dict[str, Any] | None:
 
 
 def too_deep(value: Any, text: str | bytes) -> bool:
-    """Whether ``value`` (``text`` as JSON) nests deeper than :data:`MAX_DEPTH`. Counting the brackets of the
-    text answers almost every message at C speed: fewer of them than the limit cannot nest that deep."""
+    """Whether ``value`` (``text`` as JSON) nests deeper than :data:`MAX_DEPTH`. Most messages are answered by
+    their length or by counting their brackets (fewer than the limit cannot nest that deep); the others by
+    orjson itself, in C: it writes at most 254 levels, so ``value`` under 254 - MAX_DEPTH more lists fails to
+    encode exactly when it nests deeper than MAX_DEPTH."""
     if len(text) <= 2 * MAX_DEPTH:  # each level opens and closes: too short to nest that deep (most frames)
         return False
     opening = b"[{" if isinstance(text, bytes) else "[{"
     if text.count(opening[0:1]) + text.count(opening[1:2]) <= MAX_DEPTH:
         return False
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if type(item) is dict else item
-        for child in children:
-            if type(child) is dict or type(child) is list:
-                if depth + 1 > MAX_DEPTH:
-                    return True
-                stack.append((child, depth + 1))
+    _NEST_INNER[0] = value  # the lists are made once: new ones would wake the garbage collector
+    try:
+        orjson.dumps(_NEST_OUTER)
+    except orjson.JSONEncodeError as error:
+        if "Recursion limit" in str(error):
+            return True
+        raise
+    finally:
+        _NEST_INNER[0] = None
     return False
 
 

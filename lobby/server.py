@@ -260,9 +260,10 @@ class Server:
 
     async def _wait_for_listeners(self) -> None:
         """Let async listeners finish (the loop would cancel them silently once serve() returns)."""
-        if not self._listener_tasks:
+        tasks = self._listener_tasks - {asyncio.current_task()}  # close() may be called by a listener itself
+        if not tasks:
             return
-        _, pending = await asyncio.wait(list(self._listener_tasks), timeout=LISTENER_GRACE)
+        _, pending = await asyncio.wait(tasks, timeout=LISTENER_GRACE)
         for task in pending:
             name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
             self._log.warning("listener cancelled at close", listener=name, waited=LISTENER_GRACE)

@@ -685,8 +685,13 @@ def test_nesting_up_to_the_limit_is_a_message_and_beyond_it_unlinks(three):
     assert three.new_events() == [("unlink", "alice", "invalid message")]
 
 
-def test_nesting_is_counted_in_structure_not_in_brackets_of_strings(three):
-    message = {"type": "app/text", "payload": "[{" * 500}
+@pytest.mark.parametrize(
+    "payload",
+    ["[{" * 500, {"units": [{"id": i, "pos": [i, i], "hp": {"v": [1]}} for i in range(200)]}, nested(MAX_DEPTH - 1)],
+    ids=["brackets in a string", "many shallow containers", "one level under the limit, inside a payload"],
+)
+def test_nesting_is_counted_in_structure_not_in_brackets(three, payload):
+    message = {"type": "app/text", "payload": payload}
     three.frame("a", message)
     assert three.new_events() == [("message", "alice", message)]
 

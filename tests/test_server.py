@@ -623,6 +623,25 @@ async def test_close_waits_for_async_listeners_and_cancels_them_after_the_grace(
     ]
 
 
+async def test_close_called_by_an_async_listener_completes(tmp_path, monkeypatch):
+    """An admin command that stops the lobby: close() does not wait for (or cancel) the listener calling it."""
+    monkeypatch.setattr(server_module, "LISTENER_GRACE", 5)
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    closed = asyncio.Event()
+
+    @server.on("message")
+    async def stop(username, message):
+        await server.close()
+        closed.set()
+
+    await server.start()
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    await alice.send({"type": "admin/stop"})
+    await asyncio.wait_for(closed.wait(), 3)
+    assert server.status == "closed" and server.store is None
+
+
 async def test_close_keeping_users_brings_them_back_unlinked(tmp_path):
     db = str(tmp_path / "lobby.db")
     server = Server(port=0, db=db, ping_interval=None)

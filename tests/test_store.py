@@ -223,6 +223,19 @@ def test_a_log_that_cannot_be_opened_for_permissions_says_so_not_that_it_is_dama
         assert "check the permissions of the file and of its folder" in str(error.value)
 
 
+def test_a_log_locked_by_another_process_says_so(db_path):
+    EventStore(db_path).close()
+    holder = sqlite3.connect(db_path, timeout=0)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(EventLogError, match="is locked by another process"):
+            EventStore(db_path)
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 def test_a_database_of_another_application_is_refused_and_left_alone(db_path):
     other = Database(db_path)
     other["customers"].insert({"name": "Ada"})
