@@ -39,6 +39,7 @@ __all__ = [
     "CloseConnection",
     "Authenticate",
     "Resume",
+    "Drain",
     "Effect",
     "is_valid_username",
     "parse_frame",
@@ -108,7 +109,17 @@ class Resume:
     ticket: int
 
 
-Effect = Record | SendFrame | CloseConnection | Authenticate | Resume
+@dataclass(slots=True)
+class Drain:
+    """Call :meth:`ServerProtocol.drain` here, after the listeners of the effects before it ran.
+
+    Frames that waited behind a link are handled one at a time, each after the listeners of the one
+    before (the link's first), as they would have been had they arrived later."""
+
+    connection: Hashable
+
+
+Effect = Record | SendFrame | CloseConnection | Authenticate | Resume | Drain
 
 
 # -- frames -------------------------------------------------------------------------------------------------
@@ -406,7 +417,7 @@ class ServerProtocol:
         state = self._connections.get(connection)
         if state is None:
             return []
-        if state.pending is not None:
+        if state.pending is not None or state.queue:
             state.queue.append(data)
             return []
         self._handle(connection, state, data)
@@ -525,9 +536,19 @@ class ServerProtocol:
         return self._take()
 
     def _drain(self, connection: Hashable, state: _Connection) -> None:
-        """Handle the frames that waited behind an authentication or a link, in order, until one waits again."""
-        while state.queue and state.pending is None and connection in self._connections:
-            self._handle(connection, state, state.queue.popleft())
+        """Frames waited behind an authentication or a link: ask for :meth:`drain` once the listeners of what
+        was just done have run."""
+        if state.queue and state.pending is None and connection in self._connections:
+            self._out.append(Drain(connection))
+
+    def drain(self, connection: Hashable) -> list[Effect]:
+        """Handle the next frame that waited behind a link (see :class:`Drain`); ask again for the rest."""
+        state = self._connections.get(connection)
+        if state is None or state.pending is not None or not state.queue:
+            return []
+        self._handle(connection, state, state.queue.popleft())
+        self._drain(connection, state)
+        return self._take()
 
     def _accept(self, connection: Hashable, state: _Connection, username: str, auth: str | None) -> None:
         self._send(connection, ACCEPTED)

@@ -44,6 +44,7 @@ from .health import METRICS_CONTENT_TYPE, VERSION, Metrics
 from .protocol import (
     Authenticate,
     CloseConnection,
+    Drain,
     Effect,
     Record,
     Rejection,
@@ -503,6 +504,8 @@ class Server:
                         )
                     elif kind is Resume:
                         next_stage.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
+                    elif kind is Drain:
+                        next_stage.append(self._require_core().drain(effect.connection))  # type: ignore[attr-defined]
                     else:
                         self._authenticate(effect, next_stage)  # type: ignore[arg-type]
             stage = next_stage

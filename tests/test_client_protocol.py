@@ -15,7 +15,7 @@ import pytest
 
 from lobby import ClientError, ClientEvent, ClientProtocol, RelinkPolicy, ServerProtocol
 from lobby.client_protocol import ALLOWED, CLIENT_STATUSES, is_transient_rejection
-from lobby.protocol import Resume, SendFrame
+from lobby.protocol import Drain, Resume, SendFrame
 
 
 def frame(type_: str, payload: Any = None) -> bytes:
@@ -391,6 +391,8 @@ class Pair:
                 self.clients[effect.connection].core.receive(effect.data)
             elif isinstance(effect, Resume):
                 self.apply(self.server.resume(effect.connection, effect.ticket))
+            elif isinstance(effect, Drain):
+                self.apply(self.server.drain(effect.connection))
 
     def send(self, name: Hashable, data: bytes) -> None:
         self.apply(self.server.receive(name, data))

@@ -22,6 +22,7 @@ from lobby.protocol import (
     MAX_DEPTH,
     Authenticate,
     CloseConnection,
+    Drain,
     Record,
     Resume,
     SendFrame,
@@ -129,6 +130,8 @@ class Lobby:
                     if self.before_resume is not None:
                         self.before_resume(self, effect)
                     self.run(self.core.resume(effect.connection, effect.ticket))
+                elif isinstance(effect, Drain):
+                    self.run(self.core.drain(effect.connection))
                 elif isinstance(effect, Authenticate):
                     self.auth_requests.append(effect)
                     decision = self.authenticate(effect)
@@ -551,8 +554,11 @@ def test_new_user_link_is_split_by_resume_after_the_join():
         SendFrame("a", b'{"type":"krmx/linked","payload":{"username":"bob"}}'),
         Record(Link(lobby="main", session="s1", at=T + 5, username="bob", auth=False)),
     ]
-    assert [type(effect.event).__name__ for effect in effects[3:]] == ["Message"]
+    assert effects[3:] == [Drain("a")]  # the early frame waits for the link's listeners
     assert core.users == [{"username": "bob", "isLinked": True}]
+    effects = core.drain("a")
+    assert [type(effect.event).__name__ for effect in effects] == ["Message"]
+    assert core.drain("a") == []
 
 
 def test_a_link_waiting_for_resume_blocks_the_username(lobby):

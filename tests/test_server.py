@@ -498,6 +498,24 @@ async def test_frames_read_together_are_handled_in_order_each_after_the_listener
     assert_projection(ordered)
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new user", "existing user"])
+async def test_frames_behind_a_pending_authentication_are_handled_in_order_after_the_link(ordered, existing):
+    """Frames that wait in the core behind an async authentication are handled one at a time too, the
+    first after the link's listeners: the greeting, then the echo, then the unlink."""
+
+    @ordered.on("authenticate")
+    async def slow(username, info):
+        await asyncio.sleep(0.2)
+
+    if existing:
+        ordered.join("alice")
+    alice = await Wire.open(ordered)
+    alice.send(link_frame("alice"), {"type": "test/echo", "payload": 1}, {"type": "krmx/unlink"})
+    await alice.expect(ACCEPTED, joined("alice"), linked("alice"), {"type": "test/greeting", "payload": "alice"},
+                       {"type": "test/echoed", "payload": 1}, unlinked("alice"))
+    assert_projection(ordered)
+
+
 # -- authentication ------------------------------------------------------------------------------------------
 
 
