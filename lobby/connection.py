@@ -52,7 +52,8 @@ class LobbyConnection(ServerConnection):
     lobby_label: str | None = None
     lobby_linked = False
     lobby_cut = False
-    #: An async authentication of its link is running: its frames queue meanwhile, ``lobby_queued`` bytes.
+    #: An async authentication of its link is running: its frames queue meanwhile, and go on queueing until
+    #: the core has handled them all; ``lobby_queued`` bytes of them so far (0 once the queue is empty).
     lobby_authenticating = False
     lobby_queued = 0
     lobby_tokens = 0.0

@@ -541,6 +541,11 @@ class ServerProtocol:
         if state.queue and state.pending is None and connection in self._connections:
             self._out.append(Drain(connection))
 
+    def queued(self, connection: Hashable) -> bool:
+        """Whether frames of ``connection`` wait behind a link (see :class:`Drain`)."""
+        state = self._connections.get(connection)
+        return state is not None and bool(state.queue)
+
     def drain(self, connection: Hashable) -> list[Effect]:
         """Handle the next frame that waited behind a link (see :class:`Drain`); ask again for the rest."""
         state = self._connections.get(connection)

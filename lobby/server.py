@@ -103,6 +103,8 @@ class Server:
         self._thread: int | None = None
         self._auth_tasks: set[asyncio.Task[None]] = set()
         self._listener_tasks: set[asyncio.Future[Any]] = set()
+        #: Frames drained from behind a link in this turn, by connection (at most TURN_SHARE each).
+        self._drained: dict[Any, int] = {}
         self._ws_server: Any = None
         self._since_snapshot = 0
         self._connections_opened = 0
@@ -384,7 +386,7 @@ class Server:
             self._cut_off(ws, ws.lobby_label, "rate limit")
             return
         ws.lobby_tokens = tokens - 1
-        if ws.lobby_authenticating:
+        if ws.lobby_authenticating or ws.lobby_queued:
             # Its frames wait in the core until the link is decided: bounded like unread replies are.
             ws.lobby_queued += len(data)
             if ws.lobby_queued > self.config.max_buffer:
@@ -454,6 +456,7 @@ class Server:
         if self.core is None or self.fatal is not None:
             return
         self.core.now = self._clock()
+        self._drained.clear()
         out: list[SendFrame | CloseConnection] = []
         try:
             for actions in rounds:
@@ -478,6 +481,7 @@ class Server:
             self._next_stage.append(method(*args, **kwargs))
             return
         core.now = self._clock()
+        self._drained.clear()
         out: list[SendFrame | CloseConnection] = []
         self._stages([method(*args, **kwargs)], out)
         self._send(out)
@@ -505,10 +509,32 @@ class Server:
                     elif kind is Resume:
                         next_stage.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
                     elif kind is Drain:
-                        next_stage.append(self._require_core().drain(effect.connection))  # type: ignore[attr-defined]
+                        self._drain(effect.connection, next_stage)  # type: ignore[attr-defined]
                     else:
                         self._authenticate(effect, next_stage)  # type: ignore[arg-type]
             stage = next_stage
+
+    def _drain(self, connection: Any, next_stage: list[list[Effect]]) -> None:
+        """Handle the next frame that waited behind a link, in the next stage; past TURN_SHARE of them in one
+        turn, the rest waits for the next turn, first of the connection's inputs (as an inbox share does)."""
+        if self._drained.get(connection, 0) < TURN_SHARE:
+            next_stage.append(self._drain_one(connection))
+            return
+        queue = self._inbox.get(connection)
+        if queue is None:
+            self._inbox[connection] = queue = deque()
+        queue.appendleft(lambda: self._drain_one(connection))
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _drain_one(self, connection: Any) -> list[Effect]:
+        core = self._require_core()
+        self._drained[connection] = self._drained.get(connection, 0) + 1
+        effects = core.drain(connection)
+        if not core.queued(connection):
+            connection.lobby_queued = 0  # all handled: the flood bound starts again from nothing
+        return effects
 
     def _send(self, out: list[SendFrame | CloseConnection]) -> None:
         """End a turn: one fsync for all of its commits, then its frames."""
@@ -663,7 +689,6 @@ class Server:
         except Exception as error:
             reason = _reason(error)
         request.connection.lobby_authenticating = False  # type: ignore[attr-defined]
-        request.connection.lobby_queued = 0  # type: ignore[attr-defined]
         self._submit(
             request.connection,
             lambda: self._require_core().authenticated(request.connection, request.ticket, reason),

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -514,6 +515,59 @@ async def test_frames_behind_a_pending_authentication_are_handled_in_order_after
     await alice.expect(ACCEPTED, joined("alice"), linked("alice"), {"type": "test/greeting", "payload": "alice"},
                        {"type": "test/echoed", "payload": 1}, unlinked("alice"))
     assert_projection(ordered)
+
+
+async def test_frames_behind_a_pending_authentication_drain_a_share_per_turn(ordered):
+    """Behind a slow authentication a burst piles up; it is handled TURN_SHARE frames per turn at most, like
+    a burst in the inbox, so that other connections are not held up by all of it; in order all the same."""
+
+    @ordered.on("authenticate")
+    async def slow(username, info):
+        await asyncio.sleep(0.2)
+
+    turn, drains = [0], []
+    real_turn, real_drain = ordered._turn, ordered.core.drain
+
+    def counted_turn() -> None:
+        turn[0] += 1
+        real_turn()
+
+    def counted_drain(connection):
+        drains.append(turn[0])
+        return real_drain(connection)
+
+    ordered._turn, ordered.core.drain = counted_turn, counted_drain
+    alice = await Wire.open(ordered)
+    alice.send(link_frame("alice"), *({"type": "test/echo", "payload": n} for n in range(100)))
+    await alice.expect(ACCEPTED, joined("alice"), linked("alice"), {"type": "test/greeting", "payload": "alice"},
+                       *({"type": "test/echoed", "payload": n} for n in range(100)))
+    per_turn = Counter(drains)
+    assert sum(per_turn.values()) == 100 and max(per_turn.values()) <= server_module.TURN_SHARE
+
+
+async def test_the_flood_bound_holds_until_every_frame_queued_behind_a_link_is_handled(tmp_path):
+    """Queued links start new authentications: the bytes still queued behind them count against max_buffer
+    until the queue is empty (the count went back to 0 at each authentication, so the queue grew forever)."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, max_buffer=4096,
+                             max_frame_size=1024))
+
+    @server.on("authenticate")
+    async def slow(username, info):
+        await asyncio.sleep(0.2)
+
+    await server.start()
+    try:
+        alice = await Wire.open(server)
+        alice.send(link_frame("alice"))
+        pad = {"type": "test/pad", "payload": "p" * 900}
+        for _ in range(10):
+            alice.send(*[{"type": "krmx/unlink"}, link_frame("alice")] * 2, pad, pad, pad)
+            await asyncio.sleep(0.2)
+            if server.metrics.cutoffs:
+                break
+        assert server.metrics.cutoffs == {"flood during authentication": 1}
+    finally:
+        await server.close()
 
 
 # -- authentication ------------------------------------------------------------------------------------------
