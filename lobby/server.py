@@ -386,6 +386,8 @@ class Server:
             self._cut_off(ws, ws.lobby_label, "rate limit")
             return
         ws.lobby_tokens = tokens - 1
+        if ws.lobby_queued and not ws.lobby_authenticating and not self._require_core().queued(ws):
+            ws.lobby_queued = 0  # nothing waits behind a link any more (however the queue emptied)
         if ws.lobby_authenticating or ws.lobby_queued:
             # Its frames wait in the core until the link is decided: bounded like unread replies are.
             ws.lobby_queued += len(data)

@@ -570,6 +570,24 @@ async def test_the_flood_bound_holds_until_every_frame_queued_behind_a_link_is_h
         await server.close()
 
 
+async def test_a_stale_queued_count_is_dropped_once_nothing_waits_behind_a_link(tmp_path):
+    """A frame that arrived as an authentication ended may be counted, then handled with nothing queued in the
+    core: the count must not linger and cut an honest client off as a flood later."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, max_buffer=4096,
+                             max_frame_size=1024))
+    await server.start()
+    try:
+        alice = await Raw.open(url(server))
+        await alice.link("alice")
+        [ws] = await server_side(server, 1)
+        ws.lobby_queued = 3000  # as left by that race
+        for n in range(5):
+            await alice.echo("e" * 900 + str(n))
+        assert server.metrics.cutoffs == {} and ws.lobby_queued == 0
+    finally:
+        await server.close()
+
+
 # -- authentication ------------------------------------------------------------------------------------------
 
 
