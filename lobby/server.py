@@ -105,6 +105,8 @@ class Server:
         self._listener_tasks: set[asyncio.Future[Any]] = set()
         #: Frames drained from behind a link in this turn, by connection (at most TURN_SHARE each).
         self._drained: dict[Any, int] = {}
+        #: Connections whose next drain waits for the next turn, with their inputs held behind it.
+        self._held: dict[Any, list[Callable[[], list[Effect]]]] = {}
         self._ws_server: Any = None
         self._since_snapshot = 0
         self._connections_opened = 0
@@ -426,25 +428,25 @@ class Server:
             self._turn_scheduled = True
             asyncio.get_running_loop().call_soon(self._turn)
 
-    def _take_inputs(self) -> list[list[Callable[[], list[Effect]]]]:
+    def _take_inputs(self) -> list[list[tuple[Hashable, Callable[[], list[Effect]]]]]:
         """This turn's inputs in rounds: round k holds the k-th queued input of every connection that has
         one, so that a connection's next frame meets the state its previous frame's listeners left (frames
         are handled strictly in order, as one at a time would be), while inputs of different connections
         share a commit. At most TURN_SHARE rounds: one connection that sent a thousand frames at once delays
         the others by a share, not by all of them; the rest waits for the next turn, after the loop has
         read the sockets again."""
-        first: list[Callable[[], list[Effect]]] = []
+        first: list[tuple[Hashable, Callable[[], list[Effect]]]] = []
         rounds = [first]
         inbox = self._inbox
         for connection, queue in list(inbox.items()):
             if len(queue) == 1:  # the usual case: one frame since the last turn
-                first.append(queue[0])
+                first.append((connection, queue[0]))
                 del inbox[connection]
                 continue
             for index in range(min(len(queue), TURN_SHARE)):
                 if index == len(rounds):
                     rounds.append([])
-                rounds[index].append(queue.popleft())
+                rounds[index].append((connection, queue.popleft()))
             if not queue:
                 del inbox[connection]
         if inbox:
@@ -459,10 +461,16 @@ class Server:
             return
         self.core.now = self._clock()
         self._drained.clear()
+        held = self._held
         out: list[SendFrame | CloseConnection] = []
         try:
             for actions in rounds:
-                stage = [effects for action in actions if (effects := action())]
+                stage = []
+                for connection, action in actions:
+                    if connection in held:  # its drain waits for the next turn: so do its later inputs
+                        held[connection].append(action)
+                    elif effects := action():
+                        stage.append(effects)
                 if stage:
                     self._stages(stage, out)
             self._send(out)
@@ -470,6 +478,19 @@ class Server:
             if self.fatal is None:
                 raise
             # Logged by _die; the server is down and serve() returns 1.
+        finally:
+            self._requeue_held()
+
+    def _requeue_held(self) -> None:
+        """Put the held inputs back first in their connections' inboxes, in order, for the next turn."""
+        for connection, actions in self._held.items():
+            queue = self._inbox.get(connection)
+            self._inbox[connection] = deque(actions) if queue is None else deque([*actions, *queue])
+        if self._held:
+            self._held.clear()
+            if not self._turn_scheduled:
+                self._turn_scheduled = True
+                asyncio.get_running_loop().call_soon(self._turn)
 
     def _call(self, method: Callable[..., list[Effect]], *args: Any, **kwargs: Any) -> None:
         """A server-side call: from inside a listener, it joins the current turn at the listener's place;
@@ -485,8 +506,11 @@ class Server:
         core.now = self._clock()
         self._drained.clear()
         out: list[SendFrame | CloseConnection] = []
-        self._stages([method(*args, **kwargs)], out)
-        self._send(out)
+        try:
+            self._stages([method(*args, **kwargs)], out)
+            self._send(out)
+        finally:
+            self._requeue_held()
 
     def _stages(self, stage: list[list[Effect]], out: list[SendFrame | CloseConnection]) -> None:
         """Commit stage by stage (a stage's listeners run after its commit; what they do is the next stage),
@@ -522,13 +546,8 @@ class Server:
         if self._drained.get(connection, 0) < TURN_SHARE:
             next_stage.append(self._drain_one(connection))
             return
-        queue = self._inbox.get(connection)
-        if queue is None:
-            self._inbox[connection] = queue = deque()
-        queue.appendleft(lambda: self._drain_one(connection))
-        if not self._turn_scheduled:
-            self._turn_scheduled = True
-            asyncio.get_running_loop().call_soon(self._turn)
+        # Its later inputs of this turn (a disconnect among them) are held behind it: see _turn.
+        self._held[connection] = [lambda: self._drain_one(connection)]
 
     def _drain_one(self, connection: Any) -> list[Effect]:
         core = self._require_core()

@@ -545,6 +545,37 @@ async def test_frames_behind_a_pending_authentication_drain_a_share_per_turn(ord
     assert sum(per_turn.values()) == 100 and max(per_turn.values()) <= server_module.TURN_SHARE
 
 
+async def test_a_close_waits_for_the_frames_read_before_it_that_drain_over_several_turns(tmp_path):
+    """A backlog behind a slow authentication drains a share per turn; the client's close, read after the
+    backlog, is held behind the rest of it instead of dropping it."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
+    seen: list[int] = []
+
+    @server.on("authenticate")
+    async def slow(username, info):
+        await asyncio.sleep(0.2)
+
+    @server.on("message")
+    def count(username, message):
+        seen.append(message["payload"])
+
+    await server.start()
+    try:
+        alice = await Wire.open(server)
+        alice.send(link_frame("alice"), *({"type": "test/echo", "payload": n} for n in range(990)))
+        await alice.expect(ACCEPTED, joined("alice"), linked("alice"))
+        alice.writer.close()
+        for _ in range(100):
+            if server.users == [{"username": "alice", "isLinked": False}]:
+                break
+            await asyncio.sleep(0.05)
+        assert seen == list(range(990))
+        assert server.users == [{"username": "alice", "isLinked": False}]
+        assert_projection(server)
+    finally:
+        await server.close()
+
+
 async def test_the_flood_bound_holds_until_every_frame_queued_behind_a_link_is_handled(tmp_path):
     """Queued links start new authentications: the bytes still queued behind them count against max_buffer
     until the queue is empty (the count went back to 0 at each authentication, so the queue grew forever)."""
