@@ -53,7 +53,7 @@ class LobbyConnection(ServerConnection):
     lobby_linked = False
     lobby_cut = False
     #: An async authentication of its link is running: its frames queue meanwhile, and go on queueing until
-    #: the core has handled them all; ``lobby_queued`` bytes of them so far (0 once the queue is empty).
+    #: the core has handled them all; ``lobby_queued`` bytes of them so far (dropped at the next frame after).
     lobby_authenticating = False
     lobby_queued = 0
     lobby_tokens = 0.0

@@ -550,12 +550,8 @@ class Server:
         self._held[connection] = [lambda: self._drain_one(connection)]
 
     def _drain_one(self, connection: Any) -> list[Effect]:
-        core = self._require_core()
         self._drained[connection] = self._drained.get(connection, 0) + 1
-        effects = core.drain(connection)
-        if not core.queued(connection):
-            connection.lobby_queued = 0  # all handled: the flood bound starts again from nothing
-        return effects
+        return self._require_core().drain(connection)
 
     def _send(self, out: list[SendFrame | CloseConnection]) -> None:
         """End a turn: one fsync for all of its commits, then its frames."""
@@ -806,7 +802,6 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-
 def _shown(username: str | None) -> str | None:
     """A username as a log line shows it: a rejected one can be anything up to a frame's size."""
     return username if username is None or len(username) <= 64 else username[:64] + "..."
@@ -816,6 +811,6 @@ def _whom(ws: Any, label: str | None = None) -> dict[str, Any]:
     """Which connection a log line is about: its name in the log and the peer's address."""
     if ws is None:
         return {"connection": label}
-    peer = ws.transport.get_extra_info("peername") if ws.transport is not None else None
+    peer = ws.remote_address
     remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
     return {"connection": label or ws.lobby_label, "remote": remote}
