@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from .errors import ClientError
-from .protocol import PROTOCOL_VERSION, loads
+from .protocol import PROTOCOL_VERSION, loads, unsendable
 
 __all__ = [
     "ClientProtocol",
@@ -253,9 +253,13 @@ class ClientProtocol:
         if message["type"].startswith("krmx/"):
             raise ClientError("cannot send custom messages with type starting with the internal 'krmx/' prefix")
         try:
-            return orjson.dumps(message)
+            data = orjson.dumps(message)
         except TypeError as error:
             raise ClientError(f"message is not JSON-serialisable: {error}") from None
+        problem = unsendable(message, data)
+        if problem is not None:
+            raise ClientError(problem)
+        return data
 
     # -- frames from the server -------------------------------------------------------------------------
 

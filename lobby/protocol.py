@@ -17,6 +17,7 @@ in this module; users change only through :func:`events.apply`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable
@@ -196,6 +197,27 @@ def too_deep(value: Any, text: str | bytes) -> bool:
     finally:
         _NEST_INNER[0] = None
     return False
+
+
+def unsendable(message: Any, data: bytes) -> str | None:
+    """Why ``data``, the JSON of an application's ``message``, is not that message, or ``None``: orjson writes
+    ``NaN`` and infinities as ``null`` (silently), and a peer refuses nesting deeper than :data:`MAX_DEPTH`."""
+    if b"null" in data and _non_finite(message):  # only a message holding a null can hold one
+        return "message holds NaN or an infinity, which JSON cannot carry (it would arrive as null)"
+    if too_deep(message, data):
+        return f"message nests deeper than {MAX_DEPTH} levels"
+    return None
+
+
+def _non_finite(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return not math.isfinite(value)
+    if kind is dict:
+        return any(_non_finite(item) for item in value.values())
+    if kind is list or kind is tuple:
+        return any(_non_finite(item) for item in value)
+    return isinstance(value, float) and not math.isfinite(value)  # a float subclass
 
 
 def encode(type_: str, payload: Any = None) -> bytes:
@@ -673,6 +695,7 @@ class ServerProtocol:
             data = dumps(message)
         except TypeError as error:
             raise ServerError(f"message is not JSON-serialisable: {error}") from None
-        if too_deep(message, data):
-            raise ServerError(f"message nests deeper than {MAX_DEPTH} levels")
+        problem = unsendable(message, data)
+        if problem is not None:
+            raise ServerError(problem)
         return data

@@ -242,6 +242,14 @@ def test_send_refuses_the_krmx_prefix_and_bad_messages():
         core.send("app/say")  # type: ignore[arg-type]
     with pytest.raises(ClientError, match="JSON-serialisable"):
         core.send({"type": "app/x", "payload": object()})
+    with pytest.raises(ClientError, match="NaN or an infinity"):
+        core.send({"type": "app/x", "payload": {"x": None, "y": float("nan")}})
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(ClientError, match="deeper than 128"):
+        core.send({"type": "app/x", "payload": deep})
+    assert orjson.loads(core.send({"type": "app/x", "payload": None})) == {"type": "app/x", "payload": None}
     with pytest.raises(TypeError):
         ClientProtocol().link(42)  # type: ignore[arg-type]
 

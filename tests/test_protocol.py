@@ -888,6 +888,9 @@ def test_server_broadcast_with_skip(three, skip, receivers):
         ("broadcast", ({"type": "app/x", "payload": object()},), "not JSON-serialisable"),
         ("send", ("alice", nested(MAX_DEPTH + 1)), "deeper than 128"),
         ("broadcast", (nested(MAX_DEPTH + 1),), "deeper than 128"),
+        ("broadcast", ({"type": "app/x", "payload": float("nan")},), "NaN or an infinity"),
+        ("send", ("alice", {"type": "app/x", "payload": {"scores": [1.5, float("inf")]}}), "NaN or an infinity"),
+        ("broadcast", ({"type": "app/x", "payload": [None, -float("inf")]},), "NaN or an infinity"),
         ("listen", ("s2",), "cannot start listening when the server is listening"),
     ],
 )
