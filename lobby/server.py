@@ -681,8 +681,10 @@ class Server:
         saved, self._next_stage = self._next_stage, next_stage  # its server calls join this turn
         try:
             result = listener(request.username, info)
-        except Exception as error:
+        except PermissionError as error:
             reason: str | None = _reason(error)
+        except Exception as error:
+            reason = _failed(error, log)
         else:
             if inspect.isawaitable(result):
                 request.connection.lobby_authenticating = True  # type: ignore[attr-defined]
@@ -703,8 +705,10 @@ class Server:
             reason = "authentication timeout"
         except asyncio.CancelledError:
             raise
-        except Exception as error:
+        except PermissionError as error:
             reason = _reason(error)
+        except Exception as error:
+            reason = _failed(error, log)
         request.connection.lobby_authenticating = False  # type: ignore[attr-defined]
         self._submit(
             request.connection,
@@ -800,6 +804,16 @@ def _verdict(result: Any, log: Any) -> str | None:
 
 def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
+
+
+def _failed(error: BaseException, log: Any) -> str:
+    """An authenticate listener raised something else than PermissionError: a bug, most likely. The client
+    learns only that authentication failed (not the error's text); the log gets the traceback."""
+    log.error(
+        "authenticate failed: link rejected (raise PermissionError to reject with a reason)",
+        exc_info=error,
+    )
+    return "authentication failed"
 
 
 def _shown(username: str | None) -> str | None:

@@ -633,6 +633,31 @@ async def test_authenticate_rejects_with_the_exception_message(server):
     assert (await client.link("alice", auth="open sesame"))[0] == ACCEPTED
 
 
+@pytest.mark.parametrize("is_async", [False, True])
+async def test_authenticate_raising_anything_but_permission_error_rejects_without_its_text(server, is_async):
+    """A bug in an authenticate listener (here 1/0) rejects the link as "authentication failed": the client
+    does not get the error's text, and the log gets an error line with the traceback."""
+
+    def check(username):
+        if username == "bob":
+            return 1 / 0
+
+    if is_async:
+        async def authenticate(username, info):
+            check(username)
+    else:
+        def authenticate(username, info):
+            check(username)
+    server.on("authenticate", authenticate)
+    client = await Raw.open(url(server))
+    with capture_logs() as logs:
+        assert await client.link("bob") == [rejected("authentication failed")]
+    [failed] = [line for line in logs if line["log_level"] == "error"]
+    assert failed["event"].startswith("authenticate failed") and failed["username"] == "bob"
+    assert isinstance(failed["exc_info"], ZeroDivisionError)
+    assert (await client.link("ann"))[0] == ACCEPTED
+
+
 async def test_async_authenticate_times_out(tmp_path):
     server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, auth_timeout=0.2)
 
