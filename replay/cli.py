@@ -22,7 +22,7 @@ from events import EventLogError, InconsistentEvent
 from .export import export as export_events
 from .html import html
 from .logs import LEVELS, Entry, exception_text, log_summary, logs
-from .reader import ReplayError, format_duration, format_time
+from .reader import ReplayError, check_output, format_duration, format_time
 from .redrive import redrive
 from .render import dumps, event_json, event_row, registry_line, table_header
 from .sessions import sessions
@@ -346,6 +346,9 @@ def _quiet_server_logs(path: str | None) -> None:
 def _redrive(args: argparse.Namespace) -> int:
     if not math.isfinite(args.settle) or args.settle <= 0:
         raise ReplayError(f"--settle must be a positive number of seconds, not {args.settle}")
+    for output in (args.server_log, args.keep_db):
+        if output is not None:
+            check_output(args.db, output)
     server = load_server(args.app)
     _quiet_server_logs(args.server_log)
     report = redrive(args.db, server, args.session, lobby=args.lobby, settle=args.settle, auth=args.auth,

@@ -228,13 +228,15 @@ class Log:
 
 
 def check_output(log_path: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
-    """Refuse to write ``output`` if it is the log or one of SQLite's files beside it: replay never writes
-    the log (a server may be appending to it)."""
+    """Refuse to write ``output`` if it is the log or one of SQLite's files beside it (replay never writes
+    the log: a server may be appending to it), or a directory."""
     log = os.path.realpath(log_path)
     target = os.path.realpath(output)
     same = os.path.exists(target) and os.path.exists(log) and os.path.samefile(target, log)
     if same or target in (log + "-wal", log + "-shm", log + "-journal"):
         raise ReplayError(f"{os.fspath(output)}: is the event log itself (or its -wal/-shm file); write elsewhere")
+    if os.path.isdir(target):
+        raise ReplayError(f"{os.fspath(output)}: is a directory; give a file path")
 
 
 def open_log(path: str | os.PathLike[str]) -> Log:

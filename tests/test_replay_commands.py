@@ -190,8 +190,19 @@ def test_replay_never_writes_over_the_log_it_reads(game_log, capsys):
     for command, target in (("export", game_log), ("html", game_log), ("export", f"{game_log}-wal")):
         code, _, err = run(capsys, command, game_log, "-o", target)
         assert code == 2 and "is the event log itself" in err, (command, target, err)
+    for option, target in (("--server-log", game_log), ("--server-log", f"{game_log}-wal"),
+                           ("--keep-db", f"{game_log}-wal")):
+        code, _, err = run(capsys, "redrive", game_log, "--app", "tests.replay_logs:make_game_server", option, target)
+        assert code == 2 and "is the event log itself" in err, (option, target, err)
     assert open(game_log, "rb").read() == before
     assert len(replay.sessions(game_log)) == 2
+
+
+def test_an_output_that_is_a_directory_is_refused_by_its_name(game_log, tmp_path, capsys):
+    for command in ("export", "html"):
+        code, _, err = run(capsys, command, game_log, "-o", str(tmp_path))
+        assert (code, err) == (2, f"lobby replay {command}: {tmp_path}: is a directory; give a file path\n")
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_step_over_an_empty_range_says_so(game_log, capsys):
