@@ -6,6 +6,7 @@
 from .client import Client, EventStream
 from .client_protocol import CLIENT_EVENTS, ClientEvent, ClientProtocol, RelinkPolicy
 from .errors import ClientError, LinkRejected, LobbyError, ServerError
+from .logs import configure_logging
 from .protocol import DEFAULT_VERSIONS, PROTOCOL_VERSION, ServerProtocol, is_valid_username
 from .server import AuthInfo, Server, ServerConfig
 
@@ -26,5 +27,6 @@ __all__ = [
     "ServerConfig",
     "ServerError",
     "ServerProtocol",
+    "configure_logging",
     "is_valid_username",
 ]

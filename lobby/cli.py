@@ -18,6 +18,7 @@ from typing import Any
 
 from events import LobbyError
 
+from .config import parse_size
 from .logs import LOG_LEVELS, configure_logging
 from .server import Server, run_event_loop
 
@@ -36,24 +37,6 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("must be 0..65535")
     return value
-
-
-_SIZE_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "k": 1024, "m": 1024**2, "g": 1024**3, "": 1}
-
-
-def _size(text: str) -> int:
-    """A size in bytes: ``65536``, ``64k``, ``4MiB``, ``1.5GiB``."""
-    lowered = text.strip().lower()
-    for suffix, factor in _SIZE_UNITS.items():  # longest suffixes first
-        if lowered.endswith(suffix):
-            try:
-                value = float(lowered[: len(lowered) - len(suffix)]) * factor
-            except ValueError:
-                break
-            if math.isfinite(value) and value >= 0:
-                return int(value)
-            break
-    raise ValueError("must be a size in bytes, like 65536, 64KiB, 4MiB or 1GiB")
 
 
 def _bool(text: str) -> bool:
@@ -85,7 +68,7 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--ping-interval", "ping_interval", _positive_float, "seconds between pings; a missed pong unlinks "
      "(default 15)"),
     ("--auth-timeout", "auth_timeout", _positive_float, "seconds an async authenticate may take (default 10)"),
-    ("--max-frame-size", "max_frame_size", _size, "largest frame accepted, like 4MiB (default); larger ones "
+    ("--max-frame-size", "max_frame_size", parse_size, "largest frame accepted, like 4MiB (default); larger ones "
      "close the connection"),
     ("--versions", "versions", _versions, "accepted client version lines, comma separated (default 0.5,0.6)"),
     ("--compression", "compression", _bool, "permessage-deflate: false (default) or true"),
@@ -94,7 +77,7 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--message-rate", "message_rate", _positive_float, "messages per second per connection on average; a "
      "flood is cut off (default 1000)"),
     ("--message-burst", "message_burst", int, "messages one connection may send at once (default 1000)"),
-    ("--max-buffer", "max_buffer", _size, "bytes waiting for one slow reader at most before it is cut off "
+    ("--max-buffer", "max_buffer", parse_size, "bytes waiting for one slow reader at most before it is cut off "
      "(default 16MiB)"),
     ("--link-deadline", "link_deadline", _positive_float, "seconds a new connection has to link (default 60)"),
 ]

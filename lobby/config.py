@@ -10,7 +10,7 @@ from typing import Literal
 
 from .protocol import DEFAULT_VERSIONS, is_valid_username
 
-__all__ = ["ServerConfig", "QueryRule", "DEFAULT_MAX_FRAME_SIZE"]
+__all__ = ["ServerConfig", "QueryRule", "DEFAULT_MAX_FRAME_SIZE", "parse_size"]
 
 #: Frames up to 4 MiB must be handled (the Krmx conformance suite sends them); larger ones close the connection.
 DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
@@ -79,6 +79,13 @@ class ServerConfig:
         for name in ("auth_timeout", "message_rate"):
             if not _is_positive(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive number, not {getattr(self, name)!r}")
+        for name in ("max_frame_size", "max_buffer"):  # sizes may be given as in a flag: "64KiB"
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    object.__setattr__(self, name, parse_size(value))
+                except ValueError as error:
+                    raise ValueError(f"{name} {error}, not {value!r}") from None
         for name, least in (("max_frame_size", 1024), ("snapshot_every", 1), ("max_connections", 1),
                             ("message_burst", 1), ("max_buffer", 1024)):
             value = getattr(self, name)
@@ -104,6 +111,24 @@ class ServerConfig:
         ):
             raise ValueError(f"versions must be a non-empty tuple of version lines like ('0.5', '0.6'), not {self.versions!r}")
         object.__setattr__(self, "versions", tuple(self.versions))
+
+
+_SIZE_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "k": 1024, "m": 1024**2, "g": 1024**3, "": 1}
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes: ``65536``, ``64k``, ``4MiB``, ``1.5GiB``."""
+    lowered = text.strip().lower()
+    for suffix, factor in _SIZE_UNITS.items():  # longest suffixes first
+        if lowered.endswith(suffix):
+            try:
+                value = float(lowered[: len(lowered) - len(suffix)]) * factor
+            except ValueError:
+                break
+            if math.isfinite(value) and value >= 0:
+                return int(value)
+            break
+    raise ValueError("must be a size in bytes, like 65536, 64KiB, 4MiB or 1GiB")
 
 
 def _is_int(value: object) -> bool:

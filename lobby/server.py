@@ -41,6 +41,7 @@ from .config import DEFAULT_MAX_FRAME_SIZE, QueryRule, ServerConfig
 from .connection import LobbyConnection, close_quietly, respond, text_frame, unlink_reason
 from .errors import ServerError
 from .health import METRICS_CONTENT_TYPE, VERSION, Metrics
+from .logs import configure_logging
 from .protocol import (
     Authenticate,
     CloseConnection,
@@ -289,9 +290,13 @@ class Server:
         self._status = "closed"
         self._log.info("closed")
 
-    def run(self) -> int:
-        """Serve until SIGINT or SIGTERM, then close the Krmx way; return the process exit code."""
-        return run_event_loop(self.serve())
+    def run(self, *, keep_users_on_stop: bool = False) -> int:
+        """Serve until SIGINT or SIGTERM, then close (the Krmx way, or keeping users); return the process exit
+        code. Logs go out as ``lobby serve`` writes them (JSON lines on stderr, ``info``) unless structlog was
+        configured already."""
+        if not structlog.is_configured():
+            configure_logging()
+        return run_event_loop(self.serve(keep_users_on_stop=keep_users_on_stop))
 
     async def serve(self, *, keep_users_on_stop: bool = False) -> int:
         """Start, serve until SIGINT or SIGTERM (or a fatal log error), close; return the exit code."""

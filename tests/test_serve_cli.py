@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import orjson
 import pytest
 import structlog
 
@@ -78,6 +83,8 @@ def _record(seen: dict, server: Server) -> int:
         {"port": "80"},
         {"port": True},
         {"max_frame_size": 4096.5},
+        {"max_frame_size": "64KB"},
+        {"max_buffer": "lots"},
         {"versions": "0.6"},
         {"versions": ()},
         {"lobby": ""},
@@ -95,6 +102,36 @@ def test_bad_options_in_code_raise_a_clear_value_error(tmp_path, options):
     name = next(iter(options))
     with pytest.raises(ValueError, match=name):
         Server(**{"db": str(tmp_path / "lobby.db"), **options})
+
+
+def test_sizes_in_code_take_binary_units_as_flags_do(tmp_path):
+    config = Server(db=str(tmp_path / "lobby.db"), max_frame_size="64KiB", max_buffer="1.5MiB").config
+    assert (config.max_frame_size, config.max_buffer) == (64 * 1024, 1536 * 1024)
+
+
+def test_run_logs_json_lines_on_stderr_and_keeps_users_when_asked(tmp_path):
+    """``app.run()`` logs as ``lobby serve`` does (JSON on stderr, info), and ``keep_users_on_stop`` is
+    ``--on-stop keep``: SIGTERM closes with reason ``server restart``."""
+    db = tmp_path / "lobby.db"
+    script = "import sys; from lobby import Server; sys.exit(Server(port=0, db=sys.argv[1]).run(keep_users_on_stop=True))"
+    process = subprocess.Popen([sys.executable, "-c", script, str(db)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        lines = []
+        while not any(b"serving until" in line for line in lines):
+            line = process.stderr.readline()
+            assert line, b"".join(lines)  # it exited before serving
+            lines.append(line)
+        process.send_signal(signal.SIGTERM)
+        out, rest = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and out == b""
+    logged = [orjson.loads(line) for line in [*lines, *rest.splitlines()]]
+    assert {line["level"] for line in logged} == {"info"}
+    assert [line["event"] for line in logged][-1] == "closed"
+    with EventStore.open_readonly(db) as store:
+        assert [event.reason for event in store.read(types=["close"])] == ["server restart"]
 
 
 def test_good_query_rules_and_predicates_are_taken(tmp_path):
