@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from events import LobbyError
+from replay.cli import Parser, add_replay_commands
 
 from .config import parse_size
 from .logs import LOG_LEVELS, configure_logging
@@ -88,7 +89,7 @@ def _env_name(flag: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lobby", description="krmx-lobby: an event-sourced Krmx lobby server")
+    parser = Parser(prog="lobby", description="krmx-lobby: an event-sourced Krmx lobby server")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "returning one); without it, a plain lobby that only manages users. Every option is also an "
         "environment variable LOBBY_<OPTION>.",
     )
-    serve.add_argument("app", nargs="?", help="module:attribute of the application, like examples.chat:app")
+    serve.add_argument("app", nargs="?", help="module:attribute of the application, like examples.table:app")
     for flag, _field, _parse, help_text in SERVE_OPTIONS:
         serve.add_argument(flag, default=None, help=f"{help_text} [{_env_name(flag)}]")
     serve.add_argument("--log-format", default=None, help="json (default) or console [LOBBY_LOG_FORMAT]")
@@ -108,12 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what SIGINT/SIGTERM does: close (default: every user kicked, the Krmx way) or keep (a deploy: "
         "users unlinked with reason 'server restart', back as unlinked on the next start) [LOBBY_ON_STOP]",
     )
-    try:
-        from replay.cli import add_replay_commands
-    except ImportError:  # replay is part of the distribution; this only guards a partial checkout
-        pass
-    else:
-        add_replay_commands(commands)
+    add_replay_commands(commands)
     return parser
 
 
@@ -132,7 +128,7 @@ def load_app(spec: str, option: str = "app") -> Server:
     """The ``lobby.Server`` that ``module:attribute`` names (or that the function it names returns)."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise UsageError(f"{option} must be module:attribute, like examples.chat:app (got {spec!r})")
+        raise UsageError(f"{option} must be module:attribute, like examples.table:app (got {spec!r})")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -184,17 +180,16 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     except socket.gaierror as error:  # a host name that does not resolve: a usage error, not a busy port
         raise UsageError(f"--host / LOBBY_HOST: cannot resolve {server.config.host!r}: {error.strerror}") from None
-    except OSError as error:
-        print(f"lobby: cannot listen on {server.config.host}:{server.config.port}: {error}", file=sys.stderr)
-        return 1
+    except OSError as error:  # the port is taken, the address is not this machine's: the flags must change
+        raise UsageError(f"cannot listen on {server.config.host}:{server.config.port}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a usage error, as for `lobby replay` alone
+        parser.print_help(sys.stderr)
+        return 2
     try:
         if args.command == "serve":
             return serve_command(args)

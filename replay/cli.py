@@ -15,9 +15,9 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from events import EventLogError, InconsistentEvent
+from events import EVENT_TYPES, EventLogError, InconsistentEvent
 
 from .export import export as export_events
 from .html import html
@@ -31,7 +31,7 @@ from .stats import stats
 from .timeline import timeline
 from .verify import verify
 
-__all__ = ["add_replay_commands", "main"]
+__all__ = ["Parser", "add_replay_commands", "main"]
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -371,13 +371,20 @@ def _redrive(args: argparse.Namespace) -> int:
 
 
 def _nonnegative(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
-        raise ValueError("must be 0 or more")
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
     return value
 
 
-_nonnegative.__name__ = "seq"  # argparse names the type in its error message
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _db(parser: argparse.ArgumentParser) -> None:
@@ -414,8 +421,8 @@ def _add_commands(commands: Any) -> None:
     _db(p)
     _session(p, "session id or prefix (default: the whole log)")
     p.add_argument("-u", "--user", action="append", help="only events of this user (repeatable)")
-    p.add_argument("-t", "--type", action="append", help="only events of this type (repeatable): listen, join, "
-                   "link, message, send, broadcast, unlink, leave, close")
+    p.add_argument("-t", "--type", action="append",
+                   help=f"only events of this type (repeatable): {', '.join(EVENT_TYPES)}")
     p.add_argument("--since", help="from this time: ISO 8601 (UTC unless a zone is given) or HH:MM[:SS] on the "
                    "session's date")
     p.add_argument("--until", help="up to this time (same forms as --since)")
@@ -539,7 +546,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m replay COMMAND ...``: the same commands as ``lobby replay``."""
-    parser = argparse.ArgumentParser(prog="python -m replay", description="Offline tools over krmx-lobby event logs.")
+    parser = Parser(prog="python -m replay", description="Offline tools over krmx-lobby event logs.")
     commands = parser.add_subparsers(dest="replay_command", metavar="COMMAND")
     _add_commands(commands)
     args = parser.parse_args(argv)

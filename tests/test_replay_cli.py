@@ -91,7 +91,16 @@ def test_logs_command_errors(game_log, crash_log, foreign_db, tmp_path, capsys):
 def test_bad_arguments(game_log, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["replay", "state", str(game_log), "--at-seq", "minus"])
-    assert exit_.value.code == 2 and "invalid seq value: 'minus'" in capsys.readouterr().err
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        "lobby replay state: error: argument --at-seq: must be a whole number, 0 or more, not 'minus' "
+        "(see lobby replay state --help)\n"
+    )
+    for flag, value in (("--window", "-1"), ("--around-seq", "x")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["replay", "logs", "x.log", "--db", str(game_log), flag, value])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.endswith(f"must be a whole number, 0 or more, not {value!r} "
+                                                "(see lobby replay logs --help)\n")
     code, _, err = run(capsys, ["state", game_log, "--at-time", "soon"])
     assert code == 2 and err.startswith("lobby replay state: cannot read time 'soon'")
     code, _, err = run(capsys, ["state", game_log, "--lobby", "attic"])

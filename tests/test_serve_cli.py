@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,30 @@ def test_bad_option_values_exit_2_with_one_line(tmp_path, capsys, flag, value):
     err = capsys.readouterr().err
     assert err.startswith("lobby: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "lobby.db").exists()
+
+
+@pytest.mark.parametrize("args", [["serve", "--port"], ["serve", "--bogus"], ["nosuch"], ["replay", "timeline"]])
+def test_usage_errors_are_one_line_not_the_whole_usage(capsys, args):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "error: " in err and "--help)" in err, err
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: lobby")
+
+
+def test_a_port_in_use_exits_2_with_one_line(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--db", str(tmp_path / "lobby.db")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lobby: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
 
 
 def test_bad_option_values_from_the_environment_exit_2(tmp_path, capsys, monkeypatch):
