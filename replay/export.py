@@ -26,7 +26,8 @@ def export(
 ) -> int:
     """Write the events of ``session`` (or of the seq range, or of the whole log) to ``output`` (a path,
     a binary file, or standard output) as JSON lines: ``event.to_dict()`` plus an ISO ``time``. Returns
-    how many events were written. A path is written whole or not at all (a temporary file, then renamed)."""
+    how many events were written. A file path is written whole or not at all (a temporary file, then renamed);
+    an existing FIFO or device is written to as it is."""
     if output is not None and not hasattr(output, "write"):
         check_output(path, output)  # type: ignore[arg-type]
     with open_log(path) as log:
@@ -38,6 +39,9 @@ def export(
         if hasattr(output, "write"):
             return _write(events, output)  # type: ignore[arg-type]
         target = os.fspath(output)
+        if os.path.exists(target) and not os.path.isfile(target):  # a FIFO, /dev/stdout: written, never replaced
+            with open(target, "wb") as handle:
+                return _write(events, handle)
         partial = target + ".partial"
         try:
             with open(partial, "wb") as handle:

@@ -4,6 +4,8 @@ the times), through the Python functions and the ``lobby replay`` command line."
 from __future__ import annotations
 
 import io
+import os
+import stat
 import threading
 
 import orjson
@@ -196,6 +198,19 @@ def test_replay_never_writes_over_the_log_it_reads(game_log, capsys):
         assert code == 2 and "is the event log itself" in err, (option, target, err)
     assert open(game_log, "rb").read() == before
     assert len(replay.sessions(game_log)) == 2
+
+
+def test_export_to_a_fifo_writes_into_it_and_leaves_it_a_fifo(game_log, tmp_path):
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    count = replay.export(game_log, fifo)
+    reader.join(10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    lines = received[0].splitlines()
+    assert len(lines) == count > 0 and orjson.loads(lines[0])["seq"] == 1
 
 
 def test_an_output_that_is_a_directory_is_refused_by_its_name(game_log, tmp_path, capsys):
