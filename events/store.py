@@ -477,6 +477,13 @@ class EventStore:
         """The seq of the last event, 0 for an empty log."""
         return self.db.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
 
+    def last_at(self, lobby: str) -> int | None:
+        """``at`` of the last event of ``lobby``, ``None`` when it has none."""
+        row = self.db.execute(
+            "SELECT at FROM events WHERE seq = (SELECT max(last_seq) FROM sessions WHERE lobby = ?)", [lobby]
+        ).fetchone()
+        return row[0] if row is not None else None
+
     def read(
         self,
         from_seq: int = 1,

@@ -207,6 +207,9 @@ class Server:
             versions=config.versions,
             authenticates=bool(self._listeners.get("authenticate")),
         )
+        # A lobby's times never go back, even when the system clock steps back (an NTP correction, a VM
+        # restored): each input takes the later of the clock and the last time recorded (see _now).
+        self.core.now = self.store.last_at(config.lobby) or 0
         self._loop = asyncio.get_running_loop()
         try:
             self._ws_server = await serve(
@@ -464,7 +467,7 @@ class Server:
         rounds = self._take_inputs()
         if self.core is None or self.fatal is not None:
             return
-        self.core.now = self._clock()
+        self._now(self.core)
         self._drained.clear()
         held = self._held
         out: list[SendFrame | CloseConnection] = []
@@ -497,6 +500,13 @@ class Server:
                 self._turn_scheduled = True
                 asyncio.get_running_loop().call_soon(self._turn)
 
+    def _now(self, core: ServerProtocol) -> None:
+        """The time of this turn's events: the clock's, unless it went back (then the last one recorded), so
+        that time queries over the log, which search it by time, stay right."""
+        now = self._clock()
+        if now > core.now:
+            core.now = now
+
     def _call(self, method: Callable[..., list[Effect]], *args: Any, **kwargs: Any) -> None:
         """A server-side call: from inside a listener, it joins the current turn at the listener's place;
         from anywhere else, it is a turn of its own, committed and written before the call returns."""
@@ -508,7 +518,7 @@ class Server:
         if self._next_stage is not None:
             self._next_stage.append(method(*args, **kwargs))
             return
-        core.now = self._clock()
+        self._now(core)
         self._drained.clear()
         out: list[SendFrame | CloseConnection] = []
         try:

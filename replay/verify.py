@@ -3,7 +3,8 @@
 Checked: seqs are gapless; every event can follow its lobby's registry (a link needs a join, a leave needs
 the user unlinked first, messages need a linked user, nothing before listen or after close, ...); every
 session closes; after a session that never closed, the next one starts with exactly the recovery unlinks
-(reason ``recovered``) of the users that were linked, and ``recovered`` appears nowhere else.
+(reason ``recovered``) of the users that were linked, and ``recovered`` appears nowhere else; a lobby's time
+never goes back (time queries search the log by time).
 
 The fold goes on after a problem as if the event had happened (a link without a join links the user), so
 one bad event is reported once and does not hide the ones after it.
@@ -17,7 +18,7 @@ from typing import Any
 
 from events import Event, InconsistentEvent, Registry, apply
 
-from .reader import Log, open_log, progress
+from .reader import Log, format_time, open_log, progress
 
 __all__ = ["Problem", "VerifyReport", "verify", "verify_log"]
 
@@ -64,6 +65,8 @@ class _Lobby:
         self.expected: list[str] | None = None
         self.recovered: list[str] = []
         self.restart_seq = 0
+        self.last_at = 0
+        self.last_seq = 0
 
 
 def _kind(registry: Registry, event: Event) -> str:
@@ -153,6 +156,14 @@ class _Verifier:
 
     def event(self, lobby: _Lobby, event: Event) -> None:
         registry = lobby.registry
+        if event.at < lobby.last_at:
+            self.problem(
+                event.seq or 0, "time-goes-back",
+                f"time goes back: {format_time(event.at)} is before {format_time(lobby.last_at)} of seq "
+                f"{lobby.last_seq} (the system clock stepped back); time queries (--since, --until, --at-time) "
+                "assume a lobby's time never decreases and may miss events here", event,
+            )
+        lobby.last_at, lobby.last_seq = event.at, event.seq or 0
         is_recovery = event.type == "unlink" and getattr(event, "reason", None) == "recovered"
         if lobby.expected is not None and not (is_recovery and event.session == registry.session):
             self.end_recovery(lobby, event)

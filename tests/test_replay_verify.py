@@ -110,3 +110,17 @@ def test_live_takes_the_last_open_session_as_running(tmp_path, capsys):
                         + lines[0].split('"message":', 1)[1])
     assert orjson.loads(lines[1]) == {"kind": "summary", "path": str(path), "ok": False, "events": 3,
                                       "last_seq": 3, "sessions": 1, "running": [], "problems": 1}
+
+
+def test_time_going_back_within_a_lobby_is_reported_once_where_it_steps(tmp_path):
+    """A log written while the clock stepped back (by a version that did not hold times) breaks time
+    queries: verify says where. Another lobby's clock is its own."""
+    ev, other = Events(), Events(lobby="other", at=1_000)
+    events = [ev.listen(), ev.join("alice"), other.listen()]
+    ev.at -= 600_000_000
+    events += [ev.link("alice"), ev.unlink("alice"), ev.close(), other.close()]
+    path = tmp_path / "clock.db"
+    _write(path, events)
+    report = replay.verify(path)
+    assert _kinds(report) == [(4, "time-goes-back")]
+    assert "is before" in report.problems[0].message and "of seq 2" in report.problems[0].message

@@ -619,6 +619,30 @@ async def test_a_stale_queued_count_is_dropped_once_nothing_waits_behind_a_link(
         await server.close()
 
 
+async def test_event_times_never_go_back_when_the_clock_steps_back(tmp_path):
+    """A clock stepped back (NTP, a restored VM) must not put earlier times after later ones in the log:
+    time queries search it by time. Within a session and across a restart, each event takes the later of
+    the clock and the last recorded time."""
+    now = [1_000_000_000]
+    db = str(tmp_path / "lobby.db")
+    server = echo_app(Server(port=0, db=db, ping_interval=None, clock=lambda: now[0]))
+    await server.start()
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    now[0] -= 600_000_000  # ten minutes back
+    await alice.echo("after the step")
+    now[0] += 1
+    await alice.echo("later")
+    await server.close(keep_users=True)
+    now[0] -= 600_000_000
+    again = Server(port=0, db=db, ping_interval=None, clock=lambda: now[0])
+    await again.start()
+    await again.close()
+    with EventStore.open_readonly(db) as store:
+        times = [event.at for event in store.read()]
+    assert times == sorted(times) and times[0] == 1_000_000_000 and len(set(times)) == 1
+
+
 # -- authentication ------------------------------------------------------------------------------------------
 
 
