@@ -100,7 +100,11 @@ class Log:
                     "SELECT seq, at, type FROM events WHERE sid = ? AND seq BETWEEN ? AND ? ORDER BY seq DESC LIMIT 1",
                     [sid, first, min(last, self.upto)],
                 ).fetchone()
-                first_row = db.execute("SELECT at FROM events WHERE seq = ?", [first]).fetchone()
+                # Its first row, even when a damaged log lost the listen (verify says so): listed all the same.
+                first_row = db.execute(
+                    "SELECT at FROM events WHERE sid = ? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT 1",
+                    [sid, first, min(last, self.upto)],
+                ).fetchone()
                 if last_row is None or first_row is None:
                     continue
                 end = last_row[1] if last_row[2] == close_code else None

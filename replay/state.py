@@ -91,17 +91,24 @@ def point_of(
         return name, log.seq_at_time(to_microseconds(at_time, reference, end=True), info, name)
     if info is not None:
         return name, info.first_seq - 1 if default == "start" else min(info.last_seq, log.upto)
-    return name, 0 if default == "start" else log.upto
+    if default == "start":
+        return name, 0
+    return name, min(max(s.last_seq for s in log.sessions if s.lobby == name), log.upto)  # the lobby's end
 
 
 def state_in(log: Log, lobby: str, seq: int) -> StatePoint:
-    return StatePoint(lobby=lobby, seq=seq, at=_at(log, seq), registry=registry_at(log, lobby, seq))
+    return StatePoint(lobby=lobby, seq=seq, at=_at(log, seq, lobby), registry=registry_at(log, lobby, seq))
 
 
-def _at(log: Log, seq: int) -> int | None:
+def _at(log: Log, seq: int, lobby: str) -> int | None:
+    """``at`` of the last event of ``lobby`` at or before ``seq``."""
     if seq <= 0:
         return None
-    row = log.store.db.execute("SELECT at FROM events WHERE seq <= ? ORDER BY seq DESC LIMIT 1", [seq]).fetchone()
+    row = log.store.db.execute(
+        "SELECT at FROM events WHERE seq <= ? AND sid IN (SELECT sid FROM sessions WHERE lobby = ?) "
+        "ORDER BY seq DESC LIMIT 1",
+        [seq, lobby],
+    ).fetchone()
     return None if row is None else row[0]
 
 

@@ -251,3 +251,21 @@ def test_a_time_pasted_from_the_millisecond_output_includes_its_events(tmp_path)
     assert [e.seq for e in replay.timeline(path, since=printed, until=printed)] == [1, 2, 3]
     assert replay.state(path, at_time=printed).registry.users == {"bot4": True}
     assert replay.state(path, at_time="2026-11-28T00:14:46.531001Z").seq == 1  # microseconds: exact
+
+
+def test_the_state_of_one_lobby_ends_at_its_own_last_event(tmp_path):
+    """Without a point, the state of lobby a is after a's last event (seq 7), at a's time; seq 8 is b's."""
+    path = tmp_path / "two.db"
+    _two_lobbies(path)
+    point = replay.state(path, lobby="a")
+    assert (point.seq, point.at, point.registry.users) == (7, 1_004, {"ann": False})
+    point = replay.state(path, lobby="b", at_seq=7)  # b's state after seq 7: its time is b's last before it
+    assert (point.seq, point.at, point.registry.users) == (7, 3, {"bob": True})
+
+
+def test_a_session_whose_first_row_is_lost_is_still_listed(tmp_path):
+    path = tmp_path / "two.db"
+    _two_lobbies(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM events WHERE seq = 1")  # a's listen
+    assert [(s.lobby, s.first_seq, s.start) for s in replay.sessions(path)] == [("a", 1, 1_002), ("b", 2, 1)]
