@@ -263,6 +263,8 @@ def _logs(args: argparse.Namespace) -> int:
         for line, note in summary.problems:
             seq = f"seq {line.seq}" if line.seq is not None else "no seq"
             _out(f"  line {line.number} ({seq}, {format_time(line.at)}): {note}")
+        if summary.more_problems:
+            _out(f"  ... and {summary.more_problems} more")
         return 0
     entries = logs(args.logfile, args.db, around_seq=args.around_seq, window=args.window, session=args.session,
                    level=args.level, username=args.user)
@@ -270,10 +272,12 @@ def _logs(args: argparse.Namespace) -> int:
         for entry in entries:
             _json_line(entry.to_dict())
         return 0
-    if not entries:
-        _out("(no log lines match)")
+    shown = 0
     for entry in entries:
         _out(_entry_row(entry, marked=args.around_seq))
+        shown += 1
+    if not shown:
+        _out("(no log lines match)")
     return 0
 
 
@@ -289,7 +293,7 @@ def _entry_row(entry: Entry, marked: int | None) -> str:
     error = exception_text(line.record)
     fields.pop("exception", None)
     text = " ".join(f"{key}={dumps(value) if not isinstance(value, str) else value}" for key, value in fields.items())
-    who = (line.record or {}).get("username") or ""
+    who = line.username or ""
     parts = [f"  log   {seq}  {format_time(line.at)}  {line.level:<7} {line.message}", who, text]
     if error:
         parts.append(f"exception: {error}")

@@ -11,6 +11,7 @@ Lines that are not JSON (a stray print, the standard library's warnings) are kep
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -23,12 +24,14 @@ import orjson
 
 from events import EVENT_TYPES, Event
 
-from .reader import Log, ReplayError, iso_time, open_log, progress
+from .reader import Log, ReplayError, SessionRange, iso_time, open_log, progress
 from .render import event_json
 
 __all__ = ["LogLine", "Entry", "LogSummary", "read_log_lines", "logs", "log_summary", "LEVELS"]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
+#: Problems a summary lists at most; it counts the rest.
+MAX_PROBLEMS = 1000
 #: Keys every line may carry; the rest is what the line says.
 COMMON_KEYS = ("lobby", "session", "seq", "username", "event", "level", "timestamp")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -44,7 +47,12 @@ class LogLine:
     @property
     def seq(self) -> int | None:
         seq = self.record.get("seq") if self.record else None
-        return seq if isinstance(seq, int) else None
+        return seq if type(seq) is int else None  # not a bool: true is no seq
+
+    @property
+    def username(self) -> str | None:
+        username = self.record.get("username") if self.record else None
+        return username if isinstance(username, str) else None
 
     @property
     def at(self) -> int | None:
@@ -82,6 +90,9 @@ def read_log_lines(path: str | os.PathLike[str]) -> Iterator[LogLine]:
     if not target.is_file():
         raise ReplayError(f"{path}: no such log file")
     with open(target, "rb") as handle:
+        if handle.read(16) == b"SQLite format 3\x00":  # the arguments swapped, most likely
+            raise ReplayError(f"{path}: is an SQLite database, not a server log file (the event log goes in --db)")
+        handle.seek(0)
         for number, raw in enumerate(progress(handle, total=None, description="reading log lines", unit="line"), 1):
             line = raw.rstrip(b"\r\n")
             if not line.strip():
@@ -104,8 +115,8 @@ def _mismatch(line: LogLine, event: Event | None) -> str | None:
     session = record.get("session")
     if isinstance(session, str) and session != event.session:
         return f"line of session {session}, but seq {event.seq} is of session {event.session}"
-    username = record.get("username")
-    if isinstance(username, str) and getattr(event, "username", None) not in (None, username):
+    username = line.username
+    if username is not None and getattr(event, "username", None) not in (None, username):
         return f"line about {username}, but seq {event.seq} is about {getattr(event, 'username', None)}"
     if line.message in EVENT_TYPES and line.message != event.type:
         return f"line says {line.message}, but seq {event.seq} is a {event.type}"
@@ -158,27 +169,42 @@ def logs(
     session: str | None = None,
     level: str | None = None,
     username: str | None = None,
-) -> list[Entry]:
-    """The lines of the server log ``logfile``, each joined to the event of ``db`` its seq names.
+) -> Iterator[Entry]:
+    """The lines of the server log ``logfile``, each joined to the event of ``db`` its seq names, as they
+    are read (a log of millions of lines is never held whole).
 
-    With ``around_seq``: the events ``around_seq - window`` .. ``around_seq + window`` with, after each,
-    the lines about it, and the lines without seq of that time span, in time order. Otherwise every line
-    (of ``session``, at ``level`` or above, about ``username``), with its event.
+    With ``around_seq``: the events ``around_seq - window`` .. ``around_seq + window`` (of ``session``'s
+    lobby, when given) with, after each, the lines about it, and the lines without seq of that time span,
+    in time order. Otherwise every line (of ``session``, at ``level`` or above, about ``username``), with
+    its event. Bad arguments raise before the first entry.
     """
     _check_level(level)
     if window < 0:
         raise ReplayError("--window must be 0 or more")
-    with open_log(db) as log:
+    log = open_log(db)
+    try:
         info = log.session(session) if session is not None else None
+        lines = read_log_lines(logfile)
         if around_seq is not None:
-            return _around(log, logfile, around_seq, window, level, username)
-        return [
-            _joined(log, line)
-            for line in read_log_lines(logfile)
-            if _level_ok(line, level)
-            and (info is None or (line.record or {}).get("session") == info.session)
-            and (username is None or (line.record or {}).get("username") == username)
-        ]
+            entries: Iterator[Entry] = iter(_around(log, lines, around_seq, window, level, username, info))
+        else:
+            first = next(lines, None)  # a missing or swapped file fails here, not at the first next()
+            entries = (
+                _joined(log, line)
+                for line in itertools.chain([first] if first is not None else [], lines)
+                if _level_ok(line, level)
+                and (info is None or (line.record or {}).get("session") == info.session)
+                and (username is None or line.username == username)
+            )
+    except BaseException:
+        log.close()
+        raise
+    return _closing(entries, log)
+
+
+def _closing(entries: Iterator[Entry], log: Log) -> Iterator[Entry]:
+    with log:
+        yield from entries
 
 
 def _joined(log: Log, line: LogLine) -> Entry:
@@ -190,24 +216,27 @@ def _joined(log: Log, line: LogLine) -> Entry:
                  note=_mismatch(line, event))
 
 
-def _around(log: Log, logfile: str | os.PathLike[str], seq: int, window: int, level: str | None,
-            username: str | None) -> list[Entry]:
+def _around(log: Log, lines: Iterator[LogLine], seq: int, window: int, level: str | None,
+            username: str | None, info: SessionRange | None) -> list[Entry]:
     if not 1 <= seq <= log.upto:
         raise ReplayError(f"seq {seq} is not in the event log (seqs 1..{log.upto})")
+    if info is not None and not info.first_seq <= seq <= info.last_seq:
+        raise ReplayError(f"seq {seq} is not in session {info.session} (seqs {info.first_seq}..{info.last_seq})")
     low, high = max(1, seq - window), min(log.upto, seq + window)
-    events = {event.seq: event for event in log.read(low, high)}
+    filters = {"lobby": info.lobby, "session": info.session} if info is not None else {}
+    events = {event.seq: event for event in log.read(low, high, **filters)}
     sessions = {event.session for event in events.values()}
     first = min(event.at for event in events.values())
     last = max(event.at for event in events.values())
     entries = [Entry("event", event.at, event.seq, event=event) for event in events.values()]
-    for line in read_log_lines(logfile):
+    for line in lines:
         if not _level_ok(line, level):
             continue
-        if username is not None and (line.record or {}).get("username") != username:
+        if username is not None and line.username != username:
             continue
         line_seq = line.seq
         if line_seq is not None:
-            if low <= line_seq <= high:
+            if low <= line_seq <= high and (info is None or line_seq in events):
                 event = events.get(line_seq)
                 entries.append(Entry("log", event.at if event else line.at, line_seq, event=event, line=line,
                                      note=_mismatch(line, event)))
@@ -231,8 +260,17 @@ class LogSummary:
     levels: Counter[str] = field(default_factory=Counter)
     messages: Counter[str] = field(default_factory=Counter)
     sessions: Counter[str] = field(default_factory=Counter)
-    #: Lines at warning or above, and lines that do not fit the event log: (line, note).
+    #: Lines at warning or above, and lines that do not fit the event log: (line, note), the first
+    #: MAX_PROBLEMS of them (a log checked against the wrong event log can have millions).
     problems: list[tuple[LogLine, str]] = field(default_factory=list)
+    #: How many more there were.
+    more_problems: int = 0
+
+    def add_problem(self, line: LogLine, note: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append((line, note))
+        else:
+            self.more_problems += 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -242,6 +280,7 @@ class LogSummary:
             "problems": [{"line": line.number, "seq": line.seq, "level": line.level, "message": line.message,
                           "time": iso_time(line.at) if line.at is not None else None, "note": note}
                          for line, note in self.problems],
+            "more_problems": self.more_problems,
         }
 
 
@@ -265,11 +304,11 @@ def log_summary(logfile: str | os.PathLike[str], db: str | os.PathLike[str] | No
                 if log is not None:
                     note = _mismatch(line, next(iter(log.read(line.seq, line.seq)), None))
                     if note is not None:
-                        summary.problems.append((line, note))
+                        summary.add_problem(line, note)
                         continue
             if line.level in ("warning", "error", "critical"):
                 error = _exception_text(line.record)
-                summary.problems.append((line, f"{line.level}: {line.message}" + (f" ({error})" if error else "")))
+                summary.add_problem(line, f"{line.level}: {line.message}" + (f" ({error})" if error else ""))
     finally:
         if log is not None:
             log.close()

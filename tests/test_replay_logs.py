@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import orjson
 
 import replay
@@ -14,7 +16,7 @@ def test_what_the_server_logged_around_a_seq(crash_log, capsys):
     db, logfile = crash_log
     crashed, restarted = replay.sessions(db)
     restart = restarted.first_seq
-    entries = replay.logs(logfile, db, around_seq=restart, window=2)
+    entries = list(replay.logs(logfile, db, around_seq=restart, window=2))
     events = [e for e in entries if e.kind == "event"]
     assert [e.seq for e in events] == list(range(restart - 2, restart + 3))
     lines = [e for e in entries if e.kind == "log"]
@@ -42,11 +44,11 @@ def test_what_the_server_logged_around_a_seq(crash_log, capsys):
 def test_lines_filtered_by_session_level_and_user(crash_log):
     db, logfile = crash_log
     crashed, restarted = replay.sessions(db)
-    bob = replay.logs(logfile, db, session=crashed.session, username="bob")
+    bob = list(replay.logs(logfile, db, session=crashed.session, username="bob"))
     assert [(e.line.message, e.event.type) for e in bob] == [("join", "join"), ("link", "link"),
                                                              ("message", "message")]
-    assert replay.logs(logfile, db, level="warning") == []
-    every = replay.logs(logfile, db)
+    assert list(replay.logs(logfile, db, level="warning")) == []
+    every = list(replay.logs(logfile, db))
     assert len(every) == sum(1 for line in logfile.read_bytes().splitlines() if line.strip())
 
 
@@ -74,3 +76,37 @@ def test_a_summary_counts_lines_and_flags_those_that_do_not_fit(crash_log, tmp_p
     assert main(["replay", "logs", str(foreign), "--db", str(db), "--summary"]) == 0
     out = capsys.readouterr().out
     assert "1 not JSON" in out and "RuntimeError: the app broke" in out
+
+
+def test_odd_lines_and_a_swapped_database_argument(crash_log, tmp_path, capsys):
+    """A username that is not a string is shown, not a traceback; a seq of true is no seq; the event log given
+    as the log file is refused by name; -s with --around-seq keeps to that session."""
+    db, logfile = crash_log
+    crashed, restarted = replay.sessions(db)
+    odd = tmp_path / "odd.log"
+    odd.write_bytes(
+        b'{"event":123,"seq":5,"level":["x"],"timestamp":null,"username":5}\n'
+        b'{"event":"hello","seq":true,"level":"info","timestamp":"2026-11-27T21:03:00Z"}\n'
+    )
+    assert main(["replay", "logs", str(odd), "--db", str(db)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "hello" in out[1] and out[1].split()[1] == "-"  # no seq
+    assert [entry.seq for entry in replay.logs(odd, db)] == [5, None]
+    assert main(["replay", "logs", str(db), "--db", str(db)]) == 2
+    assert capsys.readouterr().err == (
+        f"lobby replay logs: {db}: is an SQLite database, not a server log file (the event log goes in --db)\n"
+    )
+    entries = list(replay.logs(logfile, db, around_seq=restarted.first_seq, window=3, session=restarted.session))
+    assert entries and all(entry.seq is None or entry.seq >= restarted.first_seq for entry in entries)
+    assert main(["replay", "logs", str(logfile), "--db", str(db), "--around-seq", str(restarted.first_seq),
+                 "-s", crashed.session]) == 2
+    assert "is not in session" in capsys.readouterr().err
+
+
+def test_a_summary_lists_the_first_problems_and_counts_the_rest(crash_log, tmp_path, monkeypatch):
+    db, _ = crash_log
+    monkeypatch.setattr(importlib.import_module("replay.logs"), "MAX_PROBLEMS", 3)
+    many = tmp_path / "many.log"
+    many.write_bytes(b'{"event":"join","seq":999,"level":"info"}\n' * 10)
+    summary = replay.log_summary(many, db)
+    assert (len(summary.problems), summary.more_problems) == (3, 7)
