@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -107,11 +108,16 @@ class ServerConfig:
         if self.max_buffer < self.max_frame_size:
             raise ValueError("max_buffer must be at least max_frame_size (a reply may be that large)")
         if isinstance(self.versions, str) or not self.versions or not all(
-            isinstance(v, str) and v for v in self.versions
+            isinstance(v, str) and _VERSION_LINE.fullmatch(v) for v in self.versions
         ):
-            raise ValueError(f"versions must be a non-empty tuple of version lines like ('0.5', '0.6'), not {self.versions!r}")
+            raise ValueError(
+                f"versions must be a non-empty tuple of version lines, major.minor like ('0.5', '0.6'), not {self.versions!r}"
+            )
         object.__setattr__(self, "versions", tuple(self.versions))
 
+
+#: A client version line: a client's version is accepted when it starts with one (KRMX.md, rule 4).
+_VERSION_LINE = re.compile(r"\d+\.\d+")
 
 _SIZE_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "k": 1024, "m": 1024**2, "g": 1024**3, "": 1}
 

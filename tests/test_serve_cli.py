@@ -43,6 +43,7 @@ def _logging_restored():
         ("--db", ""),
         ("--lobby", ""),
         ("--host", ""),
+        ("--versions", "abc"),
     ],
 )
 def test_bad_option_values_exit_2_with_one_line(tmp_path, capsys, flag, value):
@@ -112,6 +113,8 @@ def _record(seen: dict, server: Server) -> int:
         {"max_buffer": "lots"},
         {"versions": "0.6"},
         {"versions": ()},
+        {"versions": ("abc",)},
+        {"versions": ("0.5.4",)},
         {"lobby": ""},
         {"db": None},
         {"accept_new_users": "false"},
