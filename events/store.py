@@ -67,28 +67,58 @@ def m001_events(db: Database) -> None:
     )
     # Event types by a small code, so each event row stores one byte instead of the type's name. Codes are
     # never reused or renumbered; a type this table lacks is added when first appended.
-    db.execute("CREATE TABLE types (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    db.execute(_M001_TYPES_TABLE)
     db.conn.executemany("INSERT INTO types (code, name) VALUES (?, ?)", enumerate(_M001_TYPES, 1))
-    db.execute(
-        """CREATE TABLE events (
-            seq INTEGER PRIMARY KEY,
-            sid INTEGER NOT NULL REFERENCES sessions (sid),
-            at INTEGER NOT NULL,
-            type INTEGER NOT NULL REFERENCES types (code),
-            username TEXT,
-            data BLOB
-        )"""
-    )
-    # For people with the sqlite3 shell: the log with lobby, session and type spelled out.
-    db.execute(
-        """CREATE VIEW log AS
-           SELECT e.seq, s.lobby, s.session, e.at, t.name AS type, e.username, e.data
-           FROM events e JOIN sessions s USING (sid) JOIN types t ON t.code = e.type"""
-    )
+    db.execute(_M001_EVENTS_TABLE)
+    db.execute(_M001_LOG_VIEW)
 
 
-#: The types m001 numbers, in code order (1, 2, ...): fixed forever, whatever EVENT_TYPES becomes.
+# m001's schema, fixed forever (shared with _repair_type_names, which brings the first builds' logs to it).
+#: The types m001 numbers, in code order (1, 2, ...), whatever EVENT_TYPES becomes.
 _M001_TYPES = ("listen", "join", "link", "message", "send", "broadcast", "unlink", "leave", "close")
+_M001_TYPES_TABLE = "CREATE TABLE types (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)"
+_M001_EVENTS_TABLE = """CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    sid INTEGER NOT NULL REFERENCES sessions (sid),
+    at INTEGER NOT NULL,
+    type INTEGER NOT NULL REFERENCES types (code),
+    username TEXT,
+    data BLOB
+)"""
+# For people with the sqlite3 shell: the log with lobby, session and type spelled out.
+_M001_LOG_VIEW = """CREATE VIEW log AS
+SELECT e.seq, s.lobby, s.session, e.at, t.name AS type, e.username, e.data
+FROM events e JOIN sessions s USING (sid) JOIN types t ON t.code = e.type"""
+
+
+def _has_type_names(db: Database) -> bool:
+    """Whether this log was written by the first builds (2026-11-27, for minutes), whose m001 stored each
+    event's type name in ``events.type``, with no ``types`` table."""
+    tables = db.table_names()
+    return "events" in tables and "types" not in tables
+
+
+def _repair_type_names(db: Database) -> None:
+    """Bring a log of the first builds to m001's schema (type codes), keeping every event as it is."""
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DROP VIEW IF EXISTS log")
+        conn.execute("ALTER TABLE events RENAME TO events_with_type_names")
+        conn.execute(_M001_TYPES_TABLE)
+        conn.executemany("INSERT INTO types (code, name) VALUES (?, ?)", enumerate(_M001_TYPES, 1))
+        conn.execute("INSERT INTO types (name) SELECT type FROM events_with_type_names "
+                     "WHERE type NOT IN (SELECT name FROM types) GROUP BY type ORDER BY min(seq)")
+        conn.execute(_M001_EVENTS_TABLE)
+        conn.execute("INSERT INTO events (seq, sid, at, type, username, data) "
+                     "SELECT e.seq, e.sid, e.at, t.code, e.username, e.data "
+                     "FROM events_with_type_names e JOIN types t ON t.name = e.type ORDER BY e.seq")
+        conn.execute("DROP TABLE events_with_type_names")
+        conn.execute(_M001_LOG_VIEW)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 @migrations()
@@ -228,6 +258,12 @@ class EventStore:
             # An older log stays readable as it is: a read-only open never migrates (snapshots are optional).
             if "events" not in self.db.table_names():
                 raise EventLogError(f"{self.path}: is not a complete krmx-lobby event log (no events table)")
+            if _has_type_names(self.db):
+                raise EventLogError(
+                    f"{self.path}: was written by a first build of krmx-lobby (type names, not codes) and needs "
+                    "converting, which a read-only open cannot do: open it once for writing (a server on it, or "
+                    f"`python3 -c \"import events; events.EventStore('{self.path}').close()\"`); no event is lost"
+                )
         except sqlite3.Error as error:
             self.db.close()
             raise EventLogError(f"{self.path}: {error}") from None
@@ -274,13 +310,16 @@ class EventStore:
         return False
 
     def _migrate(self) -> None:
+        repaired = _has_type_names(self.db)
+        if repaired:
+            _repair_type_names(self.db)
         pending = migrations.pending(self.db)
         if pending:
             with self.db.atomic():
                 self.db.execute(f"PRAGMA application_id={APPLICATION_ID}")
             migrations.apply(self.db)
         #: The migrations this open applied (an older log upgraded, or a new log created), for the server's log.
-        self.migrated = [migration.name for migration in pending]
+        self.migrated = ["m001_events (type codes)"] * repaired + [migration.name for migration in pending]
 
     def claim(self, lobby: str) -> None:
         """Take ``lobby`` of this log for this store alone until :meth:`close`: two servers appending one

@@ -11,7 +11,7 @@ import pytest
 from freezegun import freeze_time
 from sqlite_utils import Database
 
-from events import APPLICATION_ID, EventLogError, EventStore, Join, now_us, rebuild
+from events import APPLICATION_ID, Cutoff, EventLogError, EventStore, Join, now_us, rebuild
 from events.store import SCHEMA_VERSION, migrations
 
 from .factories import Events
@@ -313,6 +313,38 @@ def test_a_version_1_log_stays_readable_and_is_migrated_on_write(db_path):
         assert list(store.load_registry("main").users) == ["alice"]
     with EventStore(db_path) as store:
         assert store.migrated == []
+
+
+def test_a_log_of_the_first_builds_with_type_names_is_converted_on_write_and_explained_on_read(db_path):
+    """The first builds' m001 stored type names in events.type (no types table), as blobs of JSON: a
+    read-only open says how to convert it; a write open converts it, keeping every event and its seq."""
+    ev = Events()
+    events = [ev.listen(), ev.join("al"), ev.link("al"), ev.message("al", {"type": "x/y"}), ev.unlink("al"),
+              Cutoff(lobby="main", session="s1", at=ev.at + 1, connection="c1", reason="rate limit")]
+    with EventStore(db_path) as store:
+        store.append(events)
+    first_build = sqlite3.connect(db_path)
+    first_build.executescript(
+        """DROP VIEW log;
+        CREATE TABLE old_events (seq INTEGER PRIMARY KEY, sid INTEGER NOT NULL REFERENCES sessions (sid),
+            at INTEGER NOT NULL, type TEXT NOT NULL, username TEXT, data BLOB);
+        INSERT INTO old_events SELECT e.seq, e.sid, e.at, t.name, e.username, CAST(e.data AS BLOB)
+            FROM events e JOIN types t ON t.code = e.type;
+        DROP TABLE events; DROP TABLE types;
+        ALTER TABLE old_events RENAME TO events;
+        CREATE VIEW log AS SELECT e.seq, s.lobby, s.session, e.at, e.type, e.username, e.data
+            FROM events e JOIN sessions s USING (sid);"""
+    )
+    first_build.close()
+    with pytest.raises(EventLogError, match="first build of krmx-lobby .* open it once for writing"):
+        EventStore.open_readonly(db_path)
+    with EventStore(db_path) as store:
+        assert store.migrated == ["m001_events (type codes)"]
+        assert list(store.read()) == [replace(e, seq=i) for i, e in enumerate(events, 1)]
+        assert store.append([ev.close()]) == [7]
+        assert store.db.execute("SELECT type FROM log WHERE seq = 6").fetchone() == ("cutoff",)
+    with EventStore.open_readonly(db_path) as reader:
+        assert [e.type for e in reader.read()] == [*(e.type for e in events), "close"]
 
 
 def test_message_bodies_are_stored_as_json_text(db_path):
