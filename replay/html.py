@@ -11,6 +11,7 @@ that event and places a cursor on the lanes).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from html import escape
 
@@ -88,7 +89,7 @@ def _message_type(event: Event) -> str:
 
 
 def build_lanes(
-    events: list[Event], initial: dict[str, bool], summary: SessionSummary
+    events: Iterable[Event], initial: dict[str, bool], summary: SessionSummary
 ) -> tuple[dict[str, Lane], list[tuple[int, int, str]]]:
     """The lanes of a session (users in order of appearance) and its broadcasts ``(seq, at, type)``."""
     lanes: dict[str, Lane] = {}
@@ -361,14 +362,26 @@ _JS = r"""
 
 def render_html(
     summary: SessionSummary,
-    events: list[Event],
+    events: Iterable[Event],
     initial: dict[str, bool],
     *,
     axis: str = "auto",
     max_rows: int = 20_000,
 ) -> str:
-    """The page of a session from its events and the registry it started with."""
-    lanes, broadcasts = build_lanes(events, initial, summary)
+    """The page of a session from its events (read once: only the table's first ``max_rows`` are kept, so a
+    session of millions of events does not fill memory) and the registry it started with."""
+    kept: list[Event] = []
+    total = 0
+
+    def keeping(events: Iterable[Event]) -> Iterator[Event]:
+        nonlocal total
+        for event in events:
+            if total < max_rows:
+                kept.append(event)
+            total += 1
+            yield event
+
+    lanes, broadcasts = build_lanes(keeping(events), initial, summary)
     scale = _Scale(summary, axis)
     rows = [
         {
@@ -376,9 +389,9 @@ def render_html(
             "username": getattr(event, "username", None), "detail": event_detail(event),
             "x": round(scale.x(event.seq or 0, event.at), 1),
         }
-        for event in events[:max_rows]
+        for event in kept
     ]
-    data = {"initial": list(initial.items()), "events": rows, "total": len(events), "truncated": len(events) > max_rows}
+    data = {"initial": list(initial.items()), "events": rows, "total": total, "truncated": total > max_rows}
     embedded = orjson.dumps(data).decode().replace("</", "<\\/")
     end = format_time(summary.end) if summary.end is not None else f"{summary.status} (last event {format_time(summary.last_at)})"
     counts = ", ".join(f"{kind} {count}" for kind, count in summary.counts.items())
@@ -437,8 +450,8 @@ def html(
         summary = summarize(log, info)
         initial = registry_at(log, info.lobby, info.first_seq - 1).users
         total = summary.last_seq - summary.first_seq + 1
-        events = list(progress(log.session_events(info), total=total, description="reading the session"))
-    page = render_html(summary, events, dict(initial), axis=axis, max_rows=max_rows)
+        events = progress(log.session_events(info), total=total, description="reading the session")
+        page = render_html(summary, events, dict(initial), axis=axis, max_rows=max_rows)
     if output is not None:
         with open(output, "w", encoding="utf-8") as handle:
             handle.write(page)

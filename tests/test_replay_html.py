@@ -7,10 +7,14 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 
+import orjson
 import pytest
 
 import replay
 from lobby.cli import main
+from replay.html import render_html
+from replay.reader import open_log
+from replay.sessions import summarize
 
 from .replay_logs import crash_log, game_log  # noqa: F401 - fixtures
 
@@ -71,6 +75,20 @@ def test_the_page_is_self_contained_with_a_lane_per_user_and_reasons(game_log, t
             ("dave", "leave", "requested"), ("alice", "unlink", "server restart")} <= marks
     assert 'class="msg in message"' in text and 'class="msg out message"' in text and "broadcast" in text
     assert page.rows == []  # the event table is the script's work
+
+
+def test_the_table_keeps_max_rows_events_and_the_lanes_every_event(game_log):
+    """The page reads the session once; only the table's first max_rows events are kept (a session of
+    millions of events does not fill memory), while the lanes still show all of them."""
+    first = replay.sessions(game_log)[0]
+    text = replay.html(game_log, first.session, max_rows=3)
+    data = orjson.loads(text.split('<script id="session-data" type="application/json">')[1].split("</script>")[0])
+    assert [row["seq"] for row in data["events"]] == [first.first_seq, first.first_seq + 1, first.first_seq + 2]
+    assert (data["total"], data["truncated"]) == (first.last_seq - first.first_seq + 1, True)
+    assert parse(text).lanes == ["alice", "bob", "carol", "dave"]
+    with open_log(game_log) as log:  # the events as a one-pass iterator, as html() reads them
+        info = log.session(first.session)
+        assert render_html(summarize(log, info), iter(list(log.session_events(info))), {}, max_rows=3) == text
 
 
 def test_a_crashed_session_ends_its_lanes_and_the_restart_shows_recovered(crash_log):
