@@ -17,6 +17,8 @@ in this module; users change only through :func:`events.apply`.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 import re
 from collections import Counter, deque
@@ -202,22 +204,38 @@ def too_deep(value: Any, text: str | bytes) -> bool:
 def unsendable(message: Any, data: bytes) -> str | None:
     """Why ``data``, the JSON of an application's ``message``, is not that message, or ``None``: orjson writes
     ``NaN`` and infinities as ``null`` (silently), and a peer refuses nesting deeper than :data:`MAX_DEPTH`."""
-    if b"null" in data and _non_finite(message):  # only a message holding a null can hold one
+    if b"null" in data and _VALUE_NULL.search(data) and _non_finite(message, data):
         return "message holds NaN or an infinity, which JSON cannot carry (it would arrive as null)"
     if too_deep(message, data):
         return f"message nests deeper than {MAX_DEPTH} levels"
     return None
 
 
-def _non_finite(value: Any) -> bool:
-    kind = type(value)
-    if kind is float:
+#: A null in a value's place, as orjson writes one (a NaN or an infinity among them), not "null" in a string.
+_VALUE_NULL = re.compile(rb"[:\[,]null[,\]}]")
+
+
+def _non_finite(message: Any, data: bytes) -> bool:
+    """Whether ``message`` holds a NaN or an infinity. A large message is first read back from ``data`` and
+    compared, in C (a NaN reads back as None, which differs); only when that differs, or for a small message,
+    is it walked in Python (tuples, dataclasses and the like read back as something else too)."""
+    if len(data) > 4096 and orjson.loads(data) == message:
+        return False
+    return _walk_non_finite(message)
+
+
+def _walk_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
         return not math.isfinite(value)
-    if kind is dict:
-        return any(_non_finite(item) for item in value.values())
-    if kind is list or kind is tuple:
-        return any(_non_finite(item) for item in value)
-    return isinstance(value, float) and not math.isfinite(value)  # a float subclass
+    if isinstance(value, dict):
+        return any(_walk_non_finite(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_walk_non_finite(item) for item in value)
+    if dataclasses.is_dataclass(value):
+        return any(_walk_non_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, enum.Enum):
+        return _walk_non_finite(value.value)
+    return False
 
 
 def encode(type_: str, payload: Any = None) -> bytes:

@@ -8,8 +8,9 @@ registry rebuilt from the events it recorded.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -867,6 +868,21 @@ def test_server_broadcast_with_skip(three, skip, receivers):
     assert three.new_events() == [("broadcast", message, skip)]
 
 
+@dataclass
+class Score:
+    value: float
+
+
+#: A large message with many nulls (no NaN): checked by reading it back, not by a walk.
+BOARD = {"cells": [[None if (i + j) % 3 else {"piece": "p", "hp": 1.5} for j in range(40)] for i in range(40)]}
+
+
+def test_nulls_and_the_word_null_are_sent_as_they_are(three):
+    for payload in (None, "nullable: null, [null]", [None, 1.5], BOARD):
+        three.call("broadcast", {"type": "app/x", "payload": payload})
+        assert three.new_events()[-1] == ("broadcast", {"type": "app/x", "payload": payload}, None)
+
+
 @pytest.mark.parametrize(
     ("name", "args", "error"),
     [
@@ -891,6 +907,9 @@ def test_server_broadcast_with_skip(three, skip, receivers):
         ("broadcast", ({"type": "app/x", "payload": float("nan")},), "NaN or an infinity"),
         ("send", ("alice", {"type": "app/x", "payload": {"scores": [1.5, float("inf")]}}), "NaN or an infinity"),
         ("broadcast", ({"type": "app/x", "payload": [None, -float("inf")]},), "NaN or an infinity"),
+        ("broadcast", ({"type": "app/x", "payload": OrderedDict(v=float("nan"))},), "NaN or an infinity"),
+        ("broadcast", ({"type": "app/x", "payload": Score(float("inf"))},), "NaN or an infinity"),
+        ("send", ("alice", {"type": "app/x", "payload": [BOARD, (1.0, float("nan"))]}), "NaN or an infinity"),
         ("listen", ("s2",), "cannot start listening when the server is listening"),
     ],
 )
