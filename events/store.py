@@ -55,16 +55,7 @@ def m001_events(db: Database) -> None:
     # One row per session, so event rows stay small (a session id, not two strings) and reads by session
     # walk a seq range of the primary key: the events table needs no secondary index, which keeps appends
     # fast. first_seq/last_seq are kept up to date by every append.
-    db.execute(
-        """CREATE TABLE sessions (
-            sid INTEGER PRIMARY KEY,
-            lobby TEXT NOT NULL,
-            session TEXT NOT NULL,
-            first_seq INTEGER NOT NULL,
-            last_seq INTEGER NOT NULL,
-            UNIQUE (lobby, session)
-        )"""
-    )
+    db.execute(_M001_SESSIONS_TABLE)
     # Event types by a small code, so each event row stores one byte instead of the type's name. Codes are
     # never reused or renumbered; a type this table lacks is added when first appended.
     db.execute(_M001_TYPES_TABLE)
@@ -76,6 +67,14 @@ def m001_events(db: Database) -> None:
 # m001's schema, fixed forever (shared with _repair_type_names, which brings the first builds' logs to it).
 #: The types m001 numbers, in code order (1, 2, ...), whatever EVENT_TYPES becomes.
 _M001_TYPES = ("listen", "join", "link", "message", "send", "broadcast", "unlink", "leave", "close")
+_M001_SESSIONS_TABLE = """CREATE TABLE sessions (
+    sid INTEGER PRIMARY KEY,
+    lobby TEXT NOT NULL,
+    session TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    UNIQUE (lobby, session)
+)"""
 _M001_TYPES_TABLE = "CREATE TABLE types (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)"
 _M001_EVENTS_TABLE = """CREATE TABLE events (
     seq INTEGER PRIMARY KEY,
@@ -93,25 +92,36 @@ FROM events e JOIN sessions s USING (sid) JOIN types t ON t.code = e.type"""
 
 def _has_type_names(db: Database) -> bool:
     """Whether this log was written by the first builds (2026-11-27, for minutes), whose m001 stored each
-    event's type name in ``events.type``, with no ``types`` table."""
+    event's type name in ``events.type``, with no ``types`` table (and, in the very first, the lobby and
+    session in every row, with no ``sessions`` table)."""
     tables = db.table_names()
     return "events" in tables and "types" not in tables
 
 
 def _repair_type_names(db: Database) -> None:
-    """Bring a log of the first builds to m001's schema (type codes), keeping every event as it is."""
+    """Bring a log of the first builds to m001's schema (type codes, session ids), keeping every event as it is."""
+    per_row_sessions = "sid" not in {column.name for column in db["events"].columns}  # type: ignore[union-attr]
     conn = db.conn
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DROP VIEW IF EXISTS log")
         conn.execute("ALTER TABLE events RENAME TO events_with_type_names")
+        sid = "e.sid"
+        if per_row_sessions:
+            for (index,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND "
+                                         "tbl_name = 'events_with_type_names' AND sql IS NOT NULL").fetchall():
+                conn.execute(f"DROP INDEX [{index}]")
+            conn.execute(_M001_SESSIONS_TABLE)
+            conn.execute("INSERT INTO sessions (lobby, session, first_seq, last_seq) SELECT lobby, session, "
+                         "min(seq), max(seq) FROM events_with_type_names GROUP BY lobby, session ORDER BY min(seq)")
+            sid = "(SELECT s.sid FROM sessions s WHERE s.lobby = e.lobby AND s.session = e.session)"
         conn.execute(_M001_TYPES_TABLE)
         conn.executemany("INSERT INTO types (code, name) VALUES (?, ?)", enumerate(_M001_TYPES, 1))
         conn.execute("INSERT INTO types (name) SELECT type FROM events_with_type_names "
                      "WHERE type NOT IN (SELECT name FROM types) GROUP BY type ORDER BY min(seq)")
         conn.execute(_M001_EVENTS_TABLE)
         conn.execute("INSERT INTO events (seq, sid, at, type, username, data) "
-                     "SELECT e.seq, e.sid, e.at, t.code, e.username, e.data "
+                     f"SELECT e.seq, {sid}, e.at, t.code, e.username, e.data "
                      "FROM events_with_type_names e JOIN types t ON t.name = e.type ORDER BY e.seq")
         conn.execute("DROP TABLE events_with_type_names")
         conn.execute(_M001_LOG_VIEW)

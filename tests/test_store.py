@@ -315,17 +315,10 @@ def test_a_version_1_log_stays_readable_and_is_migrated_on_write(db_path):
         assert store.migrated == []
 
 
-def test_a_log_of_the_first_builds_with_type_names_is_converted_on_write_and_explained_on_read(db_path):
-    """The first builds' m001 stored type names in events.type (no types table), as blobs of JSON: a
-    read-only open says how to convert it; a write open converts it, keeping every event and its seq."""
-    ev = Events()
-    events = [ev.listen(), ev.join("al"), ev.link("al"), ev.message("al", {"type": "x/y"}), ev.unlink("al"),
-              Cutoff(lobby="main", session="s1", at=ev.at + 1, connection="c1", reason="rate limit")]
-    with EventStore(db_path) as store:
-        store.append(events)
-    first_build = sqlite3.connect(db_path)
-    first_build.executescript(
-        """DROP VIEW log;
+#: The first builds' layouts, made from a current log: type names (no types table), and in the very first
+#: build also the lobby and session in every row (no sessions table) with an index on them.
+_FIRST_BUILDS = {
+    "type names": """DROP VIEW log;
         CREATE TABLE old_events (seq INTEGER PRIMARY KEY, sid INTEGER NOT NULL REFERENCES sessions (sid),
             at INTEGER NOT NULL, type TEXT NOT NULL, username TEXT, data BLOB);
         INSERT INTO old_events SELECT e.seq, e.sid, e.at, t.name, e.username, CAST(e.data AS BLOB)
@@ -333,18 +326,39 @@ def test_a_log_of_the_first_builds_with_type_names_is_converted_on_write_and_exp
         DROP TABLE events; DROP TABLE types;
         ALTER TABLE old_events RENAME TO events;
         CREATE VIEW log AS SELECT e.seq, s.lobby, s.session, e.at, e.type, e.username, e.data
-            FROM events e JOIN sessions s USING (sid);"""
-    )
+            FROM events e JOIN sessions s USING (sid);""",
+    "lobby and session per row": """DROP VIEW log;
+        CREATE TABLE old_events ([seq] INTEGER PRIMARY KEY, [lobby] TEXT NOT NULL, [session] TEXT NOT NULL,
+            [at] INTEGER NOT NULL, [type] TEXT NOT NULL, [username] TEXT, [data] BLOB);
+        INSERT INTO old_events SELECT e.seq, s.lobby, s.session, e.at, t.name, e.username, CAST(e.data AS BLOB)
+            FROM events e JOIN types t ON t.code = e.type JOIN sessions s USING (sid);
+        DROP TABLE events; DROP TABLE types; DROP TABLE sessions;
+        ALTER TABLE old_events RENAME TO events;
+        CREATE INDEX idx_events_lobby_session_seq ON events (lobby, session, seq);""",
+}
+
+
+@pytest.mark.parametrize("layout", _FIRST_BUILDS)
+def test_a_log_of_the_first_builds_is_converted_on_write_and_explained_on_read(db_path, layout):
+    """A read-only open says how to convert it; a write open converts it, keeping every event and its seq."""
+    ev, other = Events(), Events(lobby="other", session="o1")
+    events = [ev.listen(), other.listen(), ev.join("al"), ev.link("al"), other.close(), ev.message("al", {"type": "x/y"}),
+              ev.unlink("al"), Cutoff(lobby="main", session="s1", at=ev.at + 1, connection="c1", reason="rate limit")]
+    with EventStore(db_path) as store:
+        store.append(events)
+    first_build = sqlite3.connect(db_path)
+    first_build.executescript(_FIRST_BUILDS[layout])
     first_build.close()
     with pytest.raises(EventLogError, match="first build of krmx-lobby .* open it once for writing"):
         EventStore.open_readonly(db_path)
     with EventStore(db_path) as store:
         assert store.migrated == ["m001_events (type codes)"]
         assert list(store.read()) == [replace(e, seq=i) for i, e in enumerate(events, 1)]
-        assert store.append([ev.close()]) == [7]
-        assert store.db.execute("SELECT type FROM log WHERE seq = 6").fetchone() == ("cutoff",)
+        assert [(s.lobby, s.first_seq, s.last_seq) for s in store.sessions()] == [("main", 1, 8), ("other", 2, 5)]
+        assert store.append([ev.close()]) == [9]
+        assert store.db.execute("SELECT type FROM log WHERE seq = 8").fetchone() == ("cutoff",)
     with EventStore.open_readonly(db_path) as reader:
-        assert [e.type for e in reader.read()] == [*(e.type for e in events), "close"]
+        assert [e.type for e in reader.read(lobby="main")] == [*(e.type for e in events if e.lobby == "main"), "close"]
 
 
 def test_message_bodies_are_stored_as_json_text(db_path):
