@@ -696,10 +696,8 @@ class Server:
         saved, self._next_stage = self._next_stage, next_stage  # its server calls join this turn
         try:
             result = listener(request.username, info)
-        except PermissionError as error:
-            reason: str | None = _reason(error)
         except Exception as error:
-            reason = _failed(error, log)
+            reason: str | None = _raised(error, log)
         else:
             if inspect.isawaitable(result):
                 request.connection.lobby_authenticating = True  # type: ignore[attr-defined]
@@ -720,10 +718,8 @@ class Server:
             reason = "authentication timeout"
         except asyncio.CancelledError:
             raise
-        except PermissionError as error:
-            reason = _reason(error)
         except Exception as error:
-            reason = _failed(error, log)
+            reason = _raised(error, log)
         request.connection.lobby_authenticating = False  # type: ignore[attr-defined]
         self._submit(
             request.connection,
@@ -821,14 +817,16 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def _failed(error: BaseException, log: Any) -> str:
-    """An authenticate listener raised something else than PermissionError: a bug, most likely. The client
-    learns only that authentication failed (not the error's text); the log gets the traceback."""
-    log.error(
-        "authenticate failed: link rejected (raise PermissionError to reject with a reason)",
-        exc_info=error,
-    )
-    return "authentication failed"
+def _raised(error: BaseException, log: Any) -> str:
+    """An authenticate listener raised: its message is the reason (KRMX.md, rule 8). A PermissionError of the
+    app's own (no errno) is the way to reject; anything else may be a bug (``1/0``, a key file that cannot be
+    read), so the log gets it with its traceback."""
+    if not (isinstance(error, PermissionError) and error.errno is None):
+        log.warning(
+            "authenticate raised: link rejected with its message (raise PermissionError to reject on purpose)",
+            exc_info=error,
+        )
+    return _reason(error)
 
 
 def _shown(username: str | None) -> str | None:

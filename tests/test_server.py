@@ -658,13 +658,18 @@ async def test_authenticate_rejects_with_the_exception_message(server):
 
 
 @pytest.mark.parametrize("is_async", [False, True])
-async def test_authenticate_raising_anything_but_permission_error_rejects_without_its_text(server, is_async):
-    """A bug in an authenticate listener (here 1/0) rejects the link as "authentication failed": the client
-    does not get the error's text, and the log gets an error line with the traceback."""
+async def test_authenticate_raising_rejects_with_the_message_and_logs_what_may_be_a_bug(server, is_async):
+    """KRMX.md rule 8: an exception's message is the reason. A PermissionError of the app's own is a rejection
+    on purpose (no log line of its own); anything else (1/0, or a PermissionError from the system, with an
+    errno) may be a bug: a warning with its traceback."""
 
     def check(username):
         if username == "bob":
             return 1 / 0
+        if username == "ann":
+            raise PermissionError(13, "Permission denied", "/srv/keys/hmac.pem")
+        if username == "eve":
+            raise PermissionError("no eves")
 
     if is_async:
         async def authenticate(username, info):
@@ -675,11 +680,15 @@ async def test_authenticate_raising_anything_but_permission_error_rejects_withou
     server.on("authenticate", authenticate)
     client = await Raw.open(url(server))
     with capture_logs() as logs:
-        assert await client.link("bob") == [rejected("authentication failed")]
-    [failed] = [line for line in logs if line["log_level"] == "error"]
-    assert failed["event"].startswith("authenticate failed") and failed["username"] == "bob"
-    assert isinstance(failed["exc_info"], ZeroDivisionError)
-    assert (await client.link("ann"))[0] == ACCEPTED
+        assert await client.link("bob") == [rejected("division by zero")]
+        assert await client.link("ann") == [rejected("[Errno 13] Permission denied: '/srv/keys/hmac.pem'")]
+        assert await client.link("eve") == [rejected("no eves")]
+    warned = [line for line in logs if line["log_level"] == "warning"]
+    assert [(line["username"], type(line["exc_info"])) for line in warned] == [
+        ("bob", ZeroDivisionError), ("ann", PermissionError),
+    ]
+    assert all(line["event"].startswith("authenticate raised") for line in warned)
+    assert (await client.link("carl"))[0] == ACCEPTED
 
 
 async def test_async_authenticate_times_out(tmp_path):
