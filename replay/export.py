@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from typing import IO
 
@@ -27,7 +28,7 @@ def export(
     """Write the events of ``session`` (or of the seq range, or of the whole log) to ``output`` (a path,
     a binary file, or standard output) as JSON lines: ``event.to_dict()`` plus an ISO ``time``. Returns
     how many events were written. A file path is written whole or not at all (a temporary file, then renamed);
-    an existing FIFO or device is written to as it is."""
+    an existing FIFO, device or symlink is written through as it is."""
     if output is not None and not hasattr(output, "write"):
         check_output(path, output)  # type: ignore[arg-type]
     with open_log(path) as log:
@@ -39,7 +40,8 @@ def export(
         if hasattr(output, "write"):
             return _write(events, output)  # type: ignore[arg-type]
         target = os.fspath(output)
-        if os.path.exists(target) and not os.path.isfile(target):  # a FIFO, /dev/stdout: written, never replaced
+        if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+            # A FIFO, a device, a symlink (/dev/stdout): written through, never replaced.
             with open(target, "wb") as handle:
                 return _write(events, handle)
         partial = target + ".partial"

@@ -213,6 +213,15 @@ def test_export_to_a_fifo_writes_into_it_and_leaves_it_a_fifo(game_log, tmp_path
     assert len(lines) == count > 0 and orjson.loads(lines[0])["seq"] == 1
 
 
+def test_export_to_a_symlink_writes_through_it_and_leaves_the_link(game_log, tmp_path):
+    """Like -o /dev/stdout with stdout sent to a file: the events go to the file, the link stays a link."""
+    target, link = tmp_path / "out.jsonl", tmp_path / "stdout"
+    target.write_bytes(b"")
+    link.symlink_to(target)
+    count = replay.export(game_log, link)
+    assert link.is_symlink() and len(target.read_bytes().splitlines()) == count > 0
+
+
 def test_an_output_that_is_a_directory_is_refused_by_its_name(game_log, tmp_path, capsys):
     for command in ("export", "html"):
         code, _, err = run(capsys, command, game_log, "-o", str(tmp_path))
