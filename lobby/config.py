@@ -117,7 +117,7 @@ class ServerConfig:
 
 
 #: A client version line: a client's version is accepted when it starts with one (KRMX.md, rule 4).
-_VERSION_LINE = re.compile(r"\d+\.\d+")
+_VERSION_LINE = re.compile(r"[0-9]+\.[0-9]+")
 
 _SIZE_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "k": 1024, "m": 1024**2, "g": 1024**3, "": 1}
 

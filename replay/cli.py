@@ -23,7 +23,7 @@ from .export import export as export_events
 from .html import html
 from .logs import LEVELS, Entry, exception_text, log_summary, logs
 from .reader import ReplayError, check_output, format_duration, format_time
-from .redrive import redrive
+from .redrive import check_new_log, redrive
 from .render import dumps, event_json, event_row, registry_line, table_header
 from .sessions import sessions
 from .state import diff, state, step
@@ -353,6 +353,10 @@ def _redrive(args: argparse.Namespace) -> int:
     for output in (args.server_log, args.keep_db):
         if output is not None:
             check_output(args.db, output)
+    if args.keep_db is not None:  # before the server log is opened (created) below
+        check_new_log(args.keep_db)
+        if args.server_log is not None and os.path.abspath(args.server_log) == os.path.abspath(args.keep_db):
+            raise ReplayError("--server-log and --keep-db name the same file")
     server = load_server(args.app)
     _quiet_server_logs(args.server_log)
     report = redrive(args.db, server, args.session, lobby=args.lobby, settle=args.settle, auth=args.auth,

@@ -365,8 +365,8 @@ async def redrive_async(
         start = registry_at(log, info.lobby, info.first_seq - 1)
     if isinstance(server, type) or not hasattr(server, "start"):  # a class or a function making one
         server = server()
-    if keep_db is not None and os.path.exists(keep_db):
-        raise ReplayError(f"{os.fspath(keep_db)}: exists already; redrive writes a new log")
+    if keep_db is not None:
+        check_new_log(keep_db)
     folder = tempfile.mkdtemp(prefix="lobby-redrive-")
     new_db = os.fspath(keep_db) if keep_db is not None else os.path.join(folder, "redrive.db")
     try:
@@ -391,6 +391,12 @@ async def redrive_async(
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_new_log(path: str | os.PathLike[str]) -> None:
+    """Refuse a ``keep_db`` path that exists: redrive writes a new log, never into another."""
+    if os.path.lexists(path):
+        raise ReplayError(f"{os.fspath(path)}: exists already; redrive writes a new log")
 
 
 def redrive(

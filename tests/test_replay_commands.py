@@ -222,6 +222,16 @@ def test_export_to_a_symlink_writes_through_it_and_leaves_the_link(game_log, tmp
     assert link.is_symlink() and len(target.read_bytes().splitlines()) == count > 0
 
 
+def test_redrive_refuses_one_file_for_both_outputs_and_creates_nothing(game_log, tmp_path, capsys):
+    target = tmp_path / "k.db"
+    code, _, err = run(capsys, "redrive", game_log, "--keep-db", str(target), "--server-log", str(target))
+    assert (code, err) == (2, "lobby replay redrive: --server-log and --keep-db name the same file\n")
+    assert not target.exists()
+    target.write_bytes(b"")
+    code, _, err = run(capsys, "redrive", game_log, "--keep-db", str(target), "--server-log", str(tmp_path / "s.log"))
+    assert code == 2 and "exists already" in err and not (tmp_path / "s.log").exists()
+
+
 def test_an_output_that_is_a_directory_is_refused_by_its_name(game_log, tmp_path, capsys):
     for command in ("export", "html"):
         code, _, err = run(capsys, command, game_log, "-o", str(tmp_path))

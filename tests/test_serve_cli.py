@@ -115,6 +115,7 @@ def _record(seen: dict, server: Server) -> int:
         {"versions": ()},
         {"versions": ("abc",)},
         {"versions": ("0.5.4",)},
+        {"versions": ("٠.٦",)},
         {"lobby": ""},
         {"db": None},
         {"accept_new_users": "false"},
@@ -130,6 +131,12 @@ def test_bad_options_in_code_raise_a_clear_value_error(tmp_path, options):
     name = next(iter(options))
     with pytest.raises(ValueError, match=name):
         Server(**{"db": str(tmp_path / "lobby.db"), **options})
+
+
+def test_the_readme_example_of_options_in_code_is_taken(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = Server(port=9000, db="game.db", max_frame_size="64KiB").config
+    assert (config.port, config.db, config.max_frame_size) == (9000, "game.db", 64 * 1024)
 
 
 def test_sizes_in_code_take_binary_units_as_flags_do(tmp_path):
