@@ -148,6 +148,10 @@ class Entry:
         return data
 
 
+def _shown(line: LogLine, level: str | None, username: str | None) -> bool:
+    return _level_ok(line, level) and (username is None or line.username == username)
+
+
 def _level_ok(line: LogLine, minimum: str | None) -> bool:
     if minimum is None:
         return True
@@ -228,25 +232,43 @@ def _around(log: Log, lines: Iterator[LogLine], seq: int, window: int, level: st
     sessions = {event.session for event in events.values()}
     first = min(event.at for event in events.values())
     last = max(event.at for event in events.values())
-    entries = [Entry("event", event.at, event.seq, event=event) for event in events.values()]
+    # Sorted by (time, seq, events before lines, line number). A line without seq between two lines of the
+    # window was written meanwhile: it goes after the event of the line before it, whatever its own time
+    # (event times hold while the clock is stepped back; the log's do not). Other lines without seq go by
+    # their time.
+    keyed = [((event.at, event.seq, 0, 0), Entry("event", event.at, event.seq, event=event))
+             for event in events.values()]
+    anchor: tuple[int, int] | None = None  # (at, seq) of the last line of the window so far
+    pending: list[LogLine] = []  # lines without seq since that line
+
+    def by_time(line: LogLine) -> None:
+        if line.at is not None and first <= line.at <= last:
+            keyed.append(((line.at, high + 1, 1, line.number), Entry("log", line.at, None, line=line)))
+
     for line in lines:
-        if not _level_ok(line, level):
-            continue
-        if username is not None and line.username != username:
-            continue
         line_seq = line.seq
-        if line_seq is not None:
-            if low <= line_seq <= high and (info is None or line_seq in events):
-                event = events.get(line_seq)
-                entries.append(Entry("log", event.at if event else line.at, line_seq, event=event, line=line,
-                                     note=_mismatch(line, event)))
-        elif line.at is not None and first <= line.at <= last:
+        if line_seq is not None and low <= line_seq <= high and (info is None or line_seq in events):
+            for waiting in pending:
+                keyed.append(((*anchor, 1, waiting.number), Entry("log", anchor[0], None, line=waiting)))  # type: ignore[misc]
+            pending.clear()
+            event = events.get(line_seq)
+            at = event.at if event is not None else (line.at or 0)
+            anchor = (at, line_seq)
+            if _shown(line, level, username):
+                keyed.append(((at, line_seq, 1, line.number),
+                              Entry("log", at, line_seq, event=event, line=line, note=_mismatch(line, event))))
+        elif line_seq is None and _shown(line, level, username):
             line_session = (line.record or {}).get("session")
-            if line_session is None or line_session in sessions:
-                entries.append(Entry("log", line.at, None, line=line))
-    order = {"event": 0, "log": 1}
-    entries.sort(key=lambda e: (e.at or 0, e.seq if e.seq is not None else high + 1, order[e.kind],
-                                e.line.number if e.line else 0))
+            if line_session is not None and line_session not in sessions:
+                continue
+            if anchor is not None:
+                pending.append(line)
+            else:
+                by_time(line)
+    for line in pending:  # after the window's last line: by time
+        by_time(line)
+    keyed.sort(key=lambda pair: pair[0])
+    entries = [entry for _, entry in keyed]
     return entries
 
 

@@ -7,8 +7,10 @@ import importlib
 import orjson
 
 import replay
+from events import EventStore
 from lobby.cli import main
 
+from .factories import Events
 from .replay_logs import crash_log  # noqa: F401 - fixture
 
 
@@ -110,3 +112,24 @@ def test_a_summary_lists_the_first_problems_and_counts_the_rest(crash_log, tmp_p
     many.write_bytes(b'{"event":"join","seq":999,"level":"info"}\n' * 10)
     summary = replay.log_summary(many, db)
     assert (len(summary.problems), summary.more_problems) == (3, 7)
+
+
+def test_a_line_without_seq_between_lines_of_the_window_is_shown_whatever_its_time(tmp_path):
+    """While the clock is stepped back, events hold the last recorded time and log lines do not: a line
+    without seq written between two lines of the window (a rejected link) is shown after the line before
+    it, not dropped for its time."""
+    ev = Events()
+    db = tmp_path / "held.db"
+    with EventStore(db) as store:
+        store.append([ev.listen(), ev.join("al"), ev.link("al"), ev.unlink("al"), ev.close()])
+    later = "2030-01-01T00:00:00Z"  # the log's own clock, far from the events' held times
+    lines = [{"event": kind, "seq": seq, "session": "s1", "level": "info", "timestamp": later}
+             for seq, kind in ((2, "join"), (3, "link"), (4, "unlink"))]
+    rejected = {"event": "link rejected", "session": "s1", "level": "info", "timestamp": later, "username": "bo"}
+    logfile = tmp_path / "server.log"
+    logfile.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in [*lines[:2], rejected, lines[2]]))
+    entries = list(replay.logs(logfile, db, around_seq=3, window=1))
+    assert [(entry.kind, entry.seq, entry.line.message if entry.line else None) for entry in entries] == [
+        ("event", 2, None), ("log", 2, "join"), ("event", 3, None), ("log", 3, "link"),
+        ("log", None, "link rejected"), ("event", 4, None), ("log", 4, "unlink"),
+    ]
