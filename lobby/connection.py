@@ -9,7 +9,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import DATA_OPCODES, Opcode
+from websockets.frames import DATA_OPCODES, CloseCode, Opcode
 from websockets.protocol import State
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class LobbyConnection(ServerConnection):
     lobby_early: list[bytes] | None = None
     lobby_early_bytes = 0
     _fragments: list[bytes] | None = None
+    _text = True  # the message being received is text (not binary)
 
     def process_event(self, event: Any) -> None:
         if self.request is None or event.opcode not in DATA_OPCODES:
@@ -69,6 +70,7 @@ class LobbyConnection(ServerConnection):
             return
         if event.opcode is not Opcode.CONT:
             self._fragments = None
+            self._text = event.opcode is Opcode.TEXT
         if event.fin and self._fragments is None:
             data = event.data
         else:
@@ -79,6 +81,15 @@ class LobbyConnection(ServerConnection):
                 return
             data = b"".join(self._fragments)
             self._fragments = None
+        if self._text and not data.isascii():
+            # A text message must be UTF-8 (RFC 6455 8.1): websockets checks it where it decodes messages,
+            # which the lobby skips, so here: the connection fails with 1007, as websockets would fail it.
+            try:
+                data.decode()
+            except UnicodeDecodeError as error:
+                self.protocol.fail(CloseCode.INVALID_DATA, f"{error.reason} at position {error.start}")
+                self.send_data()
+                return
         if self.protocol.state is State.CONNECTING:
             # Sent right behind the upgrade request, before the handshake is answered: kept for the lobby
             # until the connection opens (dropped if it never does), bounded like unread replies are.

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 from structlog.testing import capture_logs
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from events import EventStore, rebuild
@@ -324,6 +325,27 @@ async def test_a_lone_surrogate_escape_is_echoed_as_the_replacement_character(se
     assert await alice.next() == {"type": "test/echoed", "payload": "hi \ufffd"}
     with EventStore.open_readonly(server.config.db) as store:
         assert list(store.read(types=["message"]))[-1].message["payload"] == "hi \ufffd"
+
+
+async def test_a_text_frame_that_is_not_utf8_fails_the_connection_and_a_binary_one_reads_as_replacement(server):
+    """RFC 6455: a text message must be UTF-8, else the connection fails with 1007 (the reference closes it
+    so too); a binary frame's bytes that are not UTF-8 read as U+FFFD, as the reference reads them."""
+    frame = b'{"type": "test/echo", "payload": "caf\xe9 \xc3\xa9"}'
+    alice, bob = await Raw.open(url(server)), await Raw.open(url(server))
+    await alice.link("alice")
+    await bob.link("bob")
+    await alice.expect({"type": "krmx/joined", "payload": {"username": "bob"}},
+                       {"type": "krmx/linked", "payload": {"username": "bob"}})
+    await bob.send_raw(frame)  # binary
+    assert await bob.next() == {"type": "test/echoed", "payload": "caf\ufffd \u00e9"}
+    await alice.ws.send(frame, text=True)
+    with pytest.raises(ConnectionClosed) as closed:
+        await alice.next()
+    assert closed.value.rcvd.code == 1007
+    assert await bob.next() == {"type": "krmx/unlinked", "payload": {"username": "alice"}}
+    with EventStore.open_readonly(server.config.db) as store:
+        assert [e.message["payload"] for e in store.read(types=["message"])] == ["caf\ufffd \u00e9"]
+        assert list(store.read(types=["unlink"]))[-1].reason == "dropped"
 
 
 async def test_frames_of_4_mib_are_handled_by_default(server):
