@@ -63,6 +63,20 @@ class LobbyConnection(ServerConnection):
     lobby_early_bytes = 0
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
+    _close_watched = False
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.close_deadline is not None and not self._close_watched:
+            # The connection failed (a protocol error, a text frame that is not UTF-8) or is closing: websockets
+            # enforces its close timeout only in a send or recv, which the lobby does not await, so a peer that
+            # ignores the close frame would stay open (and its user linked) until the next ping, or for ever.
+            self._close_watched = True
+            self.loop.call_at(self.close_deadline, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        if self.protocol.state is not State.CLOSED:
+            self.transport.abort()
 
     def process_event(self, event: Any) -> None:
         if self.request is None or event.opcode not in DATA_OPCODES:

@@ -317,6 +317,32 @@ async def test_frames_beyond_max_buffer_before_the_handshake_cut_the_connection_
         await server.close()
 
 
+async def test_a_peer_that_ignores_the_close_after_a_protocol_error_is_cut_within_the_close_timeout(server):
+    """An unmasked frame fails the connection (1002): a peer that neither answers the close nor closes TCP
+    is dropped after websockets' close timeout (2 s), not at the next ping (or never, without pings)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    link = orjson.dumps({"type": "krmx/link", "payload": {"username": "deaf", "version": "0.5.4"}})
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[])
+    )
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    for _ in range(50):
+        if server.users == [{"username": "deaf", "isLinked": True}]:
+            break
+        await asyncio.sleep(0.02)
+    writer.write(Frame(Opcode.TEXT, b'{"type": "test/echo"}').serialize(mask=False, extensions=[]))
+    # The server sends its close frame and half-closes; this peer reads it but never answers nor closes.
+    for _ in range(250):
+        if server.users == [{"username": "deaf", "isLinked": False}]:
+            break
+        await asyncio.sleep(0.02)
+    assert server.users == [{"username": "deaf", "isLinked": False}]
+    assert server.metrics.health()["connections"] == 0
+    writer.close()
+
+
 async def test_a_lone_surrogate_escape_is_echoed_as_the_replacement_character(server):
     """As JSON.stringify writes half an emoji; the reference passes it on, we read it as U+FFFD."""
     alice = await Raw.open(url(server))
