@@ -300,6 +300,9 @@ class Client:
         try:
             ws = await opening
         except asyncio.CancelledError:
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                # Opened just as the caller was cancelled: close it, or the server keeps it open.
+                self._spawn(opening.result().close(), "closing a connection opened by a cancelled connect()")
             self.core.closed()
             self._end_if_final()
             if opening.cancelled() and self.status == "closed" and not _current_task_cancelling():
@@ -312,8 +315,10 @@ class Client:
             raise ClientError(f"error while trying to connect to the server at {url}: {detail}") from error
         finally:
             self._opening = None
-        if self.status != "connecting":  # a forced disconnect won the race
+        if self.status != "connecting":  # a forced disconnect won the race: it waits for the close
             await ws.close()
+            self.core.closed()
+            self._end_if_final()
             raise ClientError(f"connecting to {url} was cancelled by disconnect()")
         self._ws = ws
         self.core.connected()
@@ -334,27 +339,37 @@ class Client:
             raise ValueError(str(error)) from error
 
     async def _read(self, ws: ClientConnection) -> None:
+        dropped = True
         try:
-            async for data in ws:
-                self.core.receive(data)
-        except ConnectionClosed:
-            pass
+            with contextlib.suppress(ConnectionClosed):
+                async for data in ws:
+                    self.core.receive(data)
+            rcvd = ws.protocol.close_rcvd
+            if rcvd is not None and rcvd.reason and rcvd.code != 1000:
+                # A cut-off (rate limit, slow consumer, ...) says why only here: the close event has no reason.
+                self._log.warning("the server closed the connection: %s (code %s)", rcvd.reason, rcvd.code)
+        except asyncio.CancelledError:  # the application is ending (its loop cancels tasks): not a drop
+            dropped = False
+            ws.transport.abort()
+            raise
         except Exception:  # never let a reader die silently
             self._log.exception("client reader failed")
             ws.transport.abort()
         finally:
             if self._ws is ws:
-                self._on_closed()
+                self._on_closed(relink=dropped)
 
-    def _on_closed(self) -> None:
+    def _on_closed(self, *, relink: bool = True) -> None:
         self._ws = None
         self._reader = None
         target = self.core.relink_target
         asked = self.status == "closing"
+        relink = relink and self.relink_policy is not None and target is not None and not asked
+        if relink and not self.relinking:
+            # Before the close event, so that its listeners see client.relinking is True.
+            self._relink_task = asyncio.ensure_future(self._relink(self.relink_policy, target))  # type: ignore[arg-type]
         self.core.closed()
-        if self.relink_policy is not None and target is not None and not asked and not self.relinking:
-            self._relink_task = asyncio.ensure_future(self._relink(self.relink_policy, target))
-        else:
+        if not relink:
             self._end_if_final()
 
     def _end_if_final(self) -> None:

@@ -102,7 +102,9 @@ class RelinkPolicy:
     One attempt's link waits at most ``link_timeout`` seconds for the server's answer.
     """
 
-    max_attempts: int = 8
+    #: 12 attempts wait about 40 s in all on average: longer than a server takes to notice a half-open
+    #: connection (our server: 15 s between pings, 15 s for the pong), during which it answers "already linked".
+    max_attempts: int = 12
     base_delay: float = 0.25
     max_delay: float = 10.0
     factor: float = 2.0
@@ -219,6 +221,7 @@ class ClientProtocol:
         if auth is not None and not isinstance(auth, str):
             raise TypeError(f"auth must be a str or None, not {type(auth).__name__}")
         self._can_only("link")
+        self.relink_target = None  # a link of the application's own supersedes the user to come back to
         self.username = username
         self._auth = auth
         self.status = "linking"

@@ -764,3 +764,110 @@ async def test_connect_with_a_bad_url_or_bad_options_is_a_client_error_and_leave
     await client.connect(our_krmx.url)
     assert client.status == "connected"
     await client.disconnect()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Races and endings.
+
+
+async def _open_connections(krmx: Krmx, count: int) -> None:
+    """Wait until our server holds ``count`` open connections."""
+    server = krmx.server.server
+    for _ in range(250):
+        if server.metrics.health()["connections"] == count:
+            return
+        await asyncio.sleep(0.02)
+    assert server.metrics.health()["connections"] == count
+
+
+async def test_a_forced_disconnect_just_as_the_connection_opens_closes_it_and_ends_closed(our_krmx):
+    """disconnect(force=True) landing after the socket opened but before connect() resumed: connect() raises,
+    the socket is closed, and the client ends closed with its close event (disconnect() waited for it)."""
+    client = Client(ping_interval=None)
+    events: list[str] = []
+    client.on("*", lambda name, *args: events.append(name))
+    real_open = client._open
+
+    async def open_then_disconnect(url: str) -> Any:
+        ws = await real_open(url)
+        client.core.disconnect(True)  # what disconnect() does first, as it would run between the two
+        return ws
+
+    client._open = open_then_disconnect  # type: ignore[method-assign]
+    with pytest.raises(ClientError, match="cancelled by disconnect"):
+        await client.connect(our_krmx.url)
+    assert client.status == "closed" and events == ["connecting", "closing", "close"]
+    await _open_connections(our_krmx, 0)
+
+
+async def test_a_connect_cancelled_just_as_the_connection_opens_closes_it(our_krmx):
+    """A timeout around connect() that fires as the socket opens must not leave the socket open: the server
+    would keep it until its link deadline (the reference, for ever)."""
+    client = Client(ping_interval=None)
+    opened = asyncio.Event()
+    real_open = client._open
+
+    async def open_and_say(url: str) -> Any:
+        ws = await real_open(url)
+        opened.set()
+        return ws
+
+    client._open = open_and_say  # type: ignore[method-assign]
+    connecting = asyncio.create_task(client.connect(our_krmx.url))
+    await opened.wait()
+    connecting.cancel()  # the open is done; connect() has not resumed yet
+    with pytest.raises(asyncio.CancelledError):
+        await connecting
+    assert client.status == "closed"
+    await _open_connections(our_krmx, 0)
+
+
+async def test_an_application_that_ends_while_linked_is_not_relinked(our_krmx):
+    """The loop cancelling the client's reader (the application returned or raised) is no dropped
+    connection: no relink starts, the client closes."""
+    simon = await our_krmx.linked("simon", relink=RelinkPolicy(**FAST))
+    mark = simon.mark()
+    reader = simon.client._reader
+    assert reader is not None
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert simon.events_since(mark) == [["close"]]
+    assert simon.client.status == "closed" and not simon.client.relinking
+
+
+async def test_close_listeners_know_whether_a_relink_follows(our_krmx):
+    simon = await our_krmx.linked("simon", via_proxy=True, relink=RelinkPolicy(**FAST))
+    seen: list[bool] = []
+    simon.client.on("close", lambda: seen.append(simon.client.relinking))
+    mark = simon.mark()
+    our_krmx.proxy.cut()
+    await simon.next_event("relinked", after=mark)
+    await simon.client.disconnect(force=True)
+    assert seen == [True, False]
+
+
+def test_the_default_relink_outlasts_a_servers_ping_timeout():
+    """A half-open connection is unlinked by the server only after its ping interval and timeout (15 s + 15 s
+    by default); until then every relink is rejected as 'already linked'. The default policy waits longer
+    than that on average (full jitter: half of each cap)."""
+    policy = RelinkPolicy()
+    assert sum(policy.cap(n) for n in range(1, policy.max_attempts + 1)) / 2 > 30
+
+
+async def test_a_cut_off_is_logged_by_the_client_with_the_servers_reason(tmp_path, caplog):
+    server = build_test_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, message_burst=3,
+                                   message_rate=1))
+    await server.start()
+    try:
+        client = Client(ping_interval=None)
+        await client.connect(f"ws://127.0.0.1:{server.port}/")
+        await client.link("simon")
+        with caplog.at_level("WARNING", logger="lobby.client"):
+            for n in range(10):
+                with contextlib.suppress(ClientError):
+                    await client.send({"type": "test/echo", "payload": n})
+            await asyncio.wait_for(client.wait_for("close"), WAIT)
+        assert "the server closed the connection: rate limit (code 1001)" in caplog.text
+    finally:
+        await server.close()

@@ -308,6 +308,13 @@ def test_relink_target_follows_the_last_own_link():
     assert core.relink_target == ("simon", "token")
     core.closed()
     assert core.relink_target == ("simon", "token")
+    core.connect()
+    core.connected()
+    core.link("other")  # a link of the application's own: the target is that link's, once it is linked
+    assert core.relink_target is None
+    core.receive(frame("krmx/rejected", {"reason": "no"}))
+    assert core.relink_target is None
+    core.closed()
 
     for ending in ("unlink", "leave", "disconnect", "kicked"):
         core = ClientProtocol()
