@@ -64,9 +64,23 @@ class LobbyConnection(ServerConnection):
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
     _close_watched = False
+    _stall_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.lobby_server.handshaking.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lobby_server.handshaking.discard(self)
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self.paused and self.lobby_label is not None and not self.lobby_cut:
+            # What websockets writes by itself (a pong for every ping) counts against max_buffer too: a peer
+            # that floods pings and reads nothing would grow memory without bound.
+            if self.transport.get_write_buffer_size() > self.lobby_server.config.max_buffer:
+                self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
         if self.close_deadline is not None and not self._close_watched:
             # The connection failed (a protocol error, a text frame that is not UTF-8) or is closing: websockets
             # enforces its close timeout only in a send or recv, which the lobby does not await, so a peer that
@@ -77,6 +91,27 @@ class LobbyConnection(ServerConnection):
     def _close_overdue(self) -> None:
         if self.protocol.state is not State.CLOSED:
             self.transport.abort()
+
+    # A peer that stops reading with less than max_buffer unread is cut off too, once its writes have been
+    # paused (the socket's buffer full) for twice the ping interval: the lobby writes frames to the transport
+    # directly, so websockets' keepalive, which waits for the writes to drain before it pings, never fires.
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.lobby_label is not None and self._stall_timer is None:
+            limit = 2 * (self.lobby_server.config.ping_interval or 15.0)
+            self._stall_timer = self.loop.call_later(limit, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self.paused and not self.lobby_cut and self.protocol.state is State.OPEN:
+            self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
 
     def process_event(self, event: Any) -> None:
         if self.request is None or event.opcode not in DATA_OPCODES:
@@ -123,8 +158,11 @@ class LobbyConnection(ServerConnection):
 
 
 def unlink_reason(ws: ServerConnection) -> str:
-    """Why a connection ended, from the close frame we sent (if we closed it)."""
+    """Why a connection ended, from the close frame we sent (if we closed it: a close frame sent in answer to
+    the peer's is its code echoed, not a limit of ours)."""
     sent = ws.protocol.close_sent
+    if ws.protocol.close_rcvd_then_sent:
+        return "dropped"
     if sent is not None and sent.code == 1009:
         return "frame too large"
     if sent is not None and sent.code == 1011 and "ping" in sent.reason:

@@ -104,6 +104,8 @@ class Server:
         self._thread: int | None = None
         self._auth_tasks: set[asyncio.Task[None]] = set()
         self._listener_tasks: set[asyncio.Future[Any]] = set()
+        #: Connections in their opening handshake (websockets' own set has only open ones).
+        self.handshaking: set[LobbyConnection] = set()
         #: Frames drained from behind a link in this turn, by connection (at most TURN_SHARE each).
         self._drained: dict[Any, int] = {}
         #: Connections whose next drain waits for the next turn, with their inputs held behind it.
@@ -263,6 +265,10 @@ class Server:
         self._call(core.close, keep_users=keep_users)
         core.closed()
         self._ws_server.close()
+        # websockets waits out the handshake timeout (10 s) of connections still in their opening handshake
+        # (one that sent half a request, say): a closing server has nothing to say to them.
+        for connection in list(self.handshaking):
+            connection.transport.abort()
         await self._ws_server.wait_closed()
         await self._wait_for_listeners()
         self._finish()
@@ -364,6 +370,7 @@ class Server:
 
     def _opened(self, ws: LobbyConnection) -> None:
         if ws.lobby_label is None:
+            self.handshaking.discard(ws)
             self._connections_opened += 1
             ws.lobby_label = f"c{self._connections_opened}"
             ws.lobby_tokens = float(self.config.message_burst)

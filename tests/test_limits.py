@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 
 import orjson
 import pytest
 from structlog.testing import capture_logs
 from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
 
 from events import EventStore, rebuild
 from lobby import Server
@@ -82,6 +84,94 @@ async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_pat
         await honest.echo()
     finally:
         await server.close()
+
+
+async def test_a_client_that_stops_reading_under_max_buffer_is_cut_off_once_its_writes_stall(tmp_path):
+    """Less than max_buffer waits for it, but it reads nothing: once the server's writes to it have been paused
+    for twice the ping interval, it is a slow consumer (websockets' keepalive, waiting for those writes to
+    drain before it pings, would never find it dead)."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=0.5))
+    await server.start()
+    try:
+        honest = await Raw.open(url(server))
+        await honest.link("honest")
+        slow = await Raw.open(url(server))
+        await slow.link("slow")
+        await honest.expect(joined("slow"), linked("slow"))
+        slow.ws.transport.pause_reading()
+        for _ in range(28):  # 14.3 MB: under the 16 MiB max_buffer, whatever the kernel's buffers take
+            server.broadcast({"type": "game/state", "payload": "z" * 512 * 1024}, skip="honest")
+        assert server.metrics.cutoffs == {}
+        await honest.expect(unlinked("slow"))
+        assert cutoffs_and_unlinks(server)[-2:] == [
+            ("cutoff", "slow", "slow consumer"), ("unlink", "slow", "slow consumer"),
+        ]
+        await honest.echo()
+    finally:
+        await server.close()
+
+
+async def test_pongs_a_client_does_not_read_count_against_max_buffer(tmp_path):
+    """A flood of pings from a peer that reads nothing: websockets answers each with a pong, which would pile
+    up without bound; past max_buffer the peer is a slow consumer."""
+    server = await started(tmp_path, max_frame_size=4096, max_buffer=64 * 1024)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=4096)
+        link = orjson.dumps({"type": "krmx/link", "payload": {"username": "pinger", "version": "0.5.4"}})
+        writer.write(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            + Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[])
+        )
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        pings = Frame(Opcode.PING, b"p" * 125).serialize(mask=True, extensions=[]) * 1000
+        with contextlib.suppress(ConnectionError):
+            for _ in range(400):  # up to 400,000 pings, 52 MB; it reads nothing from now on
+                writer.write(pings)
+                await asyncio.wait_for(writer.drain(), 10)
+                if server.metrics.cutoffs:
+                    break
+        for _ in range(100):
+            if server.users == [{"username": "pinger", "isLinked": False}]:
+                break
+            await asyncio.sleep(0.02)
+        assert server.metrics.cutoffs == {"slow consumer": 1}
+        assert cutoffs_and_unlinks(server)[-2:] == [
+            ("cutoff", "pinger", "slow consumer"), ("unlink", "pinger", "slow consumer"),
+        ]
+        writer.close()
+    finally:
+        await server.close()
+
+
+async def test_a_close_the_client_starts_is_its_own_whatever_its_code(tmp_path):
+    """A client closing with 1009 (its own frame limit, say, after a large broadcast) is no cut-off of ours:
+    its user is unlinked as dropped, with no cutoff event."""
+    server = await started(tmp_path)
+    try:
+        honest = await Raw.open(url(server))
+        await honest.link("honest")
+        leaving = await Raw.open(url(server))
+        await leaving.link("leaving")
+        await honest.expect(joined("leaving"), linked("leaving"))
+        await leaving.ws.close(code=1009, reason="message too big")
+        await honest.expect(unlinked("leaving"))
+        assert cutoffs_and_unlinks(server)[-1:] == [("unlink", "leaving", "dropped")]
+        assert server.metrics.cutoffs == {}
+    finally:
+        await server.close()
+
+
+async def test_close_does_not_wait_for_a_handshake_that_never_completes(tmp_path):
+    server = await started(tmp_path)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET / HTTP/1.1\r\n")  # and nothing more
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    started_at = asyncio.get_running_loop().time()
+    await server.close()
+    assert asyncio.get_running_loop().time() - started_at < 3  # websockets' handshake timeout is 10 s
+    writer.close()
 
 
 async def test_frames_queued_behind_a_slow_authentication_are_bounded(tmp_path):
