@@ -39,6 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidURI
 
 from .client_protocol import CLIENT_EVENTS, ClientEvent, ClientProtocol, RelinkPolicy
 from .errors import ClientError, LinkRejected
+from .protocol import SERVER_CLOSED
 
 __all__ = ["Client", "EventStream", "RelinkPolicy", "ClientEvent", "CLIENT_EVENTS"]
 
@@ -345,7 +346,7 @@ class Client:
                 async for data in ws:
                     self.core.receive(data)
             rcvd = ws.protocol.close_rcvd
-            if rcvd is not None and rcvd.reason and rcvd.code != 1000:
+            if rcvd is not None and rcvd.reason and rcvd.code != 1000 and rcvd.reason != SERVER_CLOSED:
                 # A cut-off (rate limit, slow consumer, ...) says why only here: the close event has no reason.
                 self._log.warning("the server closed the connection: %s (code %s)", rcvd.reason, rcvd.code)
         except asyncio.CancelledError:  # the application is ending (its loop cancels tasks): not a drop

@@ -61,10 +61,13 @@ class LobbyConnection(ServerConnection):
     #: Frames that came before the handshake was answered, for the lobby once the connection opens.
     lobby_early: list[bytes] | None = None
     lobby_early_bytes = 0
+    #: Bytes of frames the lobby wrote to the transport, so far (with its buffer, how much the peer took).
+    lobby_written = 0
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
     _close_watched = False
     _stall_timer: asyncio.TimerHandle | None = None
+    _stall_sent = 0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -72,6 +75,9 @@ class LobbyConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lobby_server.handshaking.discard(self)
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -82,25 +88,30 @@ class LobbyConnection(ServerConnection):
             if self.transport.get_write_buffer_size() > self.lobby_server.config.max_buffer:
                 self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
         if self.close_deadline is not None and not self._close_watched:
-            # The connection failed (a protocol error, a text frame that is not UTF-8) or is closing: websockets
-            # enforces its close timeout only in a send or recv, which the lobby does not await, so a peer that
-            # ignores the close frame would stay open (and its user linked) until the next ping, or for ever.
-            self._close_watched = True
-            self.loop.call_at(self.close_deadline, self._close_overdue)
+            self._watch_close()
+
+    def _watch_close(self) -> None:
+        """The connection failed (a protocol error, a text frame that is not UTF-8) or is closing: websockets
+        enforces its close timeout only in a send or recv, which the lobby does not await, so a peer that
+        ignores the close frame would stay open (and its user linked) until the next ping, or for ever."""
+        if self.close_deadline is None:
+            self.close_deadline = self.loop.time() + (self.close_timeout or 10.0)
+        self._close_watched = True
+        self.loop.call_at(self.close_deadline, self._close_overdue)
 
     def _close_overdue(self) -> None:
         if self.protocol.state is not State.CLOSED:
             self.transport.abort()
 
     # A peer that stops reading with less than max_buffer unread is cut off too, once its writes have been
-    # paused (the socket's buffer full) for twice the ping interval: the lobby writes frames to the transport
-    # directly, so websockets' keepalive, which waits for the writes to drain before it pings, never fires.
+    # paused (the socket's buffer full) and it has taken nothing for twice the ping interval: the lobby writes
+    # frames to the transport directly, so websockets' keepalive, which waits for the writes to drain before
+    # it pings, never fires. One that reads, however slowly, is bounded by max_buffer only.
 
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.lobby_label is not None and self._stall_timer is None:
-            limit = 2 * (self.lobby_server.config.ping_interval or 15.0)
-            self._stall_timer = self.loop.call_later(limit, self._stalled)
+            self._watch_stall()
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -108,10 +119,19 @@ class LobbyConnection(ServerConnection):
             self._stall_timer.cancel()
             self._stall_timer = None
 
+    def _watch_stall(self) -> None:
+        self._stall_sent = self.lobby_written - self.transport.get_write_buffer_size()
+        limit = 2 * (self.lobby_server.config.ping_interval or 15.0)
+        self._stall_timer = self.loop.call_later(limit, self._stalled)
+
     def _stalled(self) -> None:
         self._stall_timer = None
-        if self.paused and not self.lobby_cut and self.protocol.state is State.OPEN:
-            self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
+        if not self.paused or self.lobby_cut or self.protocol.state is not State.OPEN:
+            return
+        if self.lobby_written - self.transport.get_write_buffer_size() > self._stall_sent:
+            self._watch_stall()  # it took some: slow, not dead
+            return
+        self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
 
     def process_event(self, event: Any) -> None:
         if self.request is None or event.opcode not in DATA_OPCODES:
@@ -138,6 +158,8 @@ class LobbyConnection(ServerConnection):
             except UnicodeDecodeError as error:
                 self.protocol.fail(CloseCode.INVALID_DATA, f"{error.reason} at position {error.start}")
                 self.send_data()
+                if not self._close_watched:
+                    self._watch_close()
                 return
         if self.protocol.state is State.CONNECTING:
             # Sent right behind the upgrade request, before the handshake is answered: kept for the lobby

@@ -128,6 +128,9 @@ Effect = Record | SendFrame | CloseConnection | Authenticate | Resume | Drain
 # -- frames -------------------------------------------------------------------------------------------------
 
 
+#: The reason of the close frame every connection gets when the server closes (a client need not warn of it).
+SERVER_CLOSED = "server closed"
+
 #: Nesting levels a message may have (the frame's object is level 1). Game payloads stay far below it; the
 #: log stores a message one level deeper, and orjson writes at most 254 levels (it reads 1024).
 MAX_DEPTH = 128
@@ -410,7 +413,7 @@ class ServerProtocol:
         self._linking.clear()
         for connection, state in self._connections.items():
             state.pending = None  # a link whose authentication is still pending is not accepted
-            self._out.append(CloseConnection(connection, "server closed"))
+            self._out.append(CloseConnection(connection, SERVER_CLOSED))
         self._connections.clear()
         self._record(Close(**self._common(), reason="server restart" if keep_users else "close"))
         return self._take()

@@ -770,7 +770,9 @@ class Server:
                     parts = protocol.data_to_send()
                 self.metrics.frames_out += len(datas)
                 transport = ws.transport  # type: ignore[attr-defined]
-                transport.write(b"".join(parts) if len(parts) > 1 else parts[0])  # one write for a whole burst
+                payload = b"".join(parts) if len(parts) > 1 else parts[0]
+                transport.write(payload)  # one write for a whole burst
+                ws.lobby_written += len(payload)  # type: ignore[attr-defined]
                 if transport.get_write_buffer_size() > max_buffer:
                     self._cut_off(ws, ws.lobby_label, "slow consumer")  # type: ignore[arg-type]
             except Exception as error:  # the peer went away mid-write: its close unlinks it

@@ -871,3 +871,18 @@ async def test_a_cut_off_is_logged_by_the_client_with_the_servers_reason(tmp_pat
         assert "the server closed the connection: rate limit (code 1001)" in caplog.text
     finally:
         await server.close()
+
+
+async def test_a_normal_server_close_is_not_a_warning(tmp_path, caplog):
+    server = build_test_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
+    await server.start()
+    client = Client(ping_interval=None)
+    await client.connect(f"ws://127.0.0.1:{server.port}/")
+    await client.link("simon")
+    with caplog.at_level("WARNING", logger="lobby.client"):
+        await server.close()
+        for _ in range(250):
+            if client.status == "closed":
+                break
+            await asyncio.sleep(0.02)
+    assert client.status == "closed" and caplog.text == ""

@@ -15,7 +15,7 @@ from websockets.frames import Frame, Opcode
 from events import EventStore, rebuild
 from lobby import Server
 
-from .test_server import echo_app, url
+from .test_server import echo_app, server_side, url
 from .wsclient import Raw, joined, linked, unlinked
 
 
@@ -107,6 +107,45 @@ async def test_a_client_that_stops_reading_under_max_buffer_is_cut_off_once_its_
             ("cutoff", "slow", "slow consumer"), ("unlink", "slow", "slow consumer"),
         ]
         await honest.echo()
+    finally:
+        await server.close()
+
+
+async def test_a_client_that_takes_something_while_paused_is_slow_not_dead(tmp_path):
+    """The stall watch cuts a peer off only when it took nothing at all in twice the ping interval: one that
+    reads, however slowly, is bounded by max_buffer alone. The watch ends with the connection."""
+    server = await started(tmp_path)
+    try:
+        alice = await Raw.open(url(server))
+        await alice.link("alice")
+        [ws] = await server_side(server, 1)
+        ws.pause_writing()  # as the transport calls it when its buffer is full
+        timer = ws._stall_timer
+        assert timer is not None
+        timer.cancel()
+        ws.lobby_written += 1000  # written since, and the buffer no fuller: the peer took 1000 bytes
+        ws._stalled()
+        assert ws._stall_timer is not None and not server.metrics.cutoffs  # watched again
+        ws._stall_timer.cancel()
+        ws._stalled()  # took nothing since
+        assert server.metrics.cutoffs == {"slow consumer": 1}
+        assert await alice.closed()
+        for _ in range(100):
+            if ws.protocol.state.name == "CLOSED":
+                break
+            await asyncio.sleep(0.02)
+        assert ws._stall_timer is None
+        bob = await Raw.open(url(server))
+        await bob.link("bob")
+        [ws] = await server_side(server, 1)
+        ws.pause_writing()
+        assert ws._stall_timer is not None
+        await bob.ws.close()
+        for _ in range(100):
+            if ws.protocol.state.name == "CLOSED":
+                break
+            await asyncio.sleep(0.02)
+        assert ws._stall_timer is None  # cancelled with the connection, not left scheduled
     finally:
         await server.close()
 

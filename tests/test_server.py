@@ -317,9 +317,14 @@ async def test_frames_beyond_max_buffer_before_the_handshake_cut_the_connection_
         await server.close()
 
 
-async def test_a_peer_that_ignores_the_close_after_a_protocol_error_is_cut_within_the_close_timeout(server):
-    """An unmasked frame fails the connection (1002): a peer that neither answers the close nor closes TCP
-    is dropped after websockets' close timeout (2 s), not at the next ping (or never, without pings)."""
+@pytest.mark.parametrize(
+    ("data", "mask"), [(b'{"type": "test/echo"}', False), (b'{"type": "test/echo", "p": "caf\xe9"}', True)],
+    ids=["unmasked (1002)", "not UTF-8 (1007)"],
+)
+async def test_a_peer_that_ignores_the_close_after_a_protocol_error_is_cut_within_the_close_timeout(server, data, mask):
+    """An unmasked frame (1002) or a text frame that is not UTF-8 (1007) fails the connection: a peer that
+    neither answers the close nor closes TCP is dropped after websockets' close timeout (2 s), not at the next
+    ping (or never, without pings)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     link = orjson.dumps({"type": "krmx/link", "payload": {"username": "deaf", "version": "0.5.4"}})
     writer.write(
@@ -332,7 +337,7 @@ async def test_a_peer_that_ignores_the_close_after_a_protocol_error_is_cut_withi
         if server.users == [{"username": "deaf", "isLinked": True}]:
             break
         await asyncio.sleep(0.02)
-    writer.write(Frame(Opcode.TEXT, b'{"type": "test/echo"}').serialize(mask=False, extensions=[]))
+    writer.write(Frame(Opcode.TEXT, data).serialize(mask=mask, extensions=[]))
     # The server sends its close frame and half-closes; this peer reads it but never answers nor closes.
     for _ in range(250):
         if server.users == [{"username": "deaf", "isLinked": False}]:
