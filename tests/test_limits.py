@@ -16,7 +16,7 @@ from events import EventStore, rebuild
 from lobby import Server
 
 from .test_server import echo_app, server_side, url
-from .wsclient import Raw, joined, linked, unlinked
+from .wsclient import Raw, joined, linked, raw_linked, unlinked
 
 
 async def started(tmp_path, **options) -> Server:
@@ -62,35 +62,18 @@ async def test_a_flooding_connection_is_cut_off_and_others_are_served(tmp_path):
         await server.close()
 
 
-async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_path):
-    server = await started(tmp_path, max_frame_size=4096, max_buffer=64 * 1024)
-    try:
-        honest = await Raw.open(url(server))
-        await honest.link("honest")
-        slow = await Raw.open(url(server))
-        await slow.link("slow")
-        await honest.expect(joined("slow"), linked("slow"))
-        slow.ws.transport.pause_reading()  # it no longer reads: the kernel buffers fill, then ours
-        big = "z" * 32 * 1024
-        for _ in range(400):
-            server.broadcast({"type": "game/state", "payload": big}, skip="honest")
-            if server.metrics.cutoffs:
-                break
-            await asyncio.sleep(0)
-        await honest.expect(unlinked("slow"))
-        assert cutoffs_and_unlinks(server)[-2:] == [
-            ("cutoff", "slow", "slow consumer"), ("unlink", "slow", "slow consumer"),
-        ]
-        await honest.echo()
-    finally:
-        await server.close()
-
-
-async def test_a_client_that_stops_reading_under_max_buffer_is_cut_off_once_its_writes_stall(tmp_path):
-    """Less than max_buffer waits for it, but it reads nothing: once the server's writes to it have been paused
-    for twice the ping interval, it is a slow consumer (websockets' keepalive, waiting for those writes to
-    drain before it pings, would never find it dead)."""
-    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=0.5))
+@pytest.mark.parametrize(
+    ("options", "broadcasts", "size"),
+    [
+        ({"max_frame_size": 4096, "max_buffer": 64 * 1024}, 400, 32 * 1024),
+        # 14.3 MB, under the 16 MiB max_buffer whatever the kernel's buffers take; but nothing read for twice
+        # the ping interval (websockets' keepalive, waiting for those writes to drain, would never ping)
+        ({"ping_interval": 0.5}, 28, 512 * 1024),
+    ],
+    ids=["past max_buffer", "stalled under max_buffer"],
+)
+async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_path, options, broadcasts, size):
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), **{"ping_interval": None, **options}))
     await server.start()
     try:
         honest = await Raw.open(url(server))
@@ -98,10 +81,13 @@ async def test_a_client_that_stops_reading_under_max_buffer_is_cut_off_once_its_
         slow = await Raw.open(url(server))
         await slow.link("slow")
         await honest.expect(joined("slow"), linked("slow"))
-        slow.ws.transport.pause_reading()
-        for _ in range(28):  # 14.3 MB: under the 16 MiB max_buffer, whatever the kernel's buffers take
-            server.broadcast({"type": "game/state", "payload": "z" * 512 * 1024}, skip="honest")
-        assert server.metrics.cutoffs == {}
+        slow.ws.transport.pause_reading()  # it no longer reads: the kernel buffers fill, then ours
+        big = "z" * size
+        for _ in range(broadcasts):
+            server.broadcast({"type": "game/state", "payload": big}, skip="honest")
+            if server.metrics.cutoffs:
+                break
+            await asyncio.sleep(0)
         await honest.expect(unlinked("slow"))
         assert cutoffs_and_unlinks(server)[-2:] == [
             ("cutoff", "slow", "slow consumer"), ("unlink", "slow", "slow consumer"),
@@ -155,14 +141,7 @@ async def test_pongs_a_client_does_not_read_count_against_max_buffer(tmp_path):
     up without bound; past max_buffer the peer is a slow consumer."""
     server = await started(tmp_path, max_frame_size=4096, max_buffer=64 * 1024)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=4096)
-        link = orjson.dumps({"type": "krmx/link", "payload": {"username": "pinger", "version": "0.5.4"}})
-        writer.write(
-            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            + Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[])
-        )
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        reader, writer = await raw_linked(server.port, "pinger", limit=4096)
         pings = Frame(Opcode.PING, b"p" * 125).serialize(mask=True, extensions=[]) * 1000
         with contextlib.suppress(ConnectionError):
             for _ in range(400):  # up to 400,000 pings, 52 MB; it reads nothing from now on

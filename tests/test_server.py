@@ -25,7 +25,7 @@ from events import EventStore, rebuild
 from lobby import Server, ServerError
 from lobby import server as server_module
 
-from .wsclient import ACCEPTED, Raw, joined, left, linked, rejected, unlinked
+from .wsclient import ACCEPTED, Raw, joined, left, linked, raw_linked, rejected, unlinked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -325,14 +325,7 @@ async def test_a_peer_that_ignores_the_close_after_a_protocol_error_is_cut_withi
     """An unmasked frame (1002) or a text frame that is not UTF-8 (1007) fails the connection: a peer that
     neither answers the close nor closes TCP is dropped after websockets' close timeout (2 s), not at the next
     ping (or never, without pings)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    link = orjson.dumps({"type": "krmx/link", "payload": {"username": "deaf", "version": "0.5.4"}})
-    writer.write(
-        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        + Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[])
-    )
-    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    reader, writer = await raw_linked(server.port, "deaf")
     for _ in range(50):
         if server.users == [{"username": "deaf", "isLinked": True}]:
             break

@@ -8,8 +8,25 @@ from typing import Any
 import orjson
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 WAIT = 10.0
+
+#: An opening handshake as a peer that writes its own bytes sends it (tests of what websockets' client would
+#: not do: frames unmasked, not UTF-8, never reading).
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def raw_linked(port: int, username: str, **options: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP peer that did the handshake and sent its link (the 101 read, nothing more)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, **options)
+    link = orjson.dumps({"type": "krmx/link", "payload": {"username": username, "version": "0.5.4"}})
+    writer.write(UPGRADE + Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[]))
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    return reader, writer
 
 
 class Raw:
