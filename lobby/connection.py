@@ -31,9 +31,9 @@ def text_frame(data: bytes) -> bytes:
     return _pack_len64(0x81, 127, length) + data
 
 
-def respond(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str) -> Any:
+def respond(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str, *, head: bool = False) -> Any:
     response = connection.respond(status, "")
-    response.body = body
+    response.body = b"" if head else body
     del response.headers["Content-Length"], response.headers["Content-Type"]
     response.headers["Content-Length"] = str(len(body))
     response.headers["Content-Type"] = content_type

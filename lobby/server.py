@@ -329,10 +329,11 @@ class Server:
         """Before the upgrade: health and metrics, the path, the connection limit and the required query
         parameters (otherwise no websocket at all)."""
         url = urlsplit(request.path)
+        head = request.method == "HEAD"  # the headers a GET would get, no body
         if url.path == "/health":
-            return respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json")
+            return respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json", head=head)
         if url.path == "/metrics":
-            return respond(connection, HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
+            return respond(connection, HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE, head=head)
         if url.path != self.config.path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         if len(self._ws_server.connections) >= self.config.max_connections:

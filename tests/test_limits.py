@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import urllib.request
 
 import orjson
@@ -272,6 +273,26 @@ async def test_health_reports_the_lobby(tmp_path):
             "status": "listening", "users": 2, "linked_users": 1, "connections": 1, "session": server.session,
         }
         assert health["last_seq"] == server.core.registry.seq and health["uptime_s"] >= 0 and health["version"]
+    finally:
+        await server.close()
+
+
+async def test_head_requests_get_the_headers_without_the_body(tmp_path):
+    server = await started(tmp_path)
+    try:
+        for path in ("/health", "/metrics"):
+            status, _, body = await http_get(server, path)
+
+            def head() -> tuple[int, str | None, bytes]:
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                connection.request("HEAD", path)
+                response = connection.getresponse()
+                with contextlib.closing(connection):
+                    return response.status, response.getheader("Content-Length"), response.read()
+
+            head_status, length, head_body = await asyncio.to_thread(head)
+            assert (status, head_status, head_body) == (200, 200, b"")
+            assert int(length or 0) > 0 and body  # the length of the body a GET gets (it changes as it counts)
     finally:
         await server.close()
 
