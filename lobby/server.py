@@ -417,6 +417,10 @@ class Server:
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str, peer: Any = None) -> None:
         """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
         the cut-off (and the unlink of its user) in the next turn, and the connection is closed."""
+        if self._status != "listening":  # closing: every user is unlinked already, the log has its close
+            if ws is not None:
+                ws.lobby_cut = True
+            return
         self.metrics.cutoffs[reason] += 1
         self._log.warning("cut off", reason=reason, **_whom(ws or peer, label))
         if ws is not None:

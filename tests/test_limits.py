@@ -277,6 +277,21 @@ async def test_health_reports_the_lobby(tmp_path):
         await server.close()
 
 
+async def test_a_limit_hit_while_the_server_closes_is_no_cut_off(tmp_path):
+    """Connections that time out while a close waits for them: the log has its close and every user is
+    unlinked, so no 'cut off' line or count that the log would not match."""
+    server = await started(tmp_path)
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    [ws] = await server_side(server, 1)
+    await server.close()
+    with capture_logs() as logs:
+        server._cut_off(ws, ws.lobby_label, "ping timeout")
+    assert logs == [] and server.metrics.cutoffs == {} and ws.lobby_cut
+    with EventStore.open_readonly(server.config.db) as store:
+        assert [e.type for e in store.read()][-1] == "close"
+
+
 async def test_head_requests_get_the_headers_without_the_body(tmp_path):
     server = await started(tmp_path)
     try:
