@@ -88,16 +88,11 @@ class LobbyConnection(ServerConnection):
             if self.transport.get_write_buffer_size() > self.lobby_server.config.max_buffer:
                 self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
         if self.close_deadline is not None and not self._close_watched:
-            self._watch_close()
-
-    def _watch_close(self) -> None:
-        """The connection failed (a protocol error, a text frame that is not UTF-8) or is closing: websockets
-        enforces its close timeout only in a send or recv, which the lobby does not await, so a peer that
-        ignores the close frame would stay open (and its user linked) until the next ping, or for ever."""
-        if self.close_deadline is None:
-            self.close_deadline = self.loop.time() + (self.close_timeout or 10.0)
-        self._close_watched = True
-        self.loop.call_at(self.close_deadline, self._close_overdue)
+            # The connection failed (a protocol error, a text frame that is not UTF-8) or is closing: websockets
+            # enforces its close timeout only in a send or recv, which the lobby does not await, so a peer that
+            # ignores the close frame would stay open (and its user linked) until the next ping, or for ever.
+            self._close_watched = True
+            self.loop.call_at(self.close_deadline, self._close_overdue)
 
     def _close_overdue(self) -> None:
         if self.protocol.state is not State.CLOSED:
@@ -158,8 +153,8 @@ class LobbyConnection(ServerConnection):
             except UnicodeDecodeError as error:
                 self.protocol.fail(CloseCode.INVALID_DATA, f"{error.reason} at position {error.start}")
                 self.send_data()
-                if not self._close_watched:
-                    self._watch_close()
+                if self.close_deadline is None:  # websockets sets it before the events: watched once they are done
+                    self.close_deadline = self.loop.time() + (self.close_timeout or 10.0)
                 return
         if self.protocol.state is State.CONNECTING:
             # Sent right behind the upgrade request, before the handshake is answered: kept for the lobby
