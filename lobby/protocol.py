@@ -43,6 +43,8 @@ __all__ = [
     "Authenticate",
     "Resume",
     "Drain",
+    "FinishLeave",
+    "CloseNext",
     "Effect",
     "is_valid_username",
     "parse_frame",
@@ -122,7 +124,28 @@ class Drain:
     connection: Hashable
 
 
-Effect = Record | SendFrame | CloseConnection | Authenticate | Resume | Drain
+@dataclass(slots=True)
+class FinishLeave:
+    """Call :meth:`ServerProtocol.finish_leave` here, after the listeners of the effects before it ran.
+
+    A linked user leaves in two steps, as in the reference, where listeners run synchronously in between: it
+    is unlinked (the unlink listeners see it unlinked, still in the lobby, and what they send arrives before
+    ``krmx/left``), then it leaves. ``connection`` is the one it was linked to, which hears its own left."""
+
+    username: str
+    reason: str
+    connection: Hashable
+
+
+@dataclass(slots=True)
+class CloseNext:
+    """Call :meth:`ServerProtocol.close_next` here, after the listeners of the effects before it ran.
+
+    Closing takes the users one at a time, each after the listeners of the one before, so that what those
+    listeners send reaches the users still linked (as in the reference)."""
+
+
+Effect = Record | SendFrame | CloseConnection | Authenticate | Resume | Drain | FinishLeave | CloseNext
 
 
 # -- frames -------------------------------------------------------------------------------------------------
@@ -328,6 +351,7 @@ class ServerProtocol:
         #: Users accepted and joined whose link waits for a Resume: taken for rule 7, not yet linked.
         self._linking: dict[str, Hashable] = {}
         self._tickets = 0
+        self._keep_users = False  # what close() was asked to do with them
         self._out: list[Effect] = []
         #: Link rejections by reason, for metrics.
         self.rejections: Counter[str] = Counter()
@@ -399,23 +423,35 @@ class ServerProtocol:
         return self._take()
 
     def close(self, *, keep_users: bool = False) -> list[Effect]:
-        """Krmx ``close()``: every user leaves (kicked) in join order, every connection is closed, ``close``
-        is recorded. With ``keep_users`` (a deploy) linked users are unlinked with reason ``server restart``
-        instead and stay in the lobby for the next start."""
+        """Krmx ``close()``: every user leaves (kicked) in join order, one at a time (see :class:`CloseNext`),
+        then every connection is closed and ``close`` is recorded. With ``keep_users`` (a deploy) linked users
+        are unlinked with reason ``server restart`` instead and stay in the lobby for the next start."""
         self._can_only("close", "listening")
         self.status = "closing"
-        if keep_users:
-            for username in self.registry.linked():
-                self._unlink(username, "server restart")
-        else:
-            for username in list(self.registry.users):
-                self._leave(username, "close")
+        self._keep_users = keep_users
         self._linking.clear()
-        for connection, state in self._connections.items():
+        for state in self._connections.values():
             state.pending = None  # a link whose authentication is still pending is not accepted
+        return self.close_next()
+
+    def close_next(self) -> list[Effect]:
+        """The next step of :meth:`close`: the next user leaves (or is unlinked); after the last one, the
+        connections close and ``close`` is recorded."""
+        if self.status != "closing":
+            return []
+        if self._keep_users:
+            linked = self.registry.linked()
+            if linked:
+                self._unlink(linked[0], "server restart")
+                self._out.append(CloseNext())
+                return self._take()
+        elif self.registry.users:
+            self._leave(next(iter(self.registry.users)), "close")  # its last step asks for the next one
+            return self._take()
+        for connection in self._connections:
             self._out.append(CloseConnection(connection, SERVER_CLOSED))
         self._connections.clear()
-        self._record(Close(**self._common(), reason="server restart" if keep_users else "close"))
+        self._record(Close(**self._common(), reason="server restart" if self._keep_users else "close"))
         return self._take()
 
     def closed(self) -> None:
@@ -641,14 +677,32 @@ class ServerProtocol:
         self._record(Unlink(**self._common(), username=username, reason=reason))
 
     def _leave(self, username: str, reason: str) -> None:
-        left = _about("krmx/left", username)
         connection = self._user_connection.get(username)
-        if connection is not None:
-            self._unlink(username, reason)
-            if connection in self._connections:
-                self._send(connection, left)
+        if connection is None:
+            self._part(username, reason, None)
+            return
+        self._unlink(username, reason)
+        self._out.append(FinishLeave(username, reason, connection))
+
+    def finish_leave(self, username: str, reason: str, connection: Hashable) -> list[Effect]:
+        """The second step of a linked user's leave, after its unlink's listeners ran (see :class:`FinishLeave`)."""
+        linked = self.registry.users.get(username)
+        if linked is None:  # an unlink listener removed it already
+            return self._take()
+        if linked:  # linked again meanwhile (a link that waited behind another): leave from there
+            self._leave(username, reason)
+        else:
+            self._part(username, reason, connection)
+        return self._take()
+
+    def _part(self, username: str, reason: str, connection: Hashable | None) -> None:
+        left = _about("krmx/left", username)
+        if connection is not None and connection in self._connections:
+            self._send(connection, left)
         self._to_linked(left)
         self._record(Leave(**self._common(), username=username, reason=reason))
+        if self.status == "closing":
+            self._out.append(CloseNext())
 
     # -- the server API ---------------------------------------------------------------------------------
 
@@ -677,15 +731,14 @@ class ServerProtocol:
         return self._take()
 
     def unlink(self, username: str, reason: str = "server") -> list[Effect]:
-        self._can_only("unlink a user", "listening")
+        self._can_only("unlink a user", "listening", "closing")
         if not self._existing(username, "unlink"):
             raise ServerError(f"cannot unlink a user that is not linked ({username!r})")
         self._unlink(username, reason)
         return self._take()
 
     def send(self, username: str, message: dict[str, Any]) -> list[Effect]:
-        # While closing (listeners of the close's leaves run), every user has left or is unlinked: a send
-        # fails as for any absent user, as in the reference.
+        # While closing, the listeners of each user's leave run while the later users are still linked.
         self._can_only("send a message", "listening", "closing")
         data = self._custom(message)
         if not self._existing(username, "send a message to"):

@@ -45,8 +45,10 @@ from .logs import configure_logging
 from .protocol import (
     Authenticate,
     CloseConnection,
+    CloseNext,
     Drain,
     Effect,
+    FinishLeave,
     Record,
     Rejection,
     Resume,
@@ -563,6 +565,11 @@ class Server:
                         next_stage.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
                     elif kind is Drain:
                         self._drain(effect.connection, next_stage)  # type: ignore[attr-defined]
+                    elif kind is FinishLeave:
+                        leave: FinishLeave = effect  # type: ignore[assignment]
+                        next_stage.append(self._require_core().finish_leave(leave.username, leave.reason, leave.connection))
+                    elif kind is CloseNext:
+                        next_stage.append(self._require_core().close_next())
                     else:
                         self._authenticate(effect, next_stage)  # type: ignore[arg-type]
             stage = next_stage

@@ -15,7 +15,7 @@ import pytest
 
 from lobby import ClientError, ClientEvent, ClientProtocol, RelinkPolicy, ServerProtocol
 from lobby.client_protocol import ALLOWED, CLIENT_STATUSES, is_transient_rejection
-from lobby.protocol import Drain, Resume, SendFrame
+from lobby.protocol import CloseNext, Drain, FinishLeave, Resume, SendFrame
 
 
 def frame(type_: str, payload: Any = None) -> bytes:
@@ -408,6 +408,10 @@ class Pair:
                 self.apply(self.server.resume(effect.connection, effect.ticket))
             elif isinstance(effect, Drain):
                 self.apply(self.server.drain(effect.connection))
+            elif isinstance(effect, FinishLeave):
+                self.apply(self.server.finish_leave(effect.username, effect.reason, effect.connection))
+            elif isinstance(effect, CloseNext):
+                self.apply(self.server.close_next())
 
     def send(self, name: Hashable, data: bytes) -> None:
         self.apply(self.server.receive(name, data))

@@ -23,7 +23,9 @@ from lobby.protocol import (
     MAX_DEPTH,
     Authenticate,
     CloseConnection,
+    CloseNext,
     Drain,
+    FinishLeave,
     Record,
     Resume,
     SendFrame,
@@ -133,6 +135,10 @@ class Lobby:
                     self.run(self.core.resume(effect.connection, effect.ticket))
                 elif isinstance(effect, Drain):
                     self.run(self.core.drain(effect.connection))
+                elif isinstance(effect, FinishLeave):
+                    self.run(self.core.finish_leave(effect.username, effect.reason, effect.connection))
+                elif isinstance(effect, CloseNext):
+                    self.run(self.core.close_next())
                 elif isinstance(effect, Authenticate):
                     self.auth_requests.append(effect)
                     decision = self.authenticate(effect)
@@ -640,6 +646,96 @@ def test_leave_unlinks_then_left_goes_to_own_connection_and_to_others(three):
     assert three.closed == []
 
 
+def test_a_leave_finishes_after_the_listeners_of_its_unlink():
+    """A linked user's leave stops after its unlink (FinishLeave): what runs there (the unlink listeners)
+    sees the user unlinked and still in the lobby, and what they send goes out before krmx/left."""
+    lobby = Lobby()
+    lobby.user("a", "alice")
+    lobby.user("c", "carol")
+    lobby.clear()
+    effects = lobby.core.receive("a", b'{"type":"krmx/leave"}')
+    assert effects[-1] == FinishLeave("alice", "requested", "a")
+    assert [e.event.type for e in effects if isinstance(e, Record)] == ["unlink"]
+    assert lobby.core.users == [{"username": "alice", "isLinked": False}, {"username": "carol", "isLinked": True}]
+    lobby.run(effects[:-1])
+    lobby.call("broadcast", {"type": "app/bye", "payload": lobby.core.users})
+    lobby.run(lobby.core.finish_leave("alice", "requested", "a"))
+    bye = {"type": "app/bye", "payload": [{"username": "alice", "isLinked": False},
+                                          {"username": "carol", "isLinked": True}]}
+    assert lobby.take() == {"a": [unlinked("alice"), left("alice")], "c": [unlinked("alice"), bye, left("alice")]}
+    assert lobby.new_events() == [("unlink", "alice", "requested"), ("broadcast", bye, None), ("leave", "alice", "requested")]
+
+
+def test_finishing_a_leave_that_a_listener_finished_already_does_nothing(three):
+    """An unlink listener that kicks the user itself: the kick is the leave; the pending step adds nothing."""
+    effects = three.core.kick("alice")
+    three.run(effects[:-1])
+    three.call("kick", "alice")  # an unlink listener's kick of the same user
+    assert three.core.finish_leave("alice", "kick", "a") == []
+    assert three.new_events() == [("unlink", "alice", "kick"), ("leave", "alice", "kick")]
+    assert three.take()["c"] == [unlinked("alice"), left("alice")]
+
+
+def test_finishing_a_leave_of_a_user_linked_again_meanwhile_unlinks_it_first(three):
+    """A link that waited behind another (drained between the two steps) took the leaving user: the leave
+    unlinks it from there, then finishes, so the log stays a valid history."""
+    effects = three.core.kick("alice")
+    three.run(effects[:-1])
+    three.connect("x")
+    three.link("x", "alice")  # alice exists (unlinked): linked to x
+    three.new_events()
+    three.run(three.core.finish_leave("alice", "kick", "a"))
+    assert three.new_events() == [("unlink", "alice", "kick"), ("leave", "alice", "kick")]
+    assert "alice" not in three.core.registry.users
+    assert three.take()["x"][-2:] == [unlinked("alice"), left("alice")]
+
+
+def test_close_lets_each_users_listeners_reach_the_users_still_linked(three):
+    """close() takes the users one at a time: a broadcast made between the steps (by alice's listeners)
+    reaches carol, who is still linked, and comes before her own unlink."""
+    effects = three.core.close()
+    assert effects[-1] == FinishLeave("alice", "close", "a")
+    three.run(effects[:-1])
+    step = three.core.finish_leave("alice", "close", "a")
+    assert step[-1] == CloseNext()
+    three.run(step[:-1])
+    three.call("broadcast", {"type": "app/left", "payload": "alice"})
+    three.run(three.core.close_next())
+    assert three.take()["c"] == [
+        unlinked("alice"), left("alice"), {"type": "app/left", "payload": "alice"}, left("bob"),
+        unlinked("carol"), left("carol"),
+    ]
+    assert three.events[-1].type == "close" and three.core.registry.closed
+
+
+def test_close_keeping_users_unlinks_them_one_at_a_time(three):
+    effects = three.core.close(keep_users=True)
+    assert effects[-1] == CloseNext()
+    assert [e.event.type for e in effects if isinstance(e, Record)] == ["unlink"]
+    three.run(effects[:-1])
+    three.call("send", "carol", {"type": "app/bye"})  # still linked: a listener of alice's unlink may send to her
+    three.run(three.core.close_next())
+    assert three.take()["c"] == [unlinked("alice"), {"type": "app/bye"}, unlinked("carol")]
+    assert three.new_events() == [("unlink", "alice", "server restart"), ("send", "carol", {"type": "app/bye"}),
+                                  ("unlink", "carol", "server restart"), ("close", "server restart")]
+
+
+def test_the_server_may_unlink_a_user_while_closing(three):
+    """As in the reference, unlink() is allowed while closing (a listener of one user's leave may unlink
+    another); kick and join are not."""
+    three.run(three.core.close()[:-1])
+    three.call("unlink", "carol")
+    with pytest.raises(ServerError, match="closing"):
+        three.core.kick("bob")
+    with pytest.raises(ServerError, match="closing"):
+        three.core.join("dave")
+    three.run(three.core.finish_leave("alice", "close", "a"))
+    assert three.new_events() == [
+        ("unlink", "alice", "close"), ("unlink", "carol", "server"), ("leave", "alice", "close"),
+        ("leave", "bob", "close"), ("leave", "carol", "close"), ("close", "close"),
+    ]
+
+
 @pytest.mark.parametrize(
     "type_", ["krmx/accepted", "krmx/joined", "krmx/", "krmx/whatever", "krmx/LINK", "krmx/leave "]
 )
@@ -940,10 +1036,13 @@ def test_server_calls_before_listen_raise(name, args):
 
 
 def test_close_kicks_every_user_in_join_order_closes_connections_and_records_close_last(three):
-    """close(): every user leaves in join order (linked ones unlink first), every connection is closed,
-    close is the last effect."""
+    """close(): every user leaves in join order (linked ones unlink first), one at a time, then every
+    connection is closed and close is recorded last."""
     three.connect("r")
     effects = three.call("close")
+    # The first step only: alice's unlink, whose listeners run before her leave and the next users' steps.
+    assert [type(e) for e in effects] == [SendFrame, SendFrame, Record, FinishLeave]
+    assert effects[-1] == FinishLeave("alice", "close", "a")
     assert three.take() == {
         "a": [unlinked("alice"), left("alice")],
         "c": [unlinked("alice"), left("alice"), left("bob"), unlinked("carol"), left("carol")],
@@ -953,7 +1052,7 @@ def test_close_kicks_every_user_in_join_order_closes_connections_and_records_clo
         ("unlink", "carol", "close"), ("leave", "carol", "close"), ("close", "close"),
     ]
     assert three.closed == [("a", "server closed"), ("c", "server closed"), ("r", "server closed")]
-    assert effects[-1] == Record(Close(lobby="main", session="s1", at=T, reason="close"))
+    assert three.events[-1] == Close(lobby="main", session="s1", at=T, reason="close")
     assert three.core.users == [] and three.core.status == "closing" and three.core.registry.closed
     assert three.core.connect("late") == [CloseConnection("late", "server is closing")]
     assert three.frame("c", {"type": "app/late"}) == []

@@ -818,6 +818,75 @@ async def test_close_kicks_everyone_in_join_order_and_logs_close(tmp_path):
         assert store.sessions()[0].closed
 
 
+def users_app(server: Server) -> Server:
+    """Listeners that tell everyone what they saw: the users at each unlink and leave."""
+    for name in ("unlink", "leave"):
+        def tell(username: str, name: str = name) -> None:
+            server.broadcast({"type": f"app/{name}", "payload": {"who": username, "users": server.users}})
+        server.on(name, tell)
+    return server
+
+
+async def test_unlink_listeners_of_a_kick_run_before_the_leave_as_in_the_reference(tmp_path):
+    """A kick (or a krmx/leave) unlinks, runs the unlink listeners, then leaves: they see the user still in
+    the lobby, unlinked, and what they send reaches the others before krmx/left."""
+    server = users_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
+    await server.start()
+    try:
+        alice, bob = await Raw.open(url(server)), await Raw.open(url(server))
+        await alice.link("alice")
+        await bob.link("bob")
+        await alice.expect(joined("bob"), linked("bob"))
+        server.kick("alice")
+        alice_unlinked = [{"username": "alice", "isLinked": False}, {"username": "bob", "isLinked": True}]
+        await bob.expect(
+            unlinked("alice"),
+            {"type": "app/unlink", "payload": {"who": "alice", "users": alice_unlinked}},
+            left("alice"),
+            {"type": "app/leave", "payload": {"who": "alice", "users": [{"username": "bob", "isLinked": True}]}},
+        )
+        await bob.send({"type": "krmx/leave"})
+        await bob.expect(unlinked("bob"), left("bob"))
+        assert_projection(server)
+    finally:
+        await server.close()
+
+
+async def test_at_close_each_users_listeners_reach_the_users_still_linked(tmp_path):
+    """close() takes the users one at a time, as the reference does: the leave listeners of the first
+    users broadcast to (and send to) the later ones, who are still linked."""
+    server = users_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
+
+    @server.on("leave")
+    def farewell(username: str) -> None:
+        if username == "alice":
+            server.send("bob", {"type": "app/dm", "payload": "alice is gone"})
+
+    await server.start()
+    alice, bob = await Raw.open(url(server)), await Raw.open(url(server))
+    await alice.link("alice")
+    await bob.link("bob")
+    await alice.expect(joined("bob"), linked("bob"))
+    await server.close()
+    await bob.expect(
+        unlinked("alice"),
+        {"type": "app/unlink", "payload": {"who": "alice", "users": [{"username": "alice", "isLinked": False},
+                                                                     {"username": "bob", "isLinked": True}]}},
+        left("alice"),
+        {"type": "app/leave", "payload": {"who": "alice", "users": [{"username": "bob", "isLinked": True}]}},
+        {"type": "app/dm", "payload": "alice is gone"},
+        unlinked("bob"),
+        left("bob"),
+    )
+    assert await bob.closed()
+    with EventStore.open_readonly(tmp_path / "lobby.db") as store:
+        kinds = ["unlink", "leave", "send", "broadcast", "close"]
+        assert [(e.type, getattr(e, "username", None)) for e in store.read(types=kinds)] == [
+            ("unlink", "alice"), ("broadcast", None), ("leave", "alice"), ("broadcast", None), ("send", "bob"),
+            ("unlink", "bob"), ("broadcast", None), ("leave", "bob"), ("broadcast", None), ("close", None),
+        ]
+
+
 async def test_close_waits_for_async_listeners_and_cancels_them_after_the_grace(tmp_path, monkeypatch):
     """A close listener that saves the game (async) finishes before close() returns; one that outlasts
     LISTENER_GRACE is cancelled with a warning naming it, not silently by the loop's shutdown."""
