@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--on-stop",
         default=None,
-        help="what SIGINT/SIGTERM does: close (default: every user kicked, the Krmx way) or keep (a deploy: "
+        help="what SIGINT, SIGTERM or SIGHUP does: close (default: every user kicked, the Krmx way) or keep (a deploy: "
         "users unlinked with reason 'server restart', back as unlinked on the next start) [LOBBY_ON_STOP]",
     )
     add_replay_commands(commands)

@@ -90,8 +90,8 @@ class ServerConfig:
         for name, least in (("max_frame_size", 1024), ("snapshot_every", 1), ("max_connections", 1),
                             ("message_burst", 1), ("max_buffer", 1024)):
             value = getattr(self, name)
-            if not _is_int(value) or value < least:
-                raise ValueError(f"{name} must be an integer of at least {least}, not {value!r}")
+            if not _is_int(value) or not least <= value <= _MAX_INT:
+                raise ValueError(f"{name} must be an integer from {least} to 2**63-1, not {value!r}")
         for name in ("accept_new_users", "compression"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
@@ -135,6 +135,10 @@ def parse_size(text: str) -> int:
                 return int(value)
             break
     raise ValueError("must be a size in bytes, like 65536, 64KiB, 4MiB or 1GiB")
+
+
+#: The largest integer option: 64 bits, as SQLite, the metrics and the JSON log lines hold them.
+_MAX_INT = 2**63 - 1
 
 
 def _is_int(value: object) -> bool:

@@ -56,6 +56,9 @@ from .protocol import (
     ServerProtocol,
 )
 
+#: The signals that stop a serving server (as close, or keeping users).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
 __all__ = ["run_event_loop", "Server", "ServerConfig", "AuthInfo", "QueryRule", "DEFAULT_MAX_FRAME_SIZE", "LISTENER_EVENTS"]
 
 
@@ -302,7 +305,7 @@ class Server:
         self._log.info("closed")
 
     def run(self, *, keep_users_on_stop: bool = False) -> int:
-        """Serve until SIGINT or SIGTERM, then close (the Krmx way, or keeping users); return the process exit
+        """Serve until SIGINT, SIGTERM or SIGHUP, then close (the Krmx way, or keeping users); return the process exit
         code. Logs go out as ``lobby serve`` writes them (JSON lines on stderr, ``info``) unless structlog was
         configured already."""
         if not structlog.is_configured():
@@ -310,18 +313,25 @@ class Server:
         return run_event_loop(self.serve(keep_users_on_stop=keep_users_on_stop))
 
     async def serve(self, *, keep_users_on_stop: bool = False) -> int:
-        """Start, serve until SIGINT or SIGTERM (or a fatal log error), close; return the exit code."""
+        """Start, serve until SIGINT, SIGTERM or SIGHUP (or a fatal log error), close; return the exit code."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+        received: list[str] = []
+
+        def on_signal(signum: signal.Signals) -> None:
+            received.append(signum.name)
+            stop.set()
+
+        # SIGHUP too: the terminal a server was started from closed (it would die without logging close).
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, on_signal, signum)
         self._stop_event = stop
         await self.start()
-        self._log.info("serving until SIGINT or SIGTERM", on_stop="keep" if keep_users_on_stop else "close")
+        self._log.info("serving until SIGINT, SIGTERM or SIGHUP", on_stop="keep" if keep_users_on_stop else "close")
         await stop.wait()
         if self.fatal is not None:
             return 1
-        self._log.info("stopping", keep_users=keep_users_on_stop)
+        self._log.info("stopping", keep_users=keep_users_on_stop, signal=received[0] if received else None)
         await self.close(keep_users=keep_users_on_stop)
         return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import signal
@@ -15,10 +16,11 @@ import pytest
 import structlog
 
 from events import EventLogError, EventStore
-from lobby import Server
+from lobby import Server, configure_logging
 from lobby.cli import main
 
 from .factories import Events
+from .wsclient import ACCEPTED, Raw, joined, linked
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +46,9 @@ def _logging_restored():
         ("--lobby", ""),
         ("--host", ""),
         ("--versions", "abc"),
+        ("--message-burst", "99999999999999999999999"),
+        ("--max-connections", str(2**63)),
+        ("--max-frame-size", "1e25"),
     ],
 )
 def test_bad_option_values_exit_2_with_one_line(tmp_path, capsys, flag, value):
@@ -111,6 +116,7 @@ def _record(seen: dict, server: Server) -> int:
         {"max_frame_size": 4096.5},
         {"max_frame_size": "64KB"},
         {"max_buffer": "lots"},
+        {"snapshot_every": 2**63},
         {"versions": "0.6"},
         {"versions": ()},
         {"versions": ("abc",)},
@@ -167,6 +173,89 @@ def test_run_logs_json_lines_on_stderr_and_keeps_users_when_asked(tmp_path):
     assert [line["event"] for line in logged][-1] == "closed"
     with EventStore.open_readonly(db) as store:
         assert [event.reason for event in store.read(types=["close"])] == ["server restart"]
+
+
+def _serving(process: subprocess.Popen) -> list[dict]:
+    """The JSON lines a server process wrote until it serves."""
+    lines: list[bytes] = []
+    while not any(b"serving until" in line for line in lines):
+        line = process.stderr.readline()
+        assert line, b"".join(lines)  # it exited before serving
+        lines.append(line)
+    return [orjson.loads(line) for line in lines]
+
+
+def test_sighup_closes_the_krmx_way_like_sigterm(tmp_path):
+    """The terminal a server runs in closed: it closes (close logged), exits 0, and says which signal."""
+    db = tmp_path / "lobby.db"
+    script = "import sys; from lobby import Server; sys.exit(Server(port=0, db=sys.argv[1]).run())"
+    process = subprocess.Popen([sys.executable, "-c", script, str(db)], stderr=subprocess.PIPE,
+                               cwd=Path(__file__).resolve().parent.parent)
+    try:
+        _serving(process)
+        process.send_signal(signal.SIGHUP)
+        _, rest = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    stopping = [orjson.loads(line) for line in rest.splitlines() if b'"stopping"' in line]
+    assert [line["signal"] for line in stopping] == ["SIGHUP"]
+    with EventStore.open_readonly(db) as store:
+        assert [event.reason for event in store.read(types=["close"])] == ["close"]
+
+
+def test_a_server_whose_stderr_went_away_serves_on(tmp_path):
+    """`lobby serve 2>&1 | head`: once the reader of its log lines exits, every line is a broken pipe. The
+    server drops those lines and serves on (it stopped in the middle of a turn: a join without its link)."""
+    db = tmp_path / "lobby.db"
+    process = subprocess.Popen([sys.executable, "-m", "lobby", "serve", "--port", "0", "--db", str(db)],
+                               stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        port = next(line["port"] for line in _serving(process) if line["event"] == "listening")
+        process.stderr.close()  # the reader is gone: the server's next line breaks the pipe
+
+        async def link_two() -> list:
+            alice = await Raw.open(f"ws://127.0.0.1:{port}/")
+            bob = await Raw.open(f"ws://127.0.0.1:{port}/")
+            burst = [await alice.link("alice"), await bob.link("bob")]
+            await alice.expect(joined("bob"), linked("bob"))
+            return burst
+
+        assert asyncio.run(asyncio.wait_for(link_two(), 10)) == [
+            [ACCEPTED, joined("alice"), linked("alice")],
+            [ACCEPTED, joined("alice"), linked("alice"), joined("bob"), linked("bob")],
+        ]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    with EventStore.open_readonly(db) as store:
+        assert [event.type for event in store.read()][-5:] == ["unlink", "leave", "unlink", "leave", "close"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_logged_tracebacks_hold_no_local_variables(capsys, fmt):
+    """A listener that fails with an auth string or a player's message in a local variable: the traceback
+    names the frames, never their variables (tracebacks with locals would put secrets in the log)."""
+    configure_logging(fmt)
+
+    def authenticate(username, auth="TOKEN-1234"):
+        raise KeyError("no such key file")
+
+    try:
+        authenticate("alice")
+    except KeyError:
+        structlog.get_logger().exception("listener failed")
+    err = capsys.readouterr().err
+    assert "authenticate" in err and "KeyError" in err
+    assert "TOKEN-1234" not in err
+
+
+def test_a_value_the_json_log_cannot_hold_is_logged_as_its_repr(capsys):
+    configure_logging("json")
+    structlog.get_logger().info("big", count=10**30, nested={"n": 2**70}, plain=1)
+    line = orjson.loads(capsys.readouterr().err)
+    assert (line["count"], line["nested"], line["plain"]) == (str(10**30), repr({"n": 2**70}), 1)
 
 
 def test_good_query_rules_and_predicates_are_taken(tmp_path):
