@@ -90,6 +90,16 @@ SELECT e.seq, s.lobby, s.session, e.at, t.name AS type, e.username, e.data
 FROM events e JOIN sessions s USING (sid) JOIN types t ON t.code = e.type"""
 
 
+def _readable(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.execute("PRAGMA application_id").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    except sqlite3.DatabaseError:
+        return True  # not SQLite: said with its own message
+    return True
+
+
 def _has_type_names(db: Database) -> bool:
     """Whether this log was written by the first builds (2026-11-27, for minutes), whose m001 stored each
     event's type name in ``events.type``, with no ``types`` table (and, in the very first, the lobby and
@@ -252,6 +262,12 @@ class EventStore:
         uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
         try:
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            if not _readable(conn) and not os.path.exists(os.path.realpath(self.path) + "-wal"):
+                # A reader of a WAL log needs its -shm file, which it cannot create where it may not write (a
+                # log owned by the service user, a read-only copy). With no -wal file, no server has the log
+                # open and all of it is in the file: read it as immutable, which needs neither.
+                conn.close()
+                conn = sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
         except sqlite3.Error as error:
             raise EventLogError(f"{self.path}: cannot open: {error}") from None
         self.db = Database(conn, execute_plugins=False)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import types
+from collections.abc import Callable
+from pathlib import Path
 from dataclasses import replace
 
+import orjson
 import pytest
 from freezegun import freeze_time
 from sqlite_utils import Database
@@ -267,6 +273,57 @@ def test_a_schema_newer_than_this_code_is_refused(db_path):
     with pytest.raises(EventLogError, match="newer than this krmx-lobby supports"):
         EventStore.open_readonly(db_path)
     assert Database(db_path)["events"].count == 1
+
+
+def _in_a_child_that_cannot_write_to(folder: Path, read: Callable[[], object]) -> object:
+    """``read()`` in a forked child for which ``folder`` is not writable: root's child drops to ``nobody``
+    (root writes anywhere), anyone else's child finds the folder read-only."""
+    readable, writable = os.pipe()
+    folder.chmod(0o555)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                result: object = read()
+            except Exception as error:
+                result = f"{type(error).__name__}: {error}"
+            os.write(writable, orjson.dumps(result))
+        finally:
+            os._exit(0)
+    os.close(writable)
+    try:
+        with os.fdopen(readable, "rb") as pipe:
+            data = pipe.read()
+        os.waitpid(pid, 0)
+    finally:
+        folder.chmod(0o755)
+    return orjson.loads(data)
+
+
+def test_a_closed_log_in_a_folder_the_reader_cannot_write_to_is_read():
+    """A stopped server's log owned by the service user, or a read-only copy: a reader cannot create the -shm
+    file SQLite's WAL readers need. With no -wal file (no server has the log open), the log is read as it is."""
+    folder = Path(tempfile.mkdtemp(prefix="krmx-readonly-"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "lobby.db"
+        ev = Events()
+        with EventStore(path) as writer:
+            writer.append([ev.listen(), ev.join("alice"), ev.close()])
+        path.chmod(0o644)
+        assert not Path(f"{path}-wal").exists()
+
+        def read() -> object:
+            with EventStore.open_readonly(path) as reader:
+                return [event.type for event in reader.read()]
+
+        assert _in_a_child_that_cannot_write_to(folder, read) == ["listen", "join", "close"]
+        assert not Path(f"{path}-shm").exists()
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_readonly_open_of_a_missing_file_or_a_folder_fails_clearly(tmp_path):
