@@ -166,6 +166,8 @@ def step(
     to_seq: int | None = None,
 ) -> Iterator[tuple[Event, Registry]]:
     """Walk ``session`` (default: the last one) event by event: each event with the registry after it (a copy)."""
+    if from_seq is not None and to_seq is not None and from_seq > to_seq:
+        raise ReplayError(f"from seq {from_seq} is after to seq {to_seq}")
     log = open_log(path)
     try:
         info = log.session(session, lobby)

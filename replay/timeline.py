@@ -69,7 +69,10 @@ def select(
     from_seq: int | None = None,
     to_seq: int | None = None,
 ) -> Selection:
-    """Resolve the filters against ``log`` (unknown session, type or lobby: ``ReplayError``)."""
+    """Resolve the filters against ``log`` (unknown session, type or lobby, a range that ends before it
+    starts: ``ReplayError``)."""
+    if from_seq is not None and to_seq is not None and from_seq > to_seq:
+        raise ReplayError(f"from seq {from_seq} is after to seq {to_seq}")
     if lobby is not None:
         log.lobby(lobby)
     low, high = 1, log.upto
@@ -90,6 +93,8 @@ def select(
     reference = info.start if info is not None else log.clock_date(lobby)
     since_us = to_microseconds(since, reference) if since is not None else None
     until_us = to_microseconds(until, reference, end=True) if until is not None else None
+    if since_us is not None and until_us is not None and since_us > until_us:
+        raise ReplayError(f"since {since} is after until {until}")
     # Narrow the seqs by time where one lobby's clock orders them; the events are filtered by time anyway.
     ordered = info is not None or lobby is not None or len(log.lobbies()) <= 1
     if since_us is not None and ordered:

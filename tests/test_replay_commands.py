@@ -240,9 +240,17 @@ def test_an_output_that_is_a_directory_is_refused_by_its_name(game_log, tmp_path
 
 
 def test_step_over_an_empty_range_says_so(game_log, capsys):
-    for bounds in (("--from-seq", "1000"), ("--from-seq", "5", "--to-seq", "2")):
-        code, out, err = run(capsys, "step", game_log, *bounds, "--no-pause")
-        assert (code, out, err) == (0, "(no events match)\n", "")
+    code, out, err = run(capsys, "step", game_log, "--from-seq", "1000", "--no-pause")
+    assert (code, out, err) == (0, "(no events match)\n", "")
+
+
+def test_a_range_that_ends_before_it_starts_is_a_usage_error(game_log, tmp_path, capsys):
+    """Bounds given the wrong way round are a mistake to say, not an empty answer."""
+    for command, *extra in (("step", "--no-pause"), ("timeline",), ("export", "-o", tmp_path / "out.jsonl")):
+        code, out, err = run(capsys, command, game_log, "--from-seq", "5", "--to-seq", "2", *extra)
+        assert (code, out, err) == (2, "", f"lobby replay {command}: from seq 5 is after to seq 2\n")
+    code, _, err = run(capsys, "timeline", game_log, "--since", "21:03", "--until", "21:02")
+    assert (code, err) == (2, "lobby replay timeline: since 21:03 is after until 21:02\n")
 
 
 def test_a_damaged_row_or_an_unknown_type_is_one_line_naming_its_seq(tmp_path, capsys):
