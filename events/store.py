@@ -221,6 +221,12 @@ class EventStore:
                 raise EventLogError(f"{self.path}: is a directory, not an event log")
             if not target.parent.exists():
                 raise EventLogError(f"{self.path}: folder {str(target.parent)!r} does not exist")
+            if target.exists() and not os.access(target, os.W_OK):
+                # SQLite would open it read-only and fail at the first append, after a server is listening.
+                raise EventLogError(
+                    f"{self.path}: is read-only for this user; writing the log needs write access to it "
+                    "(to read it, `lobby replay` opens it read-only)"
+                )
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False)
         except sqlite3.Error as error:

@@ -275,11 +275,10 @@ def test_a_schema_newer_than_this_code_is_refused(db_path):
     assert Database(db_path)["events"].count == 1
 
 
-def _in_a_child_that_cannot_write_to(folder: Path, read: Callable[[], object]) -> object:
-    """``read()`` in a forked child for which ``folder`` is not writable: root's child drops to ``nobody``
-    (root writes anywhere), anyone else's child finds the folder read-only."""
+def _in_a_child(call: Callable[[], object]) -> object:
+    """``call()`` in a forked child that is not root (root writes anywhere: its child drops to ``nobody``), for
+    files and folders made read-only; its result, or its exception as text."""
     readable, writable = os.pipe()
-    folder.chmod(0o555)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
@@ -287,43 +286,59 @@ def _in_a_child_that_cannot_write_to(folder: Path, read: Callable[[], object]) -
                 os.setgid(65534)
                 os.setuid(65534)
             try:
-                result: object = read()
+                result: object = call()
             except Exception as error:
                 result = f"{type(error).__name__}: {error}"
             os.write(writable, orjson.dumps(result))
         finally:
             os._exit(0)
     os.close(writable)
-    try:
-        with os.fdopen(readable, "rb") as pipe:
-            data = pipe.read()
-        os.waitpid(pid, 0)
-    finally:
-        folder.chmod(0o755)
+    with os.fdopen(readable, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
     return orjson.loads(data)
 
 
-def test_a_closed_log_in_a_folder_the_reader_cannot_write_to_is_read():
+@pytest.fixture
+def shared_folder():
+    """A folder other users can read (tmp_path is root's own), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="krmx-permissions-"))
+    folder.chmod(0o755)
+    yield folder
+    folder.chmod(0o755)
+    shutil.rmtree(folder)
+
+
+def test_a_closed_log_in_a_folder_the_reader_cannot_write_to_is_read(shared_folder):
     """A stopped server's log owned by the service user, or a read-only copy: a reader cannot create the -shm
     file SQLite's WAL readers need. With no -wal file (no server has the log open), the log is read as it is."""
-    folder = Path(tempfile.mkdtemp(prefix="krmx-readonly-"))
-    try:
-        folder.chmod(0o755)
-        path = folder / "lobby.db"
-        ev = Events()
-        with EventStore(path) as writer:
-            writer.append([ev.listen(), ev.join("alice"), ev.close()])
-        path.chmod(0o644)
-        assert not Path(f"{path}-wal").exists()
+    path = shared_folder / "lobby.db"
+    ev = Events()
+    with EventStore(path) as writer:
+        writer.append([ev.listen(), ev.join("alice"), ev.close()])
+    path.chmod(0o644)
+    assert not Path(f"{path}-wal").exists()
+    shared_folder.chmod(0o555)
 
-        def read() -> object:
-            with EventStore.open_readonly(path) as reader:
-                return [event.type for event in reader.read()]
+    def read() -> object:
+        with EventStore.open_readonly(path) as reader:
+            return [event.type for event in reader.read()]
 
-        assert _in_a_child_that_cannot_write_to(folder, read) == ["listen", "join", "close"]
-        assert not Path(f"{path}-shm").exists()
-    finally:
-        shutil.rmtree(folder)
+    assert _in_a_child(read) == ["listen", "join", "close"]
+    assert not Path(f"{path}-shm").exists()
+
+
+def test_a_log_the_user_cannot_write_is_refused_when_opened_for_writing(shared_folder):
+    """Not at the first append, once a server listens: at the open, naming the file, leaving nothing behind."""
+    path = shared_folder / "lobby.db"
+    with EventStore(path) as writer:
+        writer.append([Events().listen()])
+    path.chmod(0o444)
+    shared_folder.chmod(0o777)
+    error = _in_a_child(lambda: repr(EventStore(path)))
+    assert error == f"EventLogError: {path}: is read-only for this user; writing the log needs write access to it " \
+                    "(to read it, `lobby replay` opens it read-only)"
+    assert sorted(p.name for p in shared_folder.iterdir()) == ["lobby.db"]
 
 
 def test_readonly_open_of_a_missing_file_or_a_folder_fails_clearly(tmp_path):
