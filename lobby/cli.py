@@ -117,11 +117,13 @@ class UsageError(Exception):
     pass
 
 
-def _option(args: argparse.Namespace, flag: str) -> str | None:
+def _option(args: argparse.Namespace, flag: str, default: str | None = None) -> str | None:
+    """The flag's value, else its variable's (set but empty, like ``LOBBY_PORT=$PORT`` without a PORT, is
+    unset), else ``default``."""
     value = getattr(args, flag.lstrip("-").replace("-", "_"))
     if value is None:
-        value = os.environ.get(_env_name(flag))
-    return value
+        value = os.environ.get(_env_name(flag)) or None
+    return default if value is None else value
 
 
 def load_app(spec: str, option: str = "app") -> Server:
@@ -159,9 +161,9 @@ def serve_command(args: argparse.Namespace) -> int:
             overrides[field] = parse(text)
         except ValueError as error:
             raise UsageError(f"{flag} / {_env_name(flag)}: invalid value {text!r}: {error}") from None
-    log_format = _option(args, "--log-format") or "json"
-    log_level = _option(args, "--log-level") or "info"
-    on_stop = _option(args, "--on-stop") or "close"
+    log_format = _option(args, "--log-format", "json")
+    log_level = _option(args, "--log-level", "info")
+    on_stop = _option(args, "--on-stop", "close")
     if log_format not in ("json", "console"):
         raise UsageError(f"--log-format must be json or console, not {log_format!r}")
     if log_level not in LOG_LEVELS:

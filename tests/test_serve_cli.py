@@ -100,8 +100,20 @@ def test_sizes_take_binary_units(tmp_path, monkeypatch):
 
 
 def _record(seen: dict, server: Server) -> int:
-    seen.update(max_frame_size=server.config.max_frame_size, max_buffer=server.config.max_buffer)
+    seen.update(vars(server.config))
     return 0
+
+
+def test_a_variable_set_but_empty_counts_as_unset(tmp_path, monkeypatch):
+    """``LOBBY_PORT=$PORT`` without a PORT: the default, as for every variable (the port was an error, the log
+    level was not)."""
+    seen = {}
+    monkeypatch.setattr(Server, "serve", lambda self, **_: _record(seen, self))
+    monkeypatch.setattr("lobby.cli.run_event_loop", lambda coroutine: coroutine)
+    for name in ("LOBBY_PORT", "LOBBY_MAX_BUFFER", "LOBBY_LOG_LEVEL", "LOBBY_ON_STOP", "LOBBY_DURABILITY"):
+        monkeypatch.setenv(name, "")
+    assert main(["serve", "--db", str(tmp_path / "x.db")]) == 0
+    assert (seen["port"], seen["max_buffer"], seen["durability"]) == (8082, 16 * 1024**2, "full")
 
 
 @pytest.mark.parametrize(
