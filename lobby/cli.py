@@ -135,6 +135,8 @@ def load_app(spec: str, option: str = "app") -> Server:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exit_:  # a script's sys.exit() at import: it would end the process without a word
+        raise UsageError(f"module {module_name!r} called sys.exit({exit_.code!r}) while being imported") from None
     except Exception as error:  # not found, or the module itself failed while importing
         raise UsageError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}") from None
     try:

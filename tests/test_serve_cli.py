@@ -305,12 +305,14 @@ def broken():
         ("factories_mod:needs_a_port", "needs_a_port() failed"),
         ("factories_mod:broken", "no config file"),
         ("os:system", "os:system() failed"),
+        ("exiting_at_import:app", "called sys.exit(3) while being imported"),
     ],
 )
 def test_an_app_that_cannot_be_loaded_exits_2_with_one_line(tmp_path, capsys, monkeypatch, spec, words):
     (tmp_path / "factories_mod.py").write_text(APP_MODULE)
     (tmp_path / "failing_at_import.py").write_text("raise RuntimeError('boom')\n")
     (tmp_path / "syntax_error.py").write_text("def (:\n")
+    (tmp_path / "exiting_at_import.py").write_text("import sys\nsys.exit(3)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["serve", spec, "--port", "0", "--db", str(tmp_path / "lobby.db")]) == 2
