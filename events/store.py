@@ -104,8 +104,10 @@ def _has_type_names(db: Database) -> bool:
     """Whether this log was written by the first builds (2026-11-27, for minutes), whose m001 stored each
     event's type name in ``events.type``, with no ``types`` table (and, in the very first, the lobby and
     session in every row, with no ``sessions`` table)."""
-    tables = db.table_names()
-    return "events" in tables and "types" not in tables
+    if "events" not in db.table_names():
+        return False
+    declared = {column.name: column.type for column in db["events"].columns}  # type: ignore[union-attr]
+    return declared.get("type", "").upper() == "TEXT"
 
 
 def _repair_type_names(db: Database) -> None:
@@ -154,6 +156,9 @@ def m002_snapshots(db: Database) -> None:
 
 _KNOWN_MIGRATIONS = [m.name for m in migrations._migrations]
 SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
+
+#: Bytes of write-ahead log kept after a checkpoint (a long reader can grow it far beyond; see __init__).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 _COLUMNS = "seq, sid, at, type, username, data"
 #: Rows per INSERT statement at most; a batch goes in as chunks of power-of-two sizes (1024 + 512 + ... + 1),
@@ -242,9 +247,13 @@ class EventStore:
         try:
             self._check_identity()
             self._migrate()
+            self._check_end()
             self._load_types()
             if self.path != MEMORY:
                 self.db.enable_wal()
+                # A reader that runs long (an export of a big log) makes the WAL grow, as it must keep what
+                # the reader sees; once the reader is done, the next checkpoint cuts it back to this size.
+                self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self.db.execute("PRAGMA synchronous=NORMAL")  # FULL's fsync of the WAL: see append and sync
         except sqlite3.Error as error:
             self.db.close()
@@ -288,8 +297,6 @@ class EventStore:
             if not self._check_identity():
                 raise EventLogError(f"{self.path}: is empty, not an event log")
             # An older log stays readable as it is: a read-only open never migrates (snapshots are optional).
-            if "events" not in self.db.table_names():
-                raise EventLogError(f"{self.path}: is not a complete krmx-lobby event log (no events table)")
             if _has_type_names(self.db):
                 raise EventLogError(
                     f"{self.path}: was written by a first build of krmx-lobby (type names, not codes) and needs "
@@ -328,6 +335,15 @@ class EventStore:
                     f"{self.path}: schema version {len(applied)} is newer than this krmx-lobby supports "
                     f"(version {SCHEMA_VERSION}; unknown migrations: {', '.join(unknown)}); upgrade krmx-lobby"
                 )
+            needed = ["_sqlite_migrations", "events"]
+            if not _has_type_names(self.db):  # a first build's log (converted on write) has neither
+                needed += ["sessions", "types"]
+            missing = [name for name in needed if name not in tables]
+            if missing:
+                raise EventLogError(
+                    f"{self.path}: is not a complete krmx-lobby event log (no {', '.join(missing)} table); "
+                    "refusing to touch it"
+                )
             return True
         if app_id != 0:
             raise EventLogError(
@@ -340,6 +356,18 @@ class EventStore:
                 f"{self.path}: is a database of another application (tables: {shown}); refusing to touch it"
             )
         return False
+
+    def _check_end(self) -> None:
+        """Raise if the last event is not where the sessions say the log ends: a damaged last page hides the
+        events on it, and a server would number new events over them."""
+        last, recorded = self.db.conn.execute(
+            "SELECT (SELECT max(seq) FROM events), (SELECT max(last_seq) FROM sessions)"
+        ).fetchone()
+        if last != recorded:
+            raise EventLogError(
+                f"{self.path}: is damaged: its last event is seq {last} but its sessions go to seq {recorded}; "
+                f"refusing to write to it (`sqlite3 {self.path} .recover` copies out what can be read)"
+            )
 
     def _migrate(self) -> None:
         repaired = _has_type_names(self.db)

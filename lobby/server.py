@@ -20,6 +20,7 @@ import gc
 import inspect
 import logging
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -205,6 +206,8 @@ class Server:
                     f"{config.db}: lobby {config.lobby!r} does not fold ({error}); "
                     f"`lobby replay verify {config.db}` lists every problem"
                 ) from error
+            if isinstance(error, sqlite3.DatabaseError):  # a page that does not read: the file is damaged
+                raise EventLogError(f"{config.db}: cannot be read: {error}") from error
             raise
         self.core = ServerProtocol(
             registry,

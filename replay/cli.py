@@ -13,6 +13,7 @@ import importlib
 import logging
 import math
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -48,6 +49,9 @@ def _guarded(name: str, command: Command) -> Command:
             return _fail(name_used, str(error))
         except InconsistentEvent as error:
             return _fail(name_used, f"the log does not fold at {error} ('lobby replay verify' lists every problem)")
+        except sqlite3.DatabaseError as error:  # a page that does not read: the file is damaged
+            db = getattr(args, "db", "the log")
+            return _fail(name_used, f"{db}: cannot be read: {error} (`sqlite3 {db} .recover` copies out what can be)")
         except BrokenPipeError:
             # The reader went away (| head): stop quietly, like other command line tools.
             devnull = os.open(os.devnull, os.O_WRONLY)

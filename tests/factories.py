@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from events import Broadcast, Close, Join, Leave, Link, Listen, Message, Send, Unlink
+from events import Broadcast, Close, EventStore, Join, Leave, Link, Listen, Message, Send, Unlink
 
 
 class Events:
@@ -39,3 +39,17 @@ class Events:
 
     def close(self, reason="close"):
         return Close(**self._common(), reason=reason)
+
+
+def garbled_log(path):
+    """A log of about 2,000 events whose 21st page is overwritten with 0xff (a disk error in its middle)."""
+    ev = Events()
+    with EventStore(path) as store:
+        store.append([ev.listen(), *(ev.message("bob", {"type": "a/b", "payload": "x" * 200}) for _ in range(2000)),
+                      ev.close()])
+    page = 4096
+    assert path.stat().st_size > 40 * page
+    with open(path, "r+b") as log:
+        log.seek(20 * page)
+        log.write(b"\xff" * page)
+    return path

@@ -14,7 +14,7 @@ import replay
 from events import EventStore, rebuild
 from lobby.cli import main
 
-from .factories import Events
+from .factories import Events, garbled_log
 from .replay_logs import START, crash_log, game_log, us  # noqa: F401 - fixtures
 
 
@@ -276,6 +276,16 @@ def test_a_damaged_row_or_an_unknown_type_is_one_line_naming_its_seq(tmp_path, c
     assert code == 2 and "seq 4: cannot read this event" in err and "Traceback" not in err
     code, _, err = run(capsys, "verify", path)
     assert code == 2 and "seq 1: cannot read this event (data is not a JSON object" in err
+
+
+def test_a_page_that_does_not_read_is_one_line(tmp_path, capsys):
+    """A garbled page in the middle of the log (a disk error): each command says the file cannot be read,
+    in one line with exit 2."""
+    path = garbled_log(tmp_path / "garbled.db")
+    for command in ("timeline", "verify", "stats", "export"):
+        code, out, err = run(capsys, command, path, *(["-o", tmp_path / "out.jsonl"] if command == "export" else []))
+        assert code == 2 and err.count("\n") == 1, (command, err)
+        assert err.startswith(f"lobby replay {command}: {path}: cannot be read: ") and "Traceback" not in err
 
 
 def test_time_to_relink_after_a_crash_counts_from_the_crash(crash_log):

@@ -19,7 +19,7 @@ from events import EventLogError, EventStore
 from lobby import Server, configure_logging
 from lobby.cli import main
 
-from .factories import Events
+from .factories import Events, garbled_log
 from .wsclient import ACCEPTED, Raw, joined, linked
 
 
@@ -347,6 +347,13 @@ def test_serve_on_a_lobby_in_use_exits_2(tmp_path, capsys):
         assert main(["serve", "--port", "0", "--db", str(db)]) == 2
     err = capsys.readouterr().err
     assert "in use by another server" in err and "Traceback" not in err
+
+
+def test_serve_on_a_log_with_a_page_that_does_not_read_exits_2(tmp_path, capsys):
+    path = garbled_log(tmp_path / "garbled.db")
+    assert main(["serve", "--port", "0", "--db", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lobby: {path}: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_serve_on_a_log_that_does_not_fold_exits_2_and_names_verify(tmp_path, capsys):

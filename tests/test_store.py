@@ -275,6 +275,66 @@ def test_a_schema_newer_than_this_code_is_refused(db_path):
     assert Database(db_path)["events"].count == 1
 
 
+@pytest.mark.parametrize(
+    ("sql", "missing"),
+    [
+        ("DROP VIEW log; DROP TABLE types", "types"),  # not a first build's log: its type column holds codes
+        ("DROP TABLE _sqlite_migrations", "_sqlite_migrations"),
+        ("DROP VIEW log; DROP TABLE sessions", "sessions"),
+        ("DROP VIEW log; DROP TABLE events", "events"),
+    ],
+)
+def test_a_log_missing_a_table_is_refused_untouched(db_path, sql, missing):
+    """A log that lost a table is not a first build's to convert (which made every type a number), nor a
+    new one to create tables in: it is refused, read or write, and left as it is."""
+    with EventStore(db_path) as store:
+        store.append([Events().listen(), Events().join("alice")])
+    damaged = sqlite3.connect(db_path)
+    damaged.executescript(sql)
+    damaged.close()
+    before = db_path.read_bytes()
+    for open_log in (EventStore, EventStore.open_readonly):
+        with pytest.raises(EventLogError, match=f"not a complete krmx-lobby event log \\(no {missing} table\\)"):
+            open_log(db_path)
+    assert db_path.read_bytes() == before
+
+
+def test_a_log_whose_last_events_are_lost_is_not_written_to(db_path):
+    """A damaged last page hides the events on it (max(seq) goes back): a server that numbered new events
+    from there would write over seqs the sessions already count. Refused on a write open; readable."""
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen(), ev.join("alice"), ev.link("alice"), ev.message("alice", {"type": "x/y"})])
+    damaged = sqlite3.connect(db_path)
+    damaged.execute("DELETE FROM events WHERE seq > 2")
+    damaged.commit()
+    damaged.close()
+    with pytest.raises(EventLogError, match=r"is damaged: its last event is seq 2 but its sessions go to seq 4"):
+        EventStore(db_path)
+    with EventStore.open_readonly(db_path) as reader:
+        assert reader.last_seq == 2
+
+
+def test_the_write_ahead_log_is_cut_back_after_a_long_reader(db_path, monkeypatch):
+    """A reader keeps a snapshot, so the WAL grows while it reads; once it is done, a checkpoint cuts the WAL
+    back to WAL_SIZE_LIMIT instead of leaving it at its peak until the server stops."""
+    monkeypatch.setattr("events.store.WAL_SIZE_LIMIT", 64 * 1024)
+    wal = Path(f"{db_path}-wal")
+    ev = Events()
+    with EventStore(db_path, durability="normal") as writer:
+        writer.append([ev.listen()])
+        reader = sqlite3.connect(db_path)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()  # holds its snapshot until it ends
+        for _ in range(50):
+            writer.append([ev.join(f"u{i}") for i in range(200)] + [ev.leave(f"u{i}") for i in range(200)])
+        peak = wal.stat().st_size
+        reader.close()
+        writer.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        writer.append([ev.join("last")])  # the first write after a full checkpoint restarts the WAL
+        assert peak > 1024 * 1024 and wal.stat().st_size <= 64 * 1024
+
+
 def _in_a_child(call: Callable[[], object]) -> object:
     """``call()`` in a forked child that is not root (root writes anywhere: its child drops to ``nobody``), for
     files and folders made read-only; its result, or its exception as text."""
