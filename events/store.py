@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -37,7 +38,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .errors import EventLogError
-from .model import LIFECYCLE_TYPES, Event, encode_data, event_from_fields
+from .model import EVENT_TYPES, LIFECYCLE_TYPES, Event, encode_data, event_from_fields
 from .projection import Registry, rebuild
 
 __all__ = ["EventStore", "SessionInfo", "APPLICATION_ID", "SCHEMA_VERSION", "MEMORY"]
@@ -88,6 +89,12 @@ _M001_EVENTS_TABLE = """CREATE TABLE events (
 _M001_LOG_VIEW = """CREATE VIEW log AS
 SELECT e.seq, s.lobby, s.session, e.at, t.name AS type, e.username, e.data
 FROM events e JOIN sessions s USING (sid) JOIN types t ON t.code = e.type"""
+
+
+def _path(path: object) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not os.fsdecode(path):
+        raise TypeError(f"an event log's path is a non-empty str or path, not {path!r}")
+    return os.fsdecode(path)
 
 
 def _readable(conn: sqlite3.Connection) -> bool:
@@ -169,6 +176,22 @@ _INSERT_CHUNKS: dict[int, str] = {}
 _UPDATE_LAST = "UPDATE sessions SET last_seq = ? WHERE sid = ?"
 
 
+#: Per event class, whether its username is required (an optional one may be None, otherwise a string).
+_NEEDS_USERNAME: dict[type, bool] = {
+    cls: any(f.name == "username" and f.default is dataclasses.MISSING for f in dataclasses.fields(cls))
+    for cls in EVENT_TYPES.values()
+}
+
+
+def _unreadable(event: object) -> str:
+    """Why ``event`` cannot go in the log, for an error message."""
+    if _NEEDS_USERNAME.get(type(event)) is None:
+        return f"{event!r:.100}: not one of the event types ({', '.join(EVENT_TYPES)})"
+    if type(getattr(event, "at", None)) is not int:
+        return f"{event!r:.100}: at must be UTC microseconds as an integer"
+    return f"{event!r:.100}: username must be a string"
+
+
 def _unprefixed(error: BaseException, seq: int) -> str:
     text = str(error) or type(error).__name__
     return text.removeprefix(f"seq {seq}: ")
@@ -217,7 +240,7 @@ class EventStore:
     def __init__(self, path: str | os.PathLike[str] = MEMORY, *, durability: Durability = "full") -> None:
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
-        self.path = str(path)
+        self.path = _path(path)
         self.readonly = False
         self.durability = durability
         if self.path != MEMORY:
@@ -266,7 +289,7 @@ class EventStore:
     def open_readonly(cls, path: str | os.PathLike[str]) -> EventStore:
         """Open an existing log for reading only; works while a server writes the same file."""
         self = cls.__new__(cls)
-        self.path = str(path)
+        self.path = _path(path)
         self.readonly = True
         self.migrated = []
         self.durability = "full"
@@ -448,7 +471,10 @@ class EventStore:
         count = len(events)
         if not count:
             return []
-        seqs = self._append(self.db.conn, events, count)
+        try:
+            seqs = self._append(self.db.conn, events, count)
+        except sqlite3.Error as error:  # the disk is full, the store was closed, ...
+            raise EventLogError(f"{self.path}: cannot append: {error}") from error
         if self.durability == "full" and self.path != MEMORY:
             self._unsynced = True
             if sync:
@@ -489,10 +515,18 @@ class EventStore:
                             first = self._next_seq()
                         found = self._sid((lobby, session), first + index)
                     sid = found
+                username = getattr(event, "username", None)
+                needs_username = _NEEDS_USERNAME.get(type(event))
+                # What could not be read back is refused: an unknown class, a time that is not an integer, a
+                # missing username (the dataclasses check nothing, to stay cheap where the server makes them).
+                if needs_username is None or type(event.at) is not int or (
+                    type(username) is not str and (needs_username or username is not None)
+                ):
+                    raise EventLogError(f"{self.path}: cannot append {_unreadable(event)}")
                 code = codes.get(event.type)
                 if code is None:
                     code = self._code(event.type)
-                add((sid, event.at, code, getattr(event, "username", None), encode_data(event)))
+                add((sid, event.at, code, username, encode_data(event)))
             touched[sid] = count - 1
             done, last = 0, 0
             while done < count:
@@ -619,7 +653,13 @@ class EventStore:
             where.append("username = ?")
             params.append(username)
         if types is not None:
+            if isinstance(types, str):
+                raise TypeError(f"types is a list of type names, not one string ({types!r}: use [{types!r}])")
             self._load_types()
+            types = set(types)
+            unknown = sorted(map(str, types - EVENT_TYPES.keys() - self._codes.keys()))
+            if unknown:
+                raise ValueError(f"unknown event type {', '.join(unknown)} (types: {', '.join(EVENT_TYPES)})")
             wanted = sorted({self._codes[name] for name in types if name in self._codes})
             where.append(f"type IN ({', '.join('?' * len(wanted))})")
             params.extend(wanted)
@@ -656,6 +696,8 @@ class EventStore:
 
     def save_snapshot(self, registry: Registry) -> None:
         """Store ``registry`` (a fold of this log up to ``registry.seq``) so :meth:`load_registry` can resume."""
+        if self.readonly:
+            raise EventLogError(f"{self.path}: opened read-only, cannot save a snapshot")
         if registry.lobby is None or registry.seq is None:
             raise ValueError("cannot snapshot an empty registry")
         if registry.seq > self.last_seq:

@@ -17,7 +17,7 @@ import pytest
 from freezegun import freeze_time
 from sqlite_utils import Database
 
-from events import APPLICATION_ID, Cutoff, EventLogError, EventStore, Join, now_us, rebuild
+from events import APPLICATION_ID, Cutoff, Event, EventLogError, EventStore, Join, now_us, rebuild
 from events.store import SCHEMA_VERSION, migrations
 
 from .factories import Events
@@ -56,8 +56,7 @@ def test_a_large_batch_of_interleaved_sessions_gets_gapless_seqs_and_session_ran
     assert (s3.session, s3.first_seq, s3.last_seq) == ("s3", seqs[3002], seqs[3004])
     assert [e.type for e in store.read(session="s3")] == ["listen", "join"]
     assert s1.counts == {"listen": 1, "message": 2000, "join": 1, "link": 1}
-    assert [e.seq for e in store.read(types=["close", "nonsense"])] == [seqs[3001]]
-    assert list(store.read(types=["nonsense"])) == []
+    assert [e.seq for e in store.read(types=["close", "cutoff"])] == [seqs[3001]]  # a type it has none of
     assert store.db.execute("SELECT type FROM log WHERE seq = ?", [seqs[3001]]).fetchone() == ("close",)
 
 
@@ -333,6 +332,53 @@ def test_the_write_ahead_log_is_cut_back_after_a_long_reader(db_path, monkeypatc
         writer.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         writer.append([ev.join("last")])  # the first write after a full checkpoint restarts the WAL
         assert peak > 1024 * 1024 and wal.stat().st_size <= 64 * 1024
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Join(lobby="main", session="s1", at=2, username=None),
+        Join(lobby="main", session="s1", at="abc", username="bob"),
+        Join(lobby="main", session="s1", at=1.5, username="bob"),
+        Join(lobby="main", session="s1", at=True, username="bob"),
+        Cutoff(lobby="main", session="s1", at=2, connection="c1", reason="rate limit", username=5),
+        Event(lobby="main", session="s1", at=2),
+    ],
+    ids=["no username", "at text", "at float", "at bool", "username not text", "bare Event"],
+)
+def test_an_event_that_could_not_be_read_back_is_refused_and_nothing_of_its_batch_is_written(db_path, bad):
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen()])
+        with pytest.raises(EventLogError, match="cannot append"):
+            store.append([ev.join("alice"), bad])
+        assert [e.type for e in store.read()] == ["listen"]
+        assert store.append([ev.join("alice")]) == [2]
+    with EventStore(db_path) as store:
+        assert rebuild(store.read()).users == {"alice": False}
+
+
+def test_store_api_misuse_raises_a_clear_error(db_path):
+    for path in (None, "", 3):
+        with pytest.raises(TypeError, match="path is a non-empty str or path"):
+            EventStore(path)
+        with pytest.raises(TypeError, match="path is a non-empty str or path"):
+            EventStore.open_readonly(path)
+    ev = Events()
+    store = EventStore(db_path)
+    store.append([ev.listen(), ev.join("alice")])
+    with pytest.raises(TypeError, match=r"not one string \('join': use \['join'\]\)"):
+        list(store.read(types="join"))
+    with pytest.raises(ValueError, match="unknown event type joined"):
+        list(store.read(types=["joined"]))
+    assert [e.type for e in store.read(types=["join", "cutoff"])] == ["join"]
+    registry = store.load_registry("main")
+    store.close()
+    with pytest.raises(EventLogError, match="cannot append: Cannot operate on a closed database"):
+        store.append([ev.link("alice")])
+    with EventStore.open_readonly(db_path) as reader, pytest.raises(EventLogError, match="read-only, cannot save"):
+        reader.save_snapshot(registry)
+    assert not (db_path.parent / "None").exists()
 
 
 def _in_a_child(call: Callable[[], object]) -> object:
