@@ -381,6 +381,18 @@ def test_store_api_misuse_raises_a_clear_error(db_path):
     assert not (db_path.parent / "None").exists()
 
 
+def test_a_log_with_two_hard_links_is_not_opened_for_writing(db_path):
+    """Two names for one log would make two WALs and two lobby locks: two servers on it corrupted it."""
+    with EventStore(db_path) as store:
+        store.append([Events().listen()])
+    os.link(db_path, db_path.with_name("again.db"))
+    for name in (db_path, db_path.with_name("again.db")):
+        with pytest.raises(EventLogError, match="has 2 hard links"):
+            EventStore(name)
+    os.unlink(db_path.with_name("again.db"))
+    EventStore(db_path).close()
+
+
 def _in_a_child(call: Callable[[], object]) -> object:
     """``call()`` in a forked child that is not root (root writes anywhere: its child drops to ``nobody``), for
     files and folders made read-only; its result, or its exception as text."""
