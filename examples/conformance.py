@@ -118,7 +118,13 @@ async def serve(args: argparse.Namespace, db: str) -> int:
             print(f"cannot prejoin {name!r}: {error}", file=sys.stderr)
             await server.close()
             return 2
-    await stop.wait()
+    # Until SIGTERM, or until a failure of the log stops the server by itself (it exits 1 then).
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.wait_closed())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    if server.fatal is not None:
+        return 1
     await server.close()
     return 0
 

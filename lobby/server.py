@@ -122,6 +122,7 @@ class Server:
         self.metrics = Metrics(self)
         self._log_debug = True
         self.fatal: BaseException | None = None
+        self._closed = asyncio.Event()
 
     # -- the application API ----------------------------------------------------------------------------
 
@@ -306,6 +307,12 @@ class Server:
                 self.store = None
         self._status = "closed"
         self._log.info("closed")
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Return once the server is closed: by :meth:`close`, or by a failure of its event log that stopped
+        it (then :attr:`fatal` is that error). For a program that starts the server itself."""
+        await self._closed.wait()
 
     def run(self, *, keep_users_on_stop: bool = False) -> int:
         """Serve until SIGINT, SIGTERM or SIGHUP, then close (the Krmx way, or keeping users); return the process exit
@@ -650,6 +657,7 @@ class Server:
             self.store = None
         self.core = None
         self._status = "closed"
+        self._closed.set()
         stop = getattr(self, "_stop_event", None)
         if stop is not None:
             stop.set()

@@ -160,6 +160,33 @@ async def test_a_failed_commit_sends_nothing_and_stops_the_server(server):
     assert await alice.closed()
     assert called == []
     assert isinstance(server.fatal, OSError)
+    await asyncio.wait_for(server.wait_closed(), 5)  # a program that started the server learns of it
+    assert server.status == "closed"
+
+
+async def test_the_conformance_app_exits_1_when_its_log_fails(tmp_path, monkeypatch):
+    """It waited for SIGTERM alone, so it hung with its port closed; then SIGTERM gave a traceback."""
+    import argparse
+
+    from examples import conformance
+
+    started: list[Server] = []
+    build = conformance.build
+    monkeypatch.setattr(conformance, "build", lambda server: started.append(build(server)) or started[-1])
+    args = argparse.Namespace(host="127.0.0.1", port=0, no_new_users=False, durability="full", prejoin=[])
+    serving = asyncio.ensure_future(conformance.serve(args, str(tmp_path / "lobby.db")))
+    while not started or started[0].status != "listening":
+        await asyncio.sleep(0.01)
+    server = started[0]
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+
+    def broken_append(events, **options):
+        raise OSError("disk full")
+
+    server.store.append = broken_append
+    await alice.send({"type": "conf/echo", "payload": 1})
+    assert await asyncio.wait_for(serving, 5) == 1
 
 
 # -- the registry is a projection ---------------------------------------------------------------------------
