@@ -123,6 +123,7 @@ class Server:
         self._log_debug = True
         self.fatal: BaseException | None = None
         self._closed = asyncio.Event()
+        self._hurry = asyncio.Event()  # set by a second stop signal: close stops waiting for listeners
 
     # -- the application API ----------------------------------------------------------------------------
 
@@ -287,10 +288,23 @@ class Server:
         tasks = self._listener_tasks - {asyncio.current_task()}  # close() may be called by a listener itself
         if not tasks:
             return
-        _, pending = await asyncio.wait(tasks, timeout=LISTENER_GRACE)
+        # Up to LISTENER_GRACE, or until a second stop signal (someone pressing Ctrl-C again).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LISTENER_GRACE
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        pending = set(tasks)
+        try:
+            while pending and not hurry.done() and loop.time() < deadline:
+                done, _ = await asyncio.wait(
+                    pending | {hurry}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                )
+                pending -= done
+        finally:
+            hurry.cancel()
+        waited = round(LISTENER_GRACE - max(0.0, deadline - loop.time()), 3)
         for task in pending:
             name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
-            self._log.warning("listener cancelled at close", listener=name, waited=LISTENER_GRACE)
+            self._log.warning("listener cancelled at close", listener=name, waited=waited)
             task.cancel()
         if pending:
             await asyncio.wait(pending)
@@ -330,6 +344,9 @@ class Server:
 
         def on_signal(signum: signal.Signals) -> None:
             received.append(signum.name)
+            if stop.is_set():  # a second one while closing: stop waiting for async listeners
+                self._log.warning("second stop signal: not waiting for listeners", signal=signum.name)
+                self._hurry.set()
             stop.set()
 
         # SIGHUP too: the terminal a server was started from closed (it would die without logging close).

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -214,6 +215,38 @@ def test_sighup_closes_the_krmx_way_like_sigterm(tmp_path):
     assert [line["signal"] for line in stopping] == ["SIGHUP"]
     with EventStore.open_readonly(db) as store:
         assert [event.reason for event in store.read(types=["close"])] == ["close"]
+
+
+SLOW_CLOSE_APP = """
+import asyncio, sys
+from lobby import Server
+app = Server(port=0, db=sys.argv[1])
+
+@app.on("close")
+async def save_game():
+    await asyncio.sleep(60)
+
+sys.exit(app.run())
+"""
+
+
+def test_a_second_stop_signal_stops_waiting_for_listeners(tmp_path):
+    """Ctrl-C, then Ctrl-C again: the close does not wait out the grace for a slow async listener."""
+    process = subprocess.Popen([sys.executable, "-c", SLOW_CLOSE_APP, str(tmp_path / "lobby.db")],
+                               stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        _serving(process)
+        process.send_signal(signal.SIGINT)
+        while b'"closed"' not in (line := process.stderr.readline()) and b'"close"' not in line:
+            assert line
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and time.monotonic() - started < 5  # the grace is 10 s
+    events = [orjson.loads(line)["event"] for line in rest.splitlines()]
+    assert events == ["second stop signal: not waiting for listeners", "listener cancelled at close", "closed"]
 
 
 def test_a_server_whose_stderr_went_away_serves_on(tmp_path):
