@@ -296,6 +296,13 @@ def test_logged_tracebacks_hold_no_local_variables(capsys, fmt):
     assert "TOKEN-1234" not in err
 
 
+def test_console_lines_have_colours_on_a_terminal_only(capsys):
+    configure_logging("console")
+    structlog.get_logger().info("linked", username="alice")
+    err = capsys.readouterr().err
+    assert "linked" in err and "alice" in err and "\x1b[" not in err  # captured: not a terminal
+
+
 def test_a_value_the_json_log_cannot_hold_is_logged_as_its_repr(capsys):
     configure_logging("json")
     structlog.get_logger().info("big", count=10**30, nested={"n": 2**70}, plain=1)
