@@ -356,7 +356,13 @@ class EventStore:
                 "(SQLite keeps the -wal and -shm files beside the log)"
             ) from None
         except sqlite3.DatabaseError as error:
-            raise EventLogError(f"{self.path}: not an SQLite database ({error})") from None
+            if getattr(error, "sqlite_errorname", "SQLITE_NOTADB") == "SQLITE_NOTADB":
+                raise EventLogError(f"{self.path}: not an SQLite database ({error})") from None
+            raise EventLogError(
+                f"{self.path}: cannot be read: {error} (`sqlite3 {self.path} .recover` copies out what can be)"
+            ) from None
+        if app_id == APPLICATION_ID and not tables:
+            return False  # its first open stopped between marking it ours and creating the tables: still new
         if app_id == APPLICATION_ID:
             applied = [m.name for m in migrations.applied(self.db)]
             unknown = [name for name in applied if name not in _KNOWN_MIGRATIONS]

@@ -130,11 +130,9 @@ class FinishLeave:
 
     A linked user leaves in two steps, as in the reference, where listeners run synchronously in between: it
     is unlinked (the unlink listeners see it unlinked, still in the lobby, and what they send arrives before
-    ``krmx/left``), then it leaves. ``connection`` is the one it was linked to, which hears its own left."""
+    ``krmx/left``), then it leaves. Meanwhile no connection may link to it."""
 
     username: str
-    reason: str
-    connection: Hashable
 
 
 @dataclass(slots=True)
@@ -350,6 +348,9 @@ class ServerProtocol:
         self._user_connection: dict[str, Hashable] = {}
         #: Users accepted and joined whose link waits for a Resume: taken for rule 7, not yet linked.
         self._linking: dict[str, Hashable] = {}
+        #: Users unlinked by a leave that ends after the unlink's listeners (a FinishLeave): the leave's reason
+        #: and the connection that hears its own left. Taken for rule 7 too: the leave comes first.
+        self._leaving: dict[str, tuple[str, Hashable]] = {}
         self._tickets = 0
         self._keep_users = False  # what close() was asked to do with them
         self._out: list[Effect] = []
@@ -568,7 +569,7 @@ class ServerProtocol:
         linked = self.registry.users.get(username)
         if linked is None and not self.accept_new_users:
             return "server is not accepting new users"
-        if linked or username in self._linking:
+        if linked or username in self._linking or username in self._leaving:
             return f"user {username} is already linked to a connection"
         return None
 
@@ -677,22 +678,23 @@ class ServerProtocol:
         self._record(Unlink(**self._common(), username=username, reason=reason))
 
     def _leave(self, username: str, reason: str) -> None:
+        pending = self._leaving.pop(username, None)
+        if pending is not None:  # a listener of its unlink makes it leave: the leave under way ends here
+            self._part(username, *pending)
+            return
         connection = self._user_connection.get(username)
         if connection is None:
             self._part(username, reason, None)
             return
         self._unlink(username, reason)
-        self._out.append(FinishLeave(username, reason, connection))
+        self._leaving[username] = (reason, connection)
+        self._out.append(FinishLeave(username))
 
-    def finish_leave(self, username: str, reason: str, connection: Hashable) -> list[Effect]:
+    def finish_leave(self, username: str) -> list[Effect]:
         """The second step of a linked user's leave, after its unlink's listeners ran (see :class:`FinishLeave`)."""
-        linked = self.registry.users.get(username)
-        if linked is None:  # an unlink listener removed it already
-            return self._take()
-        if linked:  # linked again meanwhile (a link that waited behind another): leave from there
-            self._leave(username, reason)
-        else:
-            self._part(username, reason, connection)
+        pending = self._leaving.pop(username, None)
+        if pending is not None:  # else a listener of its unlink made it leave already
+            self._part(username, *pending)
         return self._take()
 
     def _part(self, username: str, reason: str, connection: Hashable | None) -> None:

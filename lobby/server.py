@@ -349,9 +349,11 @@ class Server:
                 self._hurry.set()
             stop.set()
 
-        # SIGHUP too: the terminal a server was started from closed (it would die without logging close).
+        # SIGHUP too: the terminal a server was started from closed (it would die without logging close),
+        # unless it is ignored (``nohup lobby serve &``: the server is meant to outlive the terminal).
         for signum in STOP_SIGNALS:
-            loop.add_signal_handler(signum, on_signal, signum)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                loop.add_signal_handler(signum, on_signal, signum)
         self._stop_event = stop
         await self.start()
         self._log.info("serving until SIGINT, SIGTERM or SIGHUP", on_stop="keep" if keep_users_on_stop else "close")
@@ -603,8 +605,7 @@ class Server:
                     elif kind is Drain:
                         self._drain(effect.connection, next_stage)  # type: ignore[attr-defined]
                     elif kind is FinishLeave:
-                        leave: FinishLeave = effect  # type: ignore[assignment]
-                        next_stage.append(self._require_core().finish_leave(leave.username, leave.reason, leave.connection))
+                        next_stage.append(self._require_core().finish_leave(effect.username))  # type: ignore[attr-defined]
                     elif kind is CloseNext:
                         next_stage.append(self._require_core().close_next())
                     else:

@@ -409,7 +409,7 @@ class Pair:
             elif isinstance(effect, Drain):
                 self.apply(self.server.drain(effect.connection))
             elif isinstance(effect, FinishLeave):
-                self.apply(self.server.finish_leave(effect.username, effect.reason, effect.connection))
+                self.apply(self.server.finish_leave(effect.username))
             elif isinstance(effect, CloseNext):
                 self.apply(self.server.close_next())
 

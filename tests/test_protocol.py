@@ -136,7 +136,7 @@ class Lobby:
                 elif isinstance(effect, Drain):
                     self.run(self.core.drain(effect.connection))
                 elif isinstance(effect, FinishLeave):
-                    self.run(self.core.finish_leave(effect.username, effect.reason, effect.connection))
+                    self.run(self.core.finish_leave(effect.username))
                 elif isinstance(effect, CloseNext):
                     self.run(self.core.close_next())
                 elif isinstance(effect, Authenticate):
@@ -654,49 +654,50 @@ def test_a_leave_finishes_after_the_listeners_of_its_unlink():
     lobby.user("c", "carol")
     lobby.clear()
     effects = lobby.core.receive("a", b'{"type":"krmx/leave"}')
-    assert effects[-1] == FinishLeave("alice", "requested", "a")
+    assert effects[-1] == FinishLeave("alice")
     assert [e.event.type for e in effects if isinstance(e, Record)] == ["unlink"]
     assert lobby.core.users == [{"username": "alice", "isLinked": False}, {"username": "carol", "isLinked": True}]
     lobby.run(effects[:-1])
     lobby.call("broadcast", {"type": "app/bye", "payload": lobby.core.users})
-    lobby.run(lobby.core.finish_leave("alice", "requested", "a"))
+    lobby.run(lobby.core.finish_leave("alice"))
     bye = {"type": "app/bye", "payload": [{"username": "alice", "isLinked": False},
                                           {"username": "carol", "isLinked": True}]}
     assert lobby.take() == {"a": [unlinked("alice"), left("alice")], "c": [unlinked("alice"), bye, left("alice")]}
     assert lobby.new_events() == [("unlink", "alice", "requested"), ("broadcast", bye, None), ("leave", "alice", "requested")]
 
 
-def test_finishing_a_leave_that_a_listener_finished_already_does_nothing(three):
-    """An unlink listener that kicks the user itself: the kick is the leave; the pending step adds nothing."""
-    effects = three.core.kick("alice")
+def test_an_unlink_listener_that_makes_the_user_leave_ends_the_leave_under_way(three):
+    """An unlink listener that kicks the leaving user: the leave under way ends there, with its own reason,
+    and its former connection still hears its own krmx/left; the pending step adds nothing."""
+    effects = three.core.receive("a", b'{"type":"krmx/leave"}')
     three.run(effects[:-1])
-    three.call("kick", "alice")  # an unlink listener's kick of the same user
-    assert three.core.finish_leave("alice", "kick", "a") == []
-    assert three.new_events() == [("unlink", "alice", "kick"), ("leave", "alice", "kick")]
-    assert three.take()["c"] == [unlinked("alice"), left("alice")]
+    three.call("kick", "alice")
+    assert three.core.finish_leave("alice") == []
+    assert three.new_events() == [("unlink", "alice", "requested"), ("leave", "alice", "requested")]
+    assert three.take() == {"a": [unlinked("alice"), left("alice")], "c": [unlinked("alice"), left("alice")]}
 
 
-def test_finishing_a_leave_of_a_user_linked_again_meanwhile_unlinks_it_first(three):
-    """A link that waited behind another (drained between the two steps) took the leaving user: the leave
-    unlinks it from there, then finishes, so the log stays a valid history."""
+def test_a_link_to_a_user_whose_leave_is_under_way_is_rejected_as_linked(three):
+    """Between the two steps of alice's leave another connection asks for alice: the leave came first and is
+    not undone, so the link is refused as it would be had it come before the leave (rule 7)."""
     effects = three.core.kick("alice")
     three.run(effects[:-1])
     three.connect("x")
-    three.link("x", "alice")  # alice exists (unlinked): linked to x
-    three.new_events()
-    three.run(three.core.finish_leave("alice", "kick", "a"))
+    three.link("x", "alice")
+    three.run(three.core.finish_leave("alice"))
+    assert three.take()["x"] == [rejected("user alice is already linked to a connection")]
     assert three.new_events() == [("unlink", "alice", "kick"), ("leave", "alice", "kick")]
-    assert "alice" not in three.core.registry.users
-    assert three.take()["x"][-2:] == [unlinked("alice"), left("alice")]
+    three.link("x", "alice")  # once she has left, alice is a new user
+    assert three.new_events() == [("join", "alice"), ("link", "alice", False)]
 
 
 def test_close_lets_each_users_listeners_reach_the_users_still_linked(three):
     """close() takes the users one at a time: a broadcast made between the steps (by alice's listeners)
     reaches carol, who is still linked, and comes before her own unlink."""
     effects = three.core.close()
-    assert effects[-1] == FinishLeave("alice", "close", "a")
+    assert effects[-1] == FinishLeave("alice")
     three.run(effects[:-1])
-    step = three.core.finish_leave("alice", "close", "a")
+    step = three.core.finish_leave("alice")
     assert step[-1] == CloseNext()
     three.run(step[:-1])
     three.call("broadcast", {"type": "app/left", "payload": "alice"})
@@ -729,7 +730,7 @@ def test_the_server_may_unlink_a_user_while_closing(three):
         three.core.kick("bob")
     with pytest.raises(ServerError, match="closing"):
         three.core.join("dave")
-    three.run(three.core.finish_leave("alice", "close", "a"))
+    three.run(three.core.finish_leave("alice"))
     assert three.new_events() == [
         ("unlink", "alice", "close"), ("unlink", "carol", "server"), ("leave", "alice", "close"),
         ("leave", "bob", "close"), ("leave", "carol", "close"), ("close", "close"),
@@ -1042,7 +1043,7 @@ def test_close_kicks_every_user_in_join_order_closes_connections_and_records_clo
     effects = three.call("close")
     # The first step only: alice's unlink, whose listeners run before her leave and the next users' steps.
     assert [type(e) for e in effects] == [SendFrame, SendFrame, Record, FinishLeave]
-    assert effects[-1] == FinishLeave("alice", "close", "a")
+    assert effects[-1] == FinishLeave("alice")
     assert three.take() == {
         "a": [unlinked("alice"), left("alice")],
         "c": [unlinked("alice"), left("alice"), left("bob"), unlinked("carol"), left("carol")],

@@ -358,7 +358,8 @@ def test_an_event_that_could_not_be_read_back_is_refused_and_nothing_of_its_batc
         assert rebuild(store.read()).users == {"alice": False}
 
 
-def test_store_api_misuse_raises_a_clear_error(db_path):
+def test_store_api_misuse_raises_a_clear_error(db_path, monkeypatch):
+    monkeypatch.chdir(db_path.parent)  # where EventStore(None) made a file named None
     for path in (None, "", 3):
         with pytest.raises(TypeError, match="path is a non-empty str or path"):
             EventStore(path)
@@ -391,6 +392,29 @@ def test_a_log_with_two_hard_links_is_not_opened_for_writing(db_path):
             EventStore(name)
     os.unlink(db_path.with_name("again.db"))
     EventStore(db_path).close()
+
+
+def test_a_log_whose_first_open_stopped_before_its_tables_is_still_new(db_path):
+    """The first open marks the file as ours, then creates the tables: stopped in between (a full disk), the
+    next open finishes the job instead of refusing the file for ever."""
+    half = sqlite3.connect(db_path)
+    half.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    half.commit()
+    half.close()
+    with EventStore(db_path) as store:
+        assert store.migrated == ["m001_events", "m002_snapshots"]
+        assert store.append([Events().listen()]) == [1]
+
+
+def test_a_truncated_log_cannot_be_read_and_says_how_to_recover(db_path):
+    """A damaged file of ours is not 'not an SQLite database'."""
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen(), *(ev.message("bob", {"type": "a/b", "payload": "x" * 300}) for _ in range(500))])
+    os.truncate(db_path, db_path.stat().st_size - 4096)
+    for open_log in (EventStore, EventStore.open_readonly):
+        with pytest.raises(EventLogError, match=r"cannot be read: database disk image is malformed \(`sqlite3 .* \.recover`"):
+            open_log(db_path)
 
 
 def _in_a_child(call: Callable[[], object]) -> object:
