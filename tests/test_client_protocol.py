@@ -379,6 +379,8 @@ def test_only_an_already_linked_rejection_is_transient():
     assert is_transient_rejection("user simon is already linked to a connection")
     assert not is_transient_rejection("denied by app")
     assert not is_transient_rejection("server is not accepting new users")
+    # An application's reason that merely mentions it is the application's: not retried.
+    assert not is_transient_rejection("banned: user simon is already linked to a connection elsewhere")
 
 
 # -- one server core and N client cores, in memory ------------------------------------------------------------

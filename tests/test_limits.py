@@ -63,6 +63,21 @@ async def test_a_flooding_connection_is_cut_off_and_others_are_served(tmp_path):
         await server.close()
 
 
+async def test_the_burst_is_exactly_message_burst_frames(tmp_path):
+    """With no time to refill, message_burst frames (the link among them) pass and the next one is cut."""
+    server = await started(tmp_path, message_rate=0.001, message_burst=5)
+    try:
+        client = await Raw.open(url(server))
+        await client.link("burst")  # frame 1
+        for index in range(4):  # frames 2 to 5
+            assert await client.echo(index) == []
+        await client.send({"type": "test/echo", "payload": "one too many"})
+        assert await client.closed()
+        assert cutoffs_and_unlinks(server)[-2:] == [("cutoff", "burst", "rate limit"), ("unlink", "burst", "rate limit")]
+    finally:
+        await server.close()
+
+
 @pytest.mark.parametrize(
     ("options", "broadcasts", "size"),
     [
@@ -82,6 +97,7 @@ async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_pat
         slow = await Raw.open(url(server))
         await slow.link("slow")
         await honest.expect(joined("slow"), linked("slow"))
+        slow_side = (await server_side(server, 2))[1]
         slow.ws.transport.pause_reading()  # it no longer reads: the kernel buffers fill, then ours
         big = "z" * size
         for _ in range(broadcasts):
@@ -90,6 +106,8 @@ async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_pat
                 break
             await asyncio.sleep(0)
         await honest.expect(unlinked("slow"))
+        # Aborted at once: what it has not read is dropped, not kept for a close handshake it cannot answer.
+        assert slow_side.transport.is_closing() and slow_side.transport.get_write_buffer_size() == 0
         assert cutoffs_and_unlinks(server)[-2:] == [
             ("cutoff", "slow", "slow consumer"), ("unlink", "slow", "slow consumer"),
         ]

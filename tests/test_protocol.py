@@ -1061,6 +1061,16 @@ def test_close_kicks_every_user_in_join_order_closes_connections_and_records_clo
     assert three.core.status == "closed"
 
 
+def test_a_cut_off_while_closing_or_closed_records_nothing(three):
+    """A connection refused (before it opened) while the server closes: no cutoff after the session's close,
+    which the log could not fold."""
+    effects = three.core.close()
+    assert three.core.cut_off(None, None, "too many connections") == []  # closing
+    three.run(effects)
+    assert three.core.cut_off(None, None, "too many connections") == []  # closed
+    assert [event[0] for event in three.new_events()][-1] == "close"
+
+
 def test_close_keeping_users_unlinks_linked_users_with_reason_server_restart(three):
     """close(keep_users=True): linked users unlink (reason 'server restart'), everyone stays."""
     three.call("close", keep_users=True)
@@ -1103,6 +1113,21 @@ def test_frames_queued_during_authentication_are_handled_in_order_after_it():
         ("unlink", "bob", "requested"), ("leave", "bob", "requested"),
     ]
     assert [request.auth for request in lobby.auth_requests] == ["slow", None]
+
+
+def test_a_frame_that_arrives_before_the_waiting_ones_are_drained_waits_behind_them():
+    """Once the link is answered the waiting frames are drained one per stage: a frame read in between (the
+    link no longer pending) must still queue behind them, or it would overtake them."""
+    lobby = Lobby(authenticate=lambda request: DEFER)
+    lobby.call("join", "bob")  # an existing user: the answer links at once (no join stage in between)
+    lobby.connect("a")
+    lobby.link("a", "bob")
+    lobby.frame("a", '{"type":"app/one"}')
+    request = lobby.deferred.pop(0)
+    answered = lobby.core.authenticated(request.connection, request.ticket, None)  # its Drain not run yet
+    assert lobby.core.receive("a", b'{"type":"app/two"}') == []
+    lobby.run(answered)
+    assert [event[2] for event in lobby.new_events() if event[0] == "message"] == [{"type": "app/one"}, {"type": "app/two"}]
 
 
 def test_frames_queued_behind_a_rejected_authentication_still_run():

@@ -158,6 +158,7 @@ async def test_a_failed_commit_sends_nothing_and_stops_the_server(server):
     server.store.append = broken_append
     await alice.send({"type": "test/echo", "payload": 1})
     assert await alice.closed()
+    assert alice.ws.close_code == 1006  # aborted: not even a close frame leaves a server that cannot log
     assert called == []
     assert isinstance(server.fatal, OSError)
     await asyncio.wait_for(server.wait_closed(), 5)  # a program that started the server learns of it
@@ -799,6 +800,65 @@ async def test_async_authenticate_rechecks_what_changed_meanwhile(tmp_path):
         assert_projection(server)
     finally:
         await server.close()
+
+
+async def test_a_turn_takes_a_share_of_one_connections_burst_and_leaves_the_rest_for_the_next(tmp_path):
+    """A thousand frames read at once from one connection: this turn handles TURN_SHARE of them, in order,
+    beside the other connections' frames, and the rest waits (after the loop reads the sockets again)."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    for index in range(1000):
+        server._submit("flood", lambda index=index: index)
+    server._submit("honest", lambda: "hi")
+    rounds = server._take_inputs()
+    assert len(rounds) == server_module.TURN_SHARE
+    assert [connection for connection, _ in rounds[0]] == ["flood", "honest"]
+    assert [action() for actions in rounds for connection, action in actions if connection == "flood"] == list(
+        range(server_module.TURN_SHARE)
+    )
+    assert len(server._inbox["flood"]) == 1000 - server_module.TURN_SHARE and "honest" not in server._inbox
+
+
+async def test_close_cancels_the_authentications_still_running(tmp_path):
+    """An async authenticate waiting on something slow (a token service) is cancelled at close: it does not
+    go on running against a closed lobby."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @server.on("authenticate")
+    async def authenticate(username, info):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    await server.start()
+    client = await Raw.open(url(server))
+    await client.send({"type": "krmx/link", "payload": {"username": "alice", "version": "0.5.4"}})
+    await asyncio.wait_for(started.wait(), 5)
+    await server.close()
+    await asyncio.wait_for(cancelled.wait(), 1)
+    assert await client.closed()
+
+
+async def test_snapshots_every_n_events_and_at_close(tmp_path):
+    """A snapshot once snapshot_every events were appended since the last, and one at close (so the next start
+    folds nothing)."""
+    db = str(tmp_path / "lobby.db")
+    server = Server(port=0, db=db, ping_interval=None, snapshot_every=3)
+    await server.start()  # listen: 1 event
+    server.join("ann")
+    with EventStore.open_readonly(db) as store:
+        assert [row[0] for row in store.db.execute("SELECT seq FROM snapshots")] == []
+    server.join("bob")  # the 3rd event
+    with EventStore.open_readonly(db) as store:
+        assert [row[0] for row in store.db.execute("SELECT seq FROM snapshots")] == [3]
+    server.join("cy")
+    await server.close()  # leaves of ann, bob and cy (5 to 7), close (8)
+    with EventStore.open_readonly(db) as store:
+        assert [row[0] for row in store.db.execute("SELECT seq FROM snapshots ORDER BY seq")] == [3, 6, 8]
+        assert store.last_seq == 8
 
 
 # -- server calls -------------------------------------------------------------------------------------------
