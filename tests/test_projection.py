@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events import InconsistentEvent, Registry, apply, rebuild, recovery_events
+from events import Cutoff, InconsistentEvent, Registry, apply, rebuild, recovery_events
 
 from .factories import Events
 
@@ -89,6 +89,48 @@ def test_out_of_order_seqs_are_refused():
     registry = rebuild([ev.listen().with_seq(5)])
     with pytest.raises(InconsistentEvent, match="seq 3: applied after seq 5"):
         apply(registry, ev.join("bob").with_seq(3))
+
+
+def test_an_event_with_the_seq_last_applied_is_refused():
+    """A seq already applied is out of order too: the same event fed twice must not be applied twice."""
+    ev = Events()
+    registry = rebuild([ev.listen().with_seq(5)])
+    before = registry.copy()
+    with pytest.raises(InconsistentEvent, match="seq 5: applied after seq 5: out of order"):
+        apply(registry, ev.join("bob").with_seq(5))
+    assert registry == before and registry.users == {}
+
+
+def test_registries_differ_by_join_order():
+    """Krmx promises join order, so two registries with the same users joined in another order are not equal
+    (every rebuild == registry check relies on it)."""
+    ev1, ev2 = Events(), Events()
+    bob_first = rebuild(stored([ev1.listen(), ev1.join("bob"), ev1.join("alice")]))
+    alice_first = rebuild(stored([ev2.listen(), ev2.join("alice"), ev2.join("bob")]))
+    assert bob_first.users == alice_first.users  # as dicts: same users, same flags
+    assert bob_first != alice_first
+    assert bob_first == bob_first.copy()
+
+
+def cutoff(username):
+    return Cutoff(lobby="main", session="s1", at=1_800_000_000_000_000, connection="c1", reason="rate limit",
+                  username=username)
+
+
+def test_a_cutoff_names_a_linked_user_or_none():
+    """A cut-off's username is the user its connection was linked to; naming an unknown or unlinked user is an
+    inconsistent log (replay verify must catch it)."""
+    ev = Events()
+    registry = rebuild(stored([ev.listen(), ev.join("bob"), ev.join("alice"), ev.link("alice")]))
+    apply(registry, cutoff(None).with_seq(5))  # a connection refused before it linked
+    apply(registry, cutoff("alice").with_seq(6))
+    assert registry.seq == 6
+    for username, message in [("ghost", "cutoff of unknown user 'ghost'"),
+                              ("bob", "cutoff of user 'bob', who is not linked")]:
+        before = registry.copy()
+        with pytest.raises(InconsistentEvent, match=f"seq 7: {message}"):
+            apply(registry, cutoff(username).with_seq(7))
+        assert registry == before
 
 
 def test_recovery_unlinks_every_linked_user_of_a_session_that_never_closed():

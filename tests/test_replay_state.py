@@ -199,6 +199,28 @@ def test_points_outside_the_log_and_both_forms_are_refused(game_log):
         parse_time("21:00")
 
 
+def test_the_seq_just_past_the_end_of_the_log_is_refused(game_log):
+    """One past the last seq names no event: it is an error, not the end state under another seq."""
+    last = replay.sessions(game_log)[-1].last_seq
+    assert replay.state(game_log, at_seq=last).seq == last
+    with pytest.raises(ReplayError, match=f"seq {last + 1} is not in the log"):
+        replay.state(game_log, at_seq=last + 1)
+    with pytest.raises(ReplayError, match="not in the log"):
+        replay.diff(game_log, from_seq=1, to_seq=last + 1)
+
+
+def test_step_from_a_seq_before_the_session_starts_at_the_session(crash_log):
+    """A from seq before the session's first event walks the session from its start, with the registry the
+    crash left (not the registry at the earlier seq with this session's events folded onto it)."""
+    db, _ = crash_log
+    crashed, restarted = replay.sessions(db)
+    whole = [(event.seq, registry) for event, registry in replay.step(db, restarted.session)]
+    for from_seq in (1, crashed.last_seq - 1, restarted.first_seq - 1):
+        steps = [(event.seq, registry) for event, registry in replay.step(db, restarted.session, from_seq=from_seq)]
+        assert steps == whole, from_seq
+    assert whole[0][1].users == {"alice": True, "bob": True}
+
+
 def _two_lobbies(path: Path) -> None:
     """Lobbies a and b share a log; b's clock runs behind a's, so times do not follow seqs across lobbies."""
     a, b = Events(lobby="a", session="sa", at=1_000), Events(lobby="b", session="sb", at=0)

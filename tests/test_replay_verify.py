@@ -124,3 +124,69 @@ def test_time_going_back_within_a_lobby_is_reported_once_where_it_steps(tmp_path
     report = replay.verify(path)
     assert _kinds(report) == [(4, "time-goes-back")]
     assert "is before" in report.problems[0].message and "of seq 2" in report.problems[0].message
+
+
+def test_a_single_missing_seq_is_named_as_one_seq(tmp_path):
+    """A gap of one event reads "seq 3 missing", not a range "seqs 3..3"."""
+    ev = Events()
+    path = tmp_path / "gap.db"
+    _write(path, [ev.listen(), ev.join("alice"), ev.message("alice", {"type": "x/y"}), ev.close()])
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM events WHERE seq = 3")
+    report = replay.verify(path)
+    assert _kinds(report) == [(4, "seq-gap")]
+    assert "seq gap: seq 3 missing before seq 4" in report.problems[0].message
+
+
+def test_time_going_back_by_less_than_a_second_is_reported(tmp_path):
+    """Time queries break on any step back, however small (an NTP correction of a quarter second)."""
+    ev = Events()
+    events = [ev.listen(), ev.join("alice")]
+    ev.at -= 250_000
+    events += [ev.link("alice"), ev.unlink("alice"), ev.close()]
+    path = tmp_path / "clock.db"
+    _write(path, events)
+    report = replay.verify(path)
+    assert _kinds(report) == [(3, "time-goes-back")]
+    assert "of seq 2" in report.problems[0].message
+
+
+def test_a_recovery_in_another_order_than_join_order_is_reported(tmp_path):
+    """A restart recovers the linked users in join order; the same users in another order is a mismatch."""
+    ev = Events()
+    events = [ev.listen(), ev.join("alice"), ev.join("bob"), ev.link("alice"), ev.link("bob")]
+    ev.session = "s2"
+    events += [
+        ev.listen(),                     # 6: s1 never closed; alice and bob were linked
+        ev.unlink("bob", "recovered"),   # 7
+        ev.unlink("alice", "recovered"),  # 8
+        ev.leave("alice"),               # 9: ends the recovery
+        ev.leave("bob"),
+        ev.close(),
+    ]
+    path = tmp_path / "order.db"
+    _write(path, events)
+    report = replay.verify(path)
+    assert _kinds(report) == [(5, "never-closed"), (9, "recovery-mismatch")]
+    assert ("does not match: unlinked in the order bob, alice instead of join order alice, bob"
+            in report.problems[1].message)
+
+
+def test_a_recovered_unlink_of_another_session_is_not_the_recovery(tmp_path):
+    """The recovery unlinks belong to the restarted session; one tagged with the crashed session's id does
+    not recover the user, so the recovery is reported as incomplete."""
+    ev = Events()
+    events = [ev.listen(), ev.join("alice"), ev.link("alice")]
+    ev.session = "s2"
+    events += [ev.listen()]                   # 4: s1 never closed; alice was linked
+    ev.session = "s1"
+    events += [ev.unlink("alice", "recovered")]  # 5: written under the crashed session
+    ev.session = "s2"
+    events += [ev.close()]
+    path = tmp_path / "stray.db"
+    _write(path, events)
+    report = replay.verify(path)
+    assert _kinds(report) == [(3, "never-closed"), (5, "recovery-mismatch"), (5, "recovery-mismatch"),
+                              (5, "other-session")]
+    assert "not unlinked (still linked from the crashed session): alice" in report.problems[1].message
+    assert "no crashed session is being recovered here" in report.problems[2].message

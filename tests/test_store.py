@@ -654,3 +654,47 @@ def test_load_registry_of_one_lobby_ends_at_its_own_last_event(db_path):
         assert store.load_registry("b") == rebuild(e for e in stored if e.lobby == "b")
         assert store.load_registry("a", to_seq=5) == rebuild(e for e in stored[:5] if e.lobby == "a")
         assert store.load_registry("nobody").lobby is None
+
+
+def test_unknown_keys_in_a_rows_data_are_dropped_on_read(db_path):
+    """A log written by a newer minor version may carry extra data keys: this version still reads its events
+    (and folds them), without those keys."""
+    ev = Events()
+    events = [ev.listen(port=9000), ev.join("al"), ev.link("al", auth=True)]
+    with EventStore(db_path) as store:
+        store.append(events)
+        store.db.execute("UPDATE events SET data = json_set(coalesce(data, '{}'), '$.colour', 'red')")
+        store.db.conn.commit()
+    with EventStore.open_readonly(db_path) as reader:
+        assert list(reader.read()) == [replace(e, seq=i) for i, e in enumerate(events, 1)]
+        assert reader.load_registry("main").users == {"al": True}
+
+
+def test_a_failed_append_that_opened_a_new_session_leaves_no_trace_of_it(db_path):
+    """The session row it created is rolled back with the batch: the next append of that session creates it
+    again, so the session is listed and its events are read and folded (also after reopening)."""
+    ev = Events()
+    with EventStore(db_path) as store:
+        with pytest.raises(EventLogError, match="cannot append"):
+            store.append([ev.listen(), Join(lobby="main", session="s1", at=ev.at + 1, username=None)])
+        assert store.sessions() == []
+        assert store.append([ev.listen(), ev.join("alice")]) == [1, 2]
+        assert [(s.session, s.first_seq, s.last_seq) for s in store.sessions()] == [("s1", 1, 2)]
+        assert [e.type for e in store.read(session="s1")] == ["listen", "join"]
+    with EventStore(db_path) as store:
+        assert [(s.session, s.first_seq, s.last_seq) for s in store.sessions()] == [("s1", 1, 2)]
+        assert store.load_registry("main").users == {"alice": False}
+        assert store.append([ev.link("alice")]) == [3]
+
+
+def test_a_snapshot_ahead_of_the_log_is_refused(store):
+    """A registry folded past the log's end (events the log never got) must not become a snapshot: once the
+    log reaches that seq with other events, load_registry would resume from a state the log never had."""
+    ev = Events()
+    store.append([ev.listen(), ev.join("alice")])
+    ahead = rebuild([*store.read(), ev.join("bob").with_seq(3)])
+    with pytest.raises(ValueError, match=r"registry at seq 3 is ahead of the log \(last seq 2\)"):
+        store.save_snapshot(ahead)
+    store.append([ev.link("alice")])
+    assert store.load_registry("main") == rebuild(store.read())
+    assert store.load_registry("main").users == {"alice": True}
