@@ -10,7 +10,7 @@ import urllib.request
 import orjson
 import pytest
 from structlog.testing import capture_logs
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 
 from events import EventStore, rebuild
@@ -228,8 +228,9 @@ async def test_frames_queued_behind_a_slow_authentication_are_bounded(tmp_path):
         flood = await Raw.open(url(server))
         await flood.send({"type": "krmx/link", "payload": {"username": "flood", "version": "0.5.4"}})
         chunk = "q" * 4000
-        for _ in range(40):  # 160 KB behind the pending link
-            await flood.send({"type": "game/spam", "payload": chunk})
+        with contextlib.suppress(ConnectionClosed):  # on a busy machine the cut may come before the last send
+            for _ in range(40):  # 160 KB behind the pending link
+                await flood.send({"type": "game/spam", "payload": chunk})
         assert await flood.closed()
         release.set()
         await honest.echo()
