@@ -428,6 +428,8 @@ class ServerProtocol:
         then every connection is closed and ``close`` is recorded. With ``keep_users`` (a deploy) linked users
         are unlinked with reason ``server restart`` instead and stay in the lobby for the next start."""
         self._can_only("close", "listening")
+        for username in list(self._leaving):  # a leave under way (close called by a listener) ends first
+            self._part(username, *self._leaving.pop(username))
         self.status = "closing"
         self._keep_users = keep_users
         self._linking.clear()
@@ -631,6 +633,9 @@ class ServerProtocol:
         state = self._connections.get(connection)
         if state is None or state.pending is not None or not state.queue:
             return []
+        if any(leaving == connection for _, leaving in self._leaving.values()):
+            # A listener of its link made its user leave: the leave ends (FinishLeave) before its next frame.
+            return [Drain(connection)]
         self._handle(connection, state, state.queue.popleft())
         self._drain(connection, state)
         return self._take()

@@ -691,6 +691,20 @@ def test_a_link_to_a_user_whose_leave_is_under_way_is_rejected_as_linked(three):
     assert three.new_events() == [("join", "alice"), ("link", "alice", False)]
 
 
+def test_a_close_called_while_a_leave_is_under_way_ends_that_leave_first(three):
+    """close() from between the two steps of a leave: the leave ends before the close's own steps, and its
+    pending step then adds nothing (no leave after the session's close)."""
+    effects = three.core.kick("alice")
+    three.run(effects[:-1])
+    three.run(three.core.close(keep_users=True))  # a deploy: the others stay, alice's kick still ends
+    assert three.core.finish_leave("alice") == []
+    assert three.new_events() == [
+        ("unlink", "alice", "kick"), ("leave", "alice", "kick"), ("unlink", "carol", "server restart"),
+        ("close", "server restart"),
+    ]
+    assert three.take()["a"] == [unlinked("alice"), left("alice")]
+
+
 def test_close_lets_each_users_listeners_reach_the_users_still_linked(three):
     """close() takes the users one at a time: a broadcast made between the steps (by alice's listeners)
     reaches carol, who is still linked, and comes before her own unlink."""

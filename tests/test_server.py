@@ -818,6 +818,33 @@ async def test_a_turn_takes_a_share_of_one_connections_burst_and_leaves_the_rest
     assert len(server._inbox["flood"]) == 1000 - server_module.TURN_SHARE and "honest" not in server._inbox
 
 
+async def test_a_frame_queued_behind_a_link_waits_for_the_leave_a_link_listener_started(tmp_path):
+    """A link listener kicks the user whose frames waited behind its authentication: the leave ends (its own
+    krmx/left right after krmx/unlinked, KRMX.md) before the next waiting frame is handled."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+
+    @server.on("authenticate")
+    async def authenticate(username, info):
+        await asyncio.sleep(0.1)
+
+    @server.on("link")
+    def no_kickers(username):
+        if username.startswith("kick"):
+            server.kick(username)
+
+    await server.start()
+    try:
+        client = await Raw.open(url(server))
+        await client.send({"type": "krmx/link", "payload": {"username": "kickme", "version": "0.5.4"}})
+        await client.send({"type": "krmx/unlink"})  # waits behind the link
+        await client.expect(ACCEPTED, joined("kickme"), linked("kickme"), unlinked("kickme"), left("kickme"),
+                            rejected("unlinked connection"))
+        assert server.users == []
+        assert_projection(server)
+    finally:
+        await server.close()
+
+
 async def test_close_cancels_the_authentications_still_running(tmp_path):
     """An async authenticate waiting on something slow (a token service) is cancelled at close: it does not
     go on running against a closed lobby."""
