@@ -351,6 +351,8 @@ class ServerProtocol:
         #: Users unlinked by a leave that ends after the unlink's listeners (a FinishLeave): the leave's reason
         #: and the connection that hears its own left. Taken for rule 7 too: the leave comes first.
         self._leaving: dict[str, tuple[str, Hashable]] = {}
+        #: Connections whose waiting frames wait for the end of such a leave (see drain).
+        self._drain_after_leave: set[Hashable] = set()
         self._tickets = 0
         self._keep_users = False  # what close() was asked to do with them
         self._out: list[Effect] = []
@@ -634,8 +636,9 @@ class ServerProtocol:
         if state is None or state.pending is not None or not state.queue:
             return []
         if any(leaving == connection for _, leaving in self._leaving.values()):
-            # A listener of its link made its user leave: the leave ends (FinishLeave) before its next frame.
-            return [Drain(connection)]
+            # A listener of its link made its user leave: its next frame waits for the leave's end (_part).
+            self._drain_after_leave.add(connection)
+            return []
         self._handle(connection, state, state.queue.popleft())
         self._drain(connection, state)
         return self._take()
@@ -708,6 +711,9 @@ class ServerProtocol:
             self._send(connection, left)
         self._to_linked(left)
         self._record(Leave(**self._common(), username=username, reason=reason))
+        if connection in self._drain_after_leave:
+            self._drain_after_leave.discard(connection)
+            self._out.append(Drain(connection))
         if self.status == "closing":
             self._out.append(CloseNext())
 
