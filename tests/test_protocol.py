@@ -8,6 +8,7 @@ registry rebuilt from the events it recorded.
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from lobby.protocol import (
     Drain,
     FinishLeave,
     Record,
+    Rejection,
     Resume,
     SendFrame,
     ServerProtocol,
@@ -1385,3 +1387,131 @@ def test_integers_beyond_64_bits_are_read_as_the_nearest_double(three):
     assert three.take() == {}
     (message,) = [event for event in three.events if event.type == "message"]
     assert message.message == {"type": "app/n", "payload": 1.8446744073709552e19}
+
+
+# -- random histories through the server's stage order --------------------------------------------------------
+
+
+class Staged:
+    """Drives the core as lobby/server.py does: a turn's inputs in rounds (one per connection), each round's
+    effects stage by stage, with listeners that make random server calls between the stages."""
+
+    NAMES = ("alice", "bob", "carol")
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.core = ServerProtocol(lobby="main", authenticates=rng.random() < 0.6)
+        self.core.now = T
+        self.events: list = []
+        self.frames: dict[int, list] = defaultdict(list)
+        self.open: set[int] = set()
+        self.deferred: list[Authenticate] = []
+        self.leaves: list[tuple[str, int, int]] = []  # linked users' leaves: user, connection, its frames so far
+        leave = self.core._leave
+
+        def noting_leave(username: str, reason: str) -> None:
+            connection = self.core.connection_of(username)
+            if connection is not None:
+                self.leaves.append((username, connection, len(self.frames[connection])))
+            leave(username, reason)
+
+        self.core._leave = noting_leave  # type: ignore[method-assign]
+        self.stages([self.core.listen("s1", 8082)])
+
+    def stages(self, stage: list) -> None:
+        while stage:
+            next_stage: list = []
+            for effects in stage:
+                for effect in effects:
+                    kind, core = type(effect), self.core
+                    if kind in (SendFrame, Rejection):
+                        self.frames[effect.connection].append(orjson.loads(effect.data))
+                    elif kind is Record:
+                        self.events.append(effect.event)
+                        if effect.event.type not in ("send", "broadcast", "listen", "close"):
+                            self.listener(next_stage, getattr(effect.event, "username", None))
+                    elif kind is Resume:
+                        next_stage.append(core.resume(effect.connection, effect.ticket))
+                    elif kind is Drain:
+                        next_stage.append(core.drain(effect.connection))
+                    elif kind is FinishLeave:
+                        next_stage.append(core.finish_leave(effect.username))
+                    elif kind is CloseNext:
+                        next_stage.append(core.close_next())
+                    elif kind is Authenticate:
+                        if self.rng.random() < 0.5:
+                            self.deferred.append(effect)
+                        else:
+                            self.listener(next_stage, None)
+                            next_stage.append(core.authenticated(effect.connection, effect.ticket, None))
+            stage = next_stage
+
+    def listener(self, next_stage: list, about: str | None) -> None:
+        for _ in range(self.rng.choice((0, 0, 1, 2))):
+            name = self.rng.choice([*self.NAMES, about] if about else self.NAMES)
+            call = self.rng.choice(("kick", "kick", "unlink", "join", "send", "broadcast"))
+            try:
+                if call == "send":
+                    next_stage.append(self.core.send(name, {"type": "app/s"}))
+                elif call == "broadcast":
+                    next_stage.append(self.core.broadcast({"type": "app/b"}))
+                else:
+                    next_stage.append(getattr(self.core, call)(name))
+            except ServerError:
+                pass  # the user is not there, not linked, already there: as the app would be told
+
+    def input(self) -> tuple[int, Callable[[], list]]:
+        rng, core = self.rng, self.core
+        if not self.open or rng.random() < 0.1:
+            connection = max(self.frames, default=0) + 1
+            self.frames[connection] = []
+            self.open.add(connection)
+            return connection, lambda: core.connect(connection)
+        if self.deferred and rng.random() < 0.3:
+            request = self.deferred.pop(rng.randrange(len(self.deferred)))
+            reason = rng.choice((None, None, "denied"))
+            return request.connection, lambda: core.authenticated(request.connection, request.ticket, reason)
+        connection = rng.choice(sorted(self.open))
+        kind = rng.choice(("link", "link", "leave", "leave", "unlink", "message", "junk", "drop"))
+        if kind == "drop":
+            self.open.discard(connection)
+            return connection, lambda: core.disconnect(connection)
+        data = {"link": link_frame(rng.choice(self.NAMES)), "leave": b'{"type":"krmx/leave"}', "junk": b"junk",
+                "unlink": b'{"type":"krmx/unlink"}', "message": b'{"type":"app/m"}'}[kind]
+        return connection, lambda: core.receive(connection, data)
+
+    def turn(self) -> None:
+        inbox: dict[int, list] = defaultdict(list)
+        for _ in range(self.rng.randint(1, 6)):
+            connection, action = self.input()
+            inbox[connection].append(action)
+        for index in range(max(len(actions) for actions in inbox.values())):
+            self.stages([action() for actions in inbox.values() if index < len(actions)
+                         for action in [actions[index]]])
+        self.check()
+
+    def check(self) -> None:
+        assert self.core._leaving == {} and self.core._drain_after_leave == set()
+        log = stored(self.events)
+        self.core.registry.seq = len(log)
+        assert self.core.registry == rebuild(log)
+        for username, connection, start in self.leaves:  # KRMX: its own krmx/left right after its unlinked
+            if connection not in self.open:
+                continue
+            frames = self.frames[connection]
+            at = frames.index(unlinked(username), start)  # frames made before the leave may come first
+            assert frames[at + 1 : at + 2] == [left(username)], (username, frames[start:])
+        self.leaves.clear()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_histories_with_listeners_between_the_stages_keep_the_rules(seed):
+    """Random frames, drops, slow or quick authentication and listeners that kick, unlink, join, send and
+    broadcast, in the server's stage order: the registry stays the fold of the log, every leave ends in its
+    turn, and a leaving connection hears its own unlinked then left with nothing of its own in between."""
+    lobby = Staged(random.Random(seed))
+    for _ in range(60):
+        lobby.turn()
+    lobby.stages([lobby.core.close(keep_users=bool(seed % 2))])
+    lobby.check()
+    assert lobby.events[-1].type == "close"
