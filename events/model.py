@@ -9,6 +9,9 @@ whether one was given.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -212,6 +215,37 @@ def dumps(obj: Any) -> bytes:
     return _dumps(obj, option=_NEWLINE)[:-1]
 
 
+#: A null in a value's place, as orjson writes one (a NaN or an infinity among them), not "null" in a string.
+_VALUE_NULL = re.compile(rb"[:\[,]null[,\]}]")
+
+
+def holds_non_finite(value: Any, data: bytes) -> bool:
+    """Whether ``value``, which orjson wrote as ``data``, holds a NaN or an infinity: orjson writes them as
+    ``null``, silently. Nothing to do for ``data`` without a null in a value's place; a large value is then
+    first read back from ``data`` and compared, in C (a NaN reads back as None, which differs); only when that
+    differs, or for a small value, is it walked in Python (tuples, dataclasses and the like read back as
+    something else too)."""
+    if b"null" not in data or not _VALUE_NULL.search(data):
+        return False
+    if len(data) > 4096 and orjson.loads(data) == value:
+        return False
+    return _walk_non_finite(value)
+
+
+def _walk_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_walk_non_finite(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_walk_non_finite(item) for item in value)
+    if dataclasses.is_dataclass(value):
+        return any(_walk_non_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, enum.Enum):
+        return _walk_non_finite(value.value)
+    return False
+
+
 def encode_data(event: Event) -> str | None:
     """The ``data`` column of ``event``: its type-specific fields as JSON text, ``None`` when it has none.
 
@@ -219,7 +253,12 @@ def encode_data(event: Event) -> str | None:
     (about 1 us per event on the append path), and SQL tools show text as it is. Logs written by earlier
     versions hold the same JSON as blobs; readers take both."""
     data = event.data()
-    return _dumps(data).decode() if data else None
+    if not data:
+        return None
+    raw = _dumps(data)
+    if b"null" in raw and holds_non_finite(data, raw):  # stored as null, it would not be what was appended
+        raise ValueError(f"{event.type} data holds NaN or an infinity, which JSON cannot hold")
+    return raw.decode()
 
 
 def event_from_row(row: Row, lobby: str, session: str) -> Event:

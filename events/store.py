@@ -486,7 +486,8 @@ class EventStore:
             return []
         try:
             seqs = self._append(self.db.conn, events, count)
-        except sqlite3.Error as error:  # the disk is full, the store was closed, ...
+        except (sqlite3.Error, TypeError, ValueError) as error:  # the disk is full, the store was closed, data
+            # that JSON cannot hold (a NaN, an object orjson does not know), ...
             raise EventLogError(f"{self.path}: cannot append: {error}") from error
         if self.durability == "full" and self.path != MEMORY:
             self._unsynced = True

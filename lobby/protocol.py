@@ -17,9 +17,6 @@ in this module; users change only through :func:`events.apply`.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import math
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable
@@ -29,7 +26,7 @@ from typing import Any
 import orjson
 
 from events import Broadcast, Close, Cutoff, Event, Join, Leave, Link, Listen, Message, Registry, Send, Unlink, apply
-from events.model import dumps
+from events.model import dumps, holds_non_finite
 from events.projection import recovery_events
 
 from .errors import ServerError
@@ -228,38 +225,11 @@ def too_deep(value: Any, text: str | bytes) -> bool:
 def unsendable(message: Any, data: bytes) -> str | None:
     """Why ``data``, the JSON of an application's ``message``, is not that message, or ``None``: orjson writes
     ``NaN`` and infinities as ``null`` (silently), and a peer refuses nesting deeper than :data:`MAX_DEPTH`."""
-    if b"null" in data and _VALUE_NULL.search(data) and _non_finite(message, data):
+    if holds_non_finite(message, data):
         return "message holds NaN or an infinity, which JSON cannot carry (it would arrive as null)"
     if too_deep(message, data):
         return f"message nests deeper than {MAX_DEPTH} levels"
     return None
-
-
-#: A null in a value's place, as orjson writes one (a NaN or an infinity among them), not "null" in a string.
-_VALUE_NULL = re.compile(rb"[:\[,]null[,\]}]")
-
-
-def _non_finite(message: Any, data: bytes) -> bool:
-    """Whether ``message`` holds a NaN or an infinity. A large message is first read back from ``data`` and
-    compared, in C (a NaN reads back as None, which differs); only when that differs, or for a small message,
-    is it walked in Python (tuples, dataclasses and the like read back as something else too)."""
-    if len(data) > 4096 and orjson.loads(data) == message:
-        return False
-    return _walk_non_finite(message)
-
-
-def _walk_non_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_walk_non_finite(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_walk_non_finite(item) for item in value)
-    if dataclasses.is_dataclass(value):
-        return any(_walk_non_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
-    if isinstance(value, enum.Enum):
-        return _walk_non_finite(value.value)
-    return False
 
 
 def encode(type_: str, payload: Any = None) -> bytes:

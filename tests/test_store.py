@@ -358,6 +358,26 @@ def test_an_event_that_could_not_be_read_back_is_refused_and_nothing_of_its_batc
         assert rebuild(store.read()).users == {"alice": False}
 
 
+@pytest.mark.parametrize(
+    ("message", "words"),
+    [
+        ({"type": "x/y", "payload": {"score": float("nan")}}, "NaN or an infinity"),
+        ({"type": "x/y", "payload": [1, float("-inf")]}, "NaN or an infinity"),
+        ({"type": "x/y", "payload": {1, 2}}, "not JSON serializable"),
+    ],
+    ids=["nan", "infinity", "a set"],
+)
+def test_data_json_cannot_hold_is_refused_not_stored_as_something_else(db_path, message, words):
+    """orjson writes NaN and infinities as null: stored, the event would read back as another one."""
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen(), ev.join("al")])
+        with pytest.raises(EventLogError, match=f"cannot append: .*{words}"):
+            store.append([ev.message("al", {"type": "x/ok"}), ev.message("al", message)])
+        assert store.append([ev.message("al", {"type": "x/y", "payload": None})]) == [3]
+        assert [e.message for e in store.read(types=["message"])] == [{"type": "x/y", "payload": None}]
+
+
 def test_store_api_misuse_raises_a_clear_error(db_path, monkeypatch):
     monkeypatch.chdir(db_path.parent)  # where EventStore(None) made a file named None
     for path in (None, "", 3):
