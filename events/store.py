@@ -249,11 +249,12 @@ class EventStore:
                 raise EventLogError(f"{self.path}: is a directory, not an event log")
             if not target.parent.exists():
                 raise EventLogError(f"{self.path}: folder {str(target.parent)!r} does not exist")
-            if target.exists() and target.stat().st_nlink > 1:
+            links = target.stat().st_nlink if target.exists() else 1
+            if links > 1:
                 # SQLite keeps the WAL beside each name: two servers (or a server and a reader) through two
                 # names would not see each other's writes, and the lobby lock is beside the name too.
                 raise EventLogError(
-                    f"{self.path}: has {target.stat().st_nlink} hard links; SQLite does not support a database "
+                    f"{self.path}: has {links} hard links; SQLite does not support a database "
                     "with several names (writes through each would corrupt it): keep one, copy instead of linking"
                 )
             if target.exists() and not os.access(target, os.W_OK):

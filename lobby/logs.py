@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
-
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import orjson
 import structlog

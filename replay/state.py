@@ -11,7 +11,7 @@ from events import Event, Registry, apply
 
 from .index import registry_at
 from .reader import Log, ReplayError, iso_time, open_log
-from .timeline import Moment, to_microseconds
+from .timeline import Moment, check_seq_range, to_microseconds
 
 __all__ = ["StatePoint", "StateDiff", "state", "diff", "step", "state_in", "point_of"]
 
@@ -166,8 +166,7 @@ def step(
     to_seq: int | None = None,
 ) -> Iterator[tuple[Event, Registry]]:
     """Walk ``session`` (default: the last one) event by event: each event with the registry after it (a copy)."""
-    if from_seq is not None and to_seq is not None and from_seq > to_seq:
-        raise ReplayError(f"from seq {from_seq} is after to seq {to_seq}")
+    check_seq_range(from_seq, to_seq)
     log = open_log(path)
     try:
         info = log.session(session, lobby)

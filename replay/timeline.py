@@ -57,6 +57,12 @@ class Selection:
             yield event
 
 
+def check_seq_range(from_seq: int | None, to_seq: int | None) -> None:
+    """Raise ``ReplayError`` for bounds given the wrong way round: a mistake to say, not an empty answer."""
+    if from_seq is not None and to_seq is not None and from_seq > to_seq:
+        raise ReplayError(f"from seq {from_seq} is after to seq {to_seq}")
+
+
 def select(
     log: Log,
     session: str | None = None,
@@ -71,8 +77,7 @@ def select(
 ) -> Selection:
     """Resolve the filters against ``log`` (unknown session, type or lobby, a range that ends before it
     starts: ``ReplayError``)."""
-    if from_seq is not None and to_seq is not None and from_seq > to_seq:
-        raise ReplayError(f"from seq {from_seq} is after to seq {to_seq}")
+    check_seq_range(from_seq, to_seq)
     if lobby is not None:
         log.lobby(lobby)
     low, high = 1, log.upto

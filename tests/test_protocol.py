@@ -1407,6 +1407,7 @@ class Staged:
         self.open: set[int] = set()
         self.deferred: list[Authenticate] = []
         self.leaves: list[tuple[str, int, int]] = []  # linked users' leaves: user, connection, its frames so far
+        self.refusals: set[str] = set()  # what server calls were refused with
         leave = self.core._leave
 
         def noting_leave(username: str, reason: str) -> None:
@@ -1457,8 +1458,8 @@ class Staged:
                     next_stage.append(self.core.broadcast({"type": "app/b"}))
                 else:
                     next_stage.append(getattr(self.core, call)(name))
-            except ServerError:
-                pass  # the user is not there, not linked, already there: as the app would be told
+            except ServerError as error:  # the user is not there, not linked, already there: as the app is told
+                self.refusals.add(str(error).partition(" (")[0])
 
     def input(self) -> tuple[int, Callable[[], list]]:
         rng, core = self.rng, self.core
@@ -1515,3 +1516,11 @@ def test_random_histories_with_listeners_between_the_stages_keep_the_rules(seed)
     lobby.stages([lobby.core.close(keep_users=bool(seed % 2))])
     lobby.check()
     assert lobby.events[-1].type == "close"
+    # Calls on users not there (or not linked, or there already), and kicks and joins while closing, are
+    # refused, each as the reference says it.
+    assert lobby.refusals <= {
+        "cannot kick a user that does not exist", "cannot unlink a user that does not exist",
+        "cannot unlink a user that is not linked", "cannot send a message to a user that does not exist",
+        "cannot send a message to a user that is not linked", "cannot join a user that already exists",
+        "cannot kick a user when the server is closing", "cannot join a user when the server is closing",
+    }
