@@ -275,6 +275,7 @@ class EventStore:
         self._sessions_by_sid: dict[int, tuple[str, str]] = {}
         self._codes: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self._kinds: dict[type, tuple[int, bool]] = {}
         try:
             self._check_identity()
             self._migrate()
@@ -324,6 +325,7 @@ class EventStore:
         self._sessions_by_sid = {}
         self._codes = {}
         self._names = {}
+        self._kinds = {}
         try:
             if not self._check_identity():
                 raise EventLogError(f"{self.path}: is empty, not an event log")
@@ -513,7 +515,7 @@ class EventStore:
             # of one write transaction get consecutive seqs, in the order inserted. ``first`` is read only
             # when a new session needs its first seq before the insert; otherwise it follows from lastrowid.
             first: int | None = None
-            sids, codes = self._sids, self._codes
+            sids, kinds = self._sids, self._kinds
             touched: dict[int, int] = {}  # sid -> index in the batch of its last event
             params: list[object] = []
             add = params.extend
@@ -531,17 +533,16 @@ class EventStore:
                         found = self._sid((lobby, session), first + index)
                     sid = found
                 username = getattr(event, "username", None)
-                needs_username = _NEEDS_USERNAME.get(type(event))
                 # What could not be read back is refused: an unknown class, a time that is not an integer, a
                 # missing username (the dataclasses check nothing, to stay cheap where the server makes them).
-                if needs_username is None or type(event.at) is not int or (
-                    type(username) is not str and (needs_username or username is not None)
-                ):
+                # The type's code and whether it needs a username, by class: one lookup per event.
+                kind = kinds.get(type(event))
+                if kind is None:
+                    kind = self._kind(event)
+                at = event.at
+                if type(at) is not int or (type(username) is not str and (kind[1] or username is not None)):
                     raise EventLogError(f"{self.path}: cannot append {_unreadable(event)}")
-                code = codes.get(event.type)
-                if code is None:
-                    code = self._code(event.type)
-                add((sid, event.at, code, username, encode_data(event)))
+                add((sid, at, kind[0], username, encode_data(event)))
             touched[sid] = count - 1
             done, last = 0, 0
             while done < count:
@@ -569,6 +570,7 @@ class EventStore:
             self._sessions_by_sid.clear()
             self._codes.clear()
             self._names.clear()
+            self._kinds.clear()
             raise
         return list(range(first, first + count))
 
@@ -598,6 +600,14 @@ class EventStore:
         self._names.update(names)
         self._codes.clear()
         self._codes.update((name, code) for code, name in names.items())
+
+    def _kind(self, event: Event) -> tuple[int, bool]:
+        """The code of ``event``'s type and whether it needs a username, cached by class for append."""
+        needs_username = _NEEDS_USERNAME.get(type(event))
+        if needs_username is None:
+            raise EventLogError(f"{self.path}: cannot append {_unreadable(event)}")
+        kind = self._kinds[type(event)] = (self._code(event.type), needs_username)
+        return kind
 
     def _code(self, name: str) -> int:
         """The code of type ``name``, added (inside the caller's transaction) if new."""

@@ -358,6 +358,20 @@ def test_an_event_that_could_not_be_read_back_is_refused_and_nothing_of_its_batc
         assert rebuild(store.read()).users == {"alice": False}
 
 
+def test_a_type_first_appended_in_a_refused_batch_is_numbered_again_by_the_next_append(db_path):
+    """``cutoff`` is not among the types a new log numbers: its row is added by the batch that first holds one,
+    and rolled back with it, so the code append remembers for it must go too."""
+    ev = Events()
+    cutoff = Cutoff(lobby="main", session="s1", at=2, connection="c1", reason="rate limit")
+    with EventStore(db_path) as store:
+        store.append([ev.listen()])
+        with pytest.raises(EventLogError, match="cannot append"):
+            store.append([cutoff, Join(lobby="main", session="s1", at=3, username=None)])
+        store.append([cutoff])
+    with EventStore.open_readonly(db_path) as store:
+        assert [e.type for e in store.read()] == ["listen", "cutoff"]
+
+
 @pytest.mark.parametrize(
     ("message", "words"),
     [
