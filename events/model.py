@@ -33,7 +33,7 @@ __all__ = [
     "EVENT_TYPES",
     "LIFECYCLE_TYPES",
     "dumps",
-    "encode_data",
+    "encode_data_column",
     "event_from_row",
     "event_from_fields",
 ]
@@ -246,7 +246,7 @@ def _walk_non_finite(value: Any) -> bool:
     return False
 
 
-def encode_data(events: Sequence[Event]) -> list[str | None]:
+def encode_data_column(events: Sequence[Event]) -> list[str | None]:
     """The ``data`` column of each of ``events``: its type-specific fields as JSON text, ``None`` when it has
     none.
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from events import Close, Join, Link, Unlink, rebuild
-from events.model import encode_data
+from events.model import encode_data_column
 from lobby.errors import ServerError
 from lobby.protocol import (
     MAX_DEPTH,
@@ -800,7 +800,7 @@ def test_nesting_up_to_the_limit_is_a_message_and_beyond_it_unlinks(three):
     orjson cannot write past 254: a frame it could read but not log would stop the server)."""
     three.frame("a", nested(MAX_DEPTH))
     assert three.new_events() == [("message", "alice", nested(MAX_DEPTH))]
-    assert encode_data([three.events[-1]])[0]  # the log can write it
+    assert encode_data_column([three.events[-1]])[0]  # the log can write it
     three.frame("a", nested(MAX_DEPTH + 1))
     assert three.new_events() == [("unlink", "alice", "invalid message")]
 
@@ -831,7 +831,7 @@ def test_lone_surrogate_escapes_read_as_the_replacement_character(three, raw, pa
     become U+FFFD, so the message is delivered and the log and frames stay valid UTF-8."""
     three.frame("a", b'{"type":"chat/say","payload":' + raw + b"}")
     assert three.new_events() == [("message", "alice", {"type": "chat/say", "payload": payload})]
-    assert encode_data([three.events[-1]])[0]
+    assert encode_data_column([three.events[-1]])[0]
 
 
 @pytest.mark.parametrize(
@@ -843,7 +843,7 @@ def test_bytes_that_are_not_utf8_in_a_binary_frame_read_as_the_replacement_chara
     """As the reference decodes a binary frame (websockets itself refuses a text frame that is not UTF-8)."""
     three.frame("a", b'{"type":"chat/say","payload":' + raw + b"}")
     assert three.new_events() == [("message", "alice", {"type": "chat/say", "payload": payload})]
-    assert encode_data([three.events[-1]])[0]
+    assert encode_data_column([three.events[-1]])[0]
 
 
 def test_a_link_type_with_bytes_that_are_not_utf8_is_another_type(lobby):

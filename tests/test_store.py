@@ -358,6 +358,34 @@ def test_an_event_that_could_not_be_read_back_is_refused_and_nothing_of_its_batc
         assert rebuild(store.read()).users == {"alice": False}
 
 
+def _stranger(name: str) -> object:
+    """An object with an event's attributes that is not one of the event classes."""
+    return type(name, (), {"lobby": "main", "session": "s1", "at": 1, "type": name.lower(),
+                           "__repr__": lambda self: f"<{name}>"})()
+
+
+@pytest.mark.parametrize("first", range(20))
+def test_a_refused_batch_names_its_first_bad_event(first):
+    """Whatever makes them unreadable, the error names the first one in the batch (the checks run over the
+    whole batch at once, by type: they once named the stranger classes first, in the order of a set)."""
+    bad_at = Join(lobby="main", session="s1", at=1.5, username="alice")
+    with EventStore() as store:
+        with pytest.raises(EventLogError, match="at must be UTC microseconds"):
+            store.append([bad_at, _stranger(f"Stranger{first}")])
+        with pytest.raises(EventLogError, match=f"<First{first}>: not one of the event types"):
+            store.append([_stranger(f"First{first}"), _stranger(f"Second{first}"), bad_at])
+
+
+def test_an_object_that_is_not_an_event_is_refused_and_nothing_of_its_batch_is_written():
+    ev = Events()
+    with EventStore() as store:
+        store.append([ev.listen()])
+        with pytest.raises(EventLogError, match="42: not one of the event types"):
+            store.append([Events(session="s2").listen(), 42])
+        assert store.append([Events(session="s2").listen()]) == [2]
+        assert [(s.session, s.first_seq, s.last_seq) for s in store.sessions()] == [("s1", 1, 1), ("s2", 2, 2)]
+
+
 def test_a_type_first_appended_in_a_refused_batch_is_numbered_again_by_the_next_append(db_path):
     """``cutoff`` is not among the types a new log numbers: its row is added by the batch that first holds one,
     and rolled back with it, so the code append remembers for it must go too."""
