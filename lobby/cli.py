@@ -176,8 +176,10 @@ def serve_command(args: argparse.Namespace) -> int:
     server = load_app(args.app) if args.app else Server()
     try:
         server.configure(**overrides)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    except ValueError as error:  # "max_buffer must be ...": said with the flag and variable that set it
+        field = str(error).split(" ", 1)[0]
+        flag = next((flag for flag, name, *_ in SERVE_OPTIONS if name == field), None)
+        raise UsageError(f"{flag} / {_env_name(flag)}: {error}" if flag else str(error)) from None
     try:
         return run_event_loop(server.serve(keep_users_on_stop=on_stop == "keep"))
     except LobbyError as error:  # the log cannot be used: not ours, in use, or it does not fold

@@ -351,12 +351,15 @@ class Server:
 
         # SIGHUP too: the terminal a server was started from closed (it would die without logging close),
         # unless it is ignored (``nohup lobby serve &``: the server is meant to outlive the terminal).
-        for signum in STOP_SIGNALS:
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                loop.add_signal_handler(signum, on_signal, signum)
+        # A signal ignored when the process started stays ignored: SIGHUP under nohup, and SIGINT for a
+        # process a shell script started with `&`. The log line says which ones stop this server.
+        handled = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+        for signum in handled:
+            loop.add_signal_handler(signum, on_signal, signum)
         self._stop_event = stop
         await self.start()
-        self._log.info("serving until SIGINT, SIGTERM or SIGHUP", on_stop="keep" if keep_users_on_stop else "close")
+        self._log.info("serving until a stop signal", signals=[signum.name for signum in handled],
+                       on_stop="keep" if keep_users_on_stop else "close")
         await stop.wait()
         if self.fatal is not None:
             return 1

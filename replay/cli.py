@@ -157,7 +157,7 @@ def _step(args: argparse.Namespace) -> int:
     pause = args.pause if args.pause is not None else (sys.stdin.isatty() and sys.stdout.isatty())
     walk = step(args.db, args.session, lobby=args.lobby, from_seq=args.from_seq, to_seq=args.to_seq)
     if pause:
-        _out("Enter: next event, c: continue to the end, q: quit")
+        _out("Enter: next event; c, Enter: continue to the end; q, Enter: quit")
     walked = False
     for event, registry in walk:
         walked = True
@@ -375,7 +375,7 @@ def _redrive(args: argparse.Namespace) -> int:
         else:
             _out(report.divergence.describe())
         if report.new_db:
-            _out(f"the new server's log: {report.new_db}")
+            _out(f"the new server's event log: {report.new_db}")
     return 0 if report.ok else 1
 
 

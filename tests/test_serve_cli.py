@@ -60,6 +60,24 @@ def test_bad_option_values_exit_2_with_one_line(tmp_path, capsys, flag, value):
     assert not (tmp_path / "lobby.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--max-buffer", "1KiB", "max_buffer must be at least max_frame_size"),
+        ("--snapshot-every", "0", "snapshot_every must be"),
+        ("--max-connections", "0", "max_connections must be"),
+        ("--lobby", "", "lobby must be"),
+        ("--durability", "bogus", "durability must be"),
+    ],
+)
+def test_a_value_the_server_refuses_is_named_by_its_flag_and_variable(tmp_path, capsys, flag, value, words):
+    """Values that parse but the configuration refuses were named by their field alone (max_buffer)."""
+    assert main(["serve", "--port", "0", "--db", str(tmp_path / "lobby.db"), flag, value]) == 2
+    err = capsys.readouterr().err
+    env = "LOBBY_" + flag[2:].replace("-", "_").upper()
+    assert err.startswith(f"lobby: {flag} / {env}: {words}") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("args", [["serve", "--port"], ["serve", "--bogus"], ["nosuch"], ["replay", "timeline"]])
 def test_usage_errors_are_one_line_not_the_whole_usage(capsys, args):
     with pytest.raises(SystemExit) as exit_:
@@ -205,7 +223,7 @@ def test_sighup_closes_the_krmx_way_like_sigterm(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", script, str(db)], stderr=subprocess.PIPE,
                                cwd=Path(__file__).resolve().parent.parent)
     try:
-        _serving(process)
+        assert _serving(process)[-1]["signals"] == ["SIGINT", "SIGTERM", "SIGHUP"]
         process.send_signal(signal.SIGHUP)
         _, rest = process.communicate(timeout=30)
     finally:
@@ -256,7 +274,7 @@ def test_under_nohup_sighup_is_still_ignored(tmp_path):
     process = subprocess.Popen(["nohup", sys.executable, "-c", script, str(db)], stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
     try:
-        _serving(process)
+        assert _serving(process)[-1]["signals"] == ["SIGINT", "SIGTERM"]  # what stops it, as it is started
         process.send_signal(signal.SIGHUP)
         with pytest.raises(subprocess.TimeoutExpired):
             process.wait(timeout=1)
