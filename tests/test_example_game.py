@@ -227,3 +227,49 @@ async def test_the_readme_walkthrough_runs_as_processes(tmp_path):
     log = read_log(str(tmp_path / "t.db"))
     assert lifecycle(log, "bot3")[2] == ("unlink", "dropped")
     assert log[-1].type == "close"
+
+
+def _readme_block(after: str, language: str = "python") -> str:
+    """The first ``language`` code block of the README after the line ``after``."""
+    text = (ROOT / "README.md").read_text()
+    rest = text[text.index(after) :]
+    start = rest.index(f"```{language}\n") + len(f"```{language}\n")
+    return rest[start : rest.index("```", start)]
+
+
+async def test_the_readme_chat_app_answers_the_readme_python_client(tmp_path):
+    """The README's chat app, served as it says (``lobby serve chat:app``), answers the README's Python client
+    example, both copied from the README as they stand (only the port is a free one): the example once waited
+    for ``chat/said`` from a plain ``lobby serve`` that never sends it."""
+    (tmp_path / "chat.py").write_text(_readme_block("## Writing an app"))
+    client = _readme_block("## Python client")
+    assert 'client.connect("ws://127.0.0.1:9000")' in client
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lobby", "serve", "chat:app", "--port", "0", "--db", str(tmp_path / "chat.db"),
+        cwd=tmp_path, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert server.stderr is not None
+        port = await asyncio.wait_for(_read_port(server.stderr), 20)
+        drain = asyncio.create_task(server.stderr.read())
+        (tmp_path / "client.py").write_text(client.replace("ws://127.0.0.1:9000", f"ws://127.0.0.1:{port}"))
+        run = await asyncio.create_subprocess_exec(
+            sys.executable, str(tmp_path / "client.py"), cwd=tmp_path, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(run.communicate(), 30)
+        assert run.returncode == 0 and err == b"", err.decode()
+        assert "'type': 'chat/said', 'payload': {'from': 'alice', 'text': 'hello'}" in out.decode()
+        assert out.decode().splitlines()[-1] == "linked alice [{'username': 'alice', 'isLinked': True}]"
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.wait(), 10) == 0
+        await drain
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+    log = read_log(str(tmp_path / "chat.db"))
+    assert [e.type for e in log] == ["listen", "join", "broadcast", "link", "message", "broadcast", "unlink", "leave",
+                                     "close"]
