@@ -248,6 +248,10 @@ class Client:
             try:
                 matched = predicate(event)
             except Exception as error:  # a wait_for predicate that fails: its waiter gets the error
+                if isinstance(error, StopIteration):  # which a future refuses (it would end a coroutine)
+                    wrapped = RuntimeError("the wait_for predicate raised StopIteration")
+                    wrapped.__cause__ = error
+                    error = wrapped
                 future.set_exception(error)
                 continue
             if matched:
@@ -507,6 +511,9 @@ class Client:
                         last = f"no answer to the link within {policy.link_timeout} s"
                     await self._reset()
                 else:
+                    if self.status == "closed":  # it dropped again before this task resumed: try again
+                        last = "the connection dropped right after the link"
+                        continue
                     self._relink_task = None
                     self._dispatch(ClientEvent("relinked", (username, attempt)))
                     return

@@ -718,6 +718,59 @@ async def test_a_failing_wait_for_predicate_raises_in_its_waiter_and_the_connect
     assert simon.client.status == "linked"
 
 
+async def test_a_wait_for_predicate_raising_stop_iteration_raises_in_its_waiter_and_the_connection_stays(our_krmx):
+    """A future refuses StopIteration (a ``next()`` on an empty iterator, in a predicate): it killed the
+    reader, which dropped the connection."""
+    simon = await our_krmx.linked("simon")
+    waiter = asyncio.ensure_future(
+        simon.client.wait_for("message", lambda m: next(iter(m["payload"])) == 1, timeout=WAIT)
+    )
+    await asyncio.sleep(0)
+    await simon.client.send({"type": "test/echo", "payload": []})
+    with pytest.raises(RuntimeError, match="predicate raised StopIteration"):
+        await waiter
+    await simon.sync()
+    assert simon.client.status == "linked"
+
+
+async def test_a_relink_whose_connection_drops_with_its_link_tries_again():
+    """The relink's link burst and the drop of its connection arrive together: the drop came before the
+    relink resumed, so no new relink started, and the relink then said ``relinked`` of a closed client, which
+    stayed closed for good with its streams open. It is one more attempt instead."""
+    from websockets.asyncio.server import serve
+
+    burst = [json.dumps(frame) for frame in ({"type": "krmx/accepted"},
+                                             {"type": "krmx/joined", "payload": {"username": "simon"}},
+                                             {"type": "krmx/linked", "payload": {"username": "simon"}})]
+    connections = 0
+
+    async def handler(ws: Any) -> None:
+        nonlocal connections
+        connections += 1
+        await ws.recv()  # krmx/link
+        for frame in burst:
+            await ws.send(frame)
+        if connections <= 2:  # the first drop starts the relink; the second comes with its link burst
+            if connections == 1:
+                await asyncio.sleep(0.2)
+            ws.transport.abort()
+        else:
+            await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None, ping_interval=None) as fake:
+        client = Client(relink=RelinkPolicy(**FAST), ping_interval=None)
+        seen: list[str] = []
+        client.on("*", lambda name, *args: seen.append(name))
+        await client.connect(f"ws://127.0.0.1:{fake.sockets[0].getsockname()[1]}")
+        await client.link("simon")
+        try:
+            assert await client.wait_for("relinked", timeout=WAIT) == ("simon", 2)
+            assert client.status == "linked" and connections == 3
+            assert seen.count("close") == 2 and seen[-1] == "relinked"
+        finally:
+            await client.disconnect(force=True)
+
+
 async def test_a_listener_of_one_event_and_of_every_event_gets_each_signature(our_krmx):
     simon = await our_krmx.linked("simon")
     calls: list[tuple[Any, ...]] = []
