@@ -125,6 +125,7 @@ class Client:
         self._catch_all: list[Listener] = []
         self._waiters: list[tuple[Callable[[ClientEvent], bool], asyncio.Future[ClientEvent]]] = []
         self._event_waiters: set[asyncio.Future[ClientEvent]] = set()  # those of wait_for
+        self._answered = False  # a frame just answered a call or a wait_for: see _read
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ws: ClientConnection | None = None
@@ -256,6 +257,7 @@ class Client:
                 continue
             if matched:
                 future.set_result(event)
+                self._answered = True
         for stream in list(self._streams):
             stream._put(event)
 
@@ -349,6 +351,14 @@ class Client:
             with contextlib.suppress(ConnectionClosed):
                 async for data in ws:
                     self.core.receive(data)
+                    if self._answered:
+                        # Let the code that awaited the answer go on before the next frame, so that it can
+                        # wait for what came with it: a game's welcome message sent on link, the second of
+                        # two messages. Three loop turns: the answer reaches a caller through at most three
+                        # (a call wrapped in asyncio.wait_for, in Python 3.11).
+                        self._answered = False
+                        for _ in range(3):
+                            await asyncio.sleep(0)
             rcvd = ws.protocol.close_rcvd
             if rcvd is not None and rcvd.reason and rcvd.code != 1000 and rcvd.reason != SERVER_CLOSED:
                 # A cut-off (rate limit, slow consumer, ...) says why only here: the close event has no reason.

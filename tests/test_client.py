@@ -736,7 +736,7 @@ async def test_a_wait_for_predicate_raising_stop_iteration_raises_in_its_waiter_
 async def test_a_relink_whose_connection_drops_with_its_link_tries_again():
     """The relink's link burst and the drop of its connection arrive together: the drop came before the
     relink resumed, so no new relink started, and the relink then said ``relinked`` of a closed client, which
-    stayed closed for good with its streams open. It is one more attempt instead."""
+    stayed closed for good with its streams open. The client ends linked on the third connection."""
     from websockets.asyncio.server import serve
 
     burst = [json.dumps(frame) for frame in ({"type": "krmx/accepted"},
@@ -764,11 +764,41 @@ async def test_a_relink_whose_connection_drops_with_its_link_tries_again():
         await client.connect(f"ws://127.0.0.1:{fake.sockets[0].getsockname()[1]}")
         await client.link("simon")
         try:
-            assert await client.wait_for("relinked", timeout=WAIT) == ("simon", 2)
-            assert client.status == "linked" and connections == 3
-            assert seen.count("close") == 2 and seen[-1] == "relinked"
+            await client.wait_for("relinked", lambda *_: connections == 3, timeout=WAIT)
+            assert client.status == "linked" and not client.relinking
+            assert seen.count("close") == 2 and seen[-1] == "relinked" and "relink_failed" not in seen
         finally:
             await client.disconnect(force=True)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["awaited", "in asyncio.wait_for"])
+async def test_what_comes_with_an_answer_can_be_waited_for_once_the_answer_returns(tmp_path, wrapped):
+    """A server that welcomes on link: its message arrives with the link, and was handed out before
+    ``link()`` returned, so a ``wait_for`` right after it waited in vain; likewise the second of two messages
+    that arrive together, after a ``wait_for`` of the first."""
+    server = Server(host="127.0.0.1", port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    server.on("link", lambda username: server.send(username, {"type": "game/welcome"}))
+
+    @server.on("message")
+    def two(username: str, message: dict[str, Any]) -> None:
+        server.send(username, {"type": "game/first"})
+        server.send(username, {"type": "game/second"})
+
+    port = await server.start()
+    client = Client(ping_interval=None)
+    try:
+        await client.connect(f"ws://127.0.0.1:{port}")
+        if wrapped:
+            await asyncio.wait_for(client.link("simon"), WAIT)
+        else:
+            await client.link("simon")
+        assert await client.wait_for("message", timeout=WAIT) == ({"type": "game/welcome"},)
+        await client.send({"type": "game/go"})
+        assert await client.wait_for("message", timeout=WAIT) == ({"type": "game/first"},)
+        assert await client.wait_for("message", timeout=WAIT) == ({"type": "game/second"},)
+    finally:
+        await client.disconnect(force=True)
+        await server.close()
 
 
 async def test_a_listener_of_one_event_and_of_every_event_gets_each_signature(our_krmx):
