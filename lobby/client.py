@@ -46,6 +46,9 @@ __all__ = ["Client", "EventStream", "RelinkPolicy", "ClientEvent", "CLIENT_EVENT
 Listener = Callable[..., Any]
 
 _END = object()
+#: Seconds ``link()`` waits for the server's answer by default: more than a server's own limit on an
+#: application's authentication (``auth_timeout``, 10 s by default), after which it answers itself.
+LINK_TIMEOUT = 30.0
 
 
 class EventStream:
@@ -444,33 +447,48 @@ class Client:
         except ConnectionClosed as error:
             raise ClientError(f"the connection closed: {error}") from None
 
-    async def _request(self, frame: bytes, done: Callable[[ClientEvent], bool], what: str) -> ClientEvent:
-        """Send ``frame`` and wait for the first event that ``done`` accepts, or for the close."""
+    async def _request(
+        self, frame: bytes, done: Callable[[ClientEvent], bool], what: str, timeout: float | None = None
+    ) -> ClientEvent:
+        """Send ``frame`` and wait for the first event that ``done`` accepts, or for the close; at most
+        ``timeout`` seconds, then raise :class:`ClientError`."""
         outcome = self._expect(lambda e: e.name == "close" or done(e))
+        timer = None
+        if timeout is not None:
+            # A timer on the answer itself, not asyncio.wait_for around the call: that would put loop turns
+            # between the answer and the caller (see _read).
+            error = ClientError(f"no answer to the {what} within {timeout} s (is {self.url} a Krmx server?)")
+            timer = asyncio.get_running_loop().call_later(
+                timeout, lambda: outcome.done() or outcome.set_exception(error)
+            )
         try:
             await self._write(frame)
             event = await outcome
         finally:
+            if timer is not None:
+                timer.cancel()
             self._forget(outcome)
         if event.name == "close":
             raise ClientError(f"the connection closed before the {what} completed")
         return event
 
-    async def link(self, username: str, auth: str | None = None) -> None:
+    async def link(self, username: str, auth: str | None = None, *, timeout: float | None = LINK_TIMEOUT) -> None:
         """Link to ``username`` (a new user joins; an unlinked one is taken over), sending ``auth`` if given.
         Returns on this client's own ``link`` event (the other users of the link burst may still be on the
         way); raises :class:`LinkRejected` with the server's reason, or :class:`ClientError` when the client
-        is not ``connected`` or the connection closes first. A Krmx server always answers; cancelling the
-        call (or a timeout around it) leaves the client ``linking`` until that answer comes, and
-        ``disconnect(force=True)`` ends any status."""
+        is not ``connected``, the connection closes first, or no answer came within ``timeout`` seconds
+        (``None``: no limit). A Krmx server always answers; a timeout or cancelling the call leaves the client
+        ``linking`` until that answer comes, and ``disconnect(force=True)`` ends any status."""
         if self.relinking:
             raise ClientError("cannot link while an automatic relink is in progress (disconnect() first)")
-        await self._link(username, auth)
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+        await self._link(username, auth, timeout)
 
-    async def _link(self, username: str, auth: str | None) -> None:
+    async def _link(self, username: str, auth: str | None, timeout: float | None) -> None:
         frame = self.core.link(username, auth)
         event = await self._request(
-            frame, lambda e: e.name == "reject" or (e.name == "link" and e.args[0] == username), "link"
+            frame, lambda e: e.name == "reject" or (e.name == "link" and e.args[0] == username), "link", timeout
         )
         if event.name == "reject":
             raise LinkRejected(event.args[0])
@@ -509,16 +527,14 @@ class Client:
                 try:
                     if self.status == "closed":
                         await self._connect(url)
-                    await asyncio.wait_for(self._link(username, auth), policy.link_timeout)
+                    await self._link(username, auth, policy.link_timeout)
                 except LinkRejected as rejection:
                     if not policy.retry_rejected(rejection.reason):
                         await self._give_up(f"link rejected: {rejection.reason}")
                         return
                     last = str(rejection)
-                except (ClientError, TimeoutError) as error:
-                    last = str(error) or "the link timed out"
-                    if isinstance(error, TimeoutError):
-                        last = f"no answer to the link within {policy.link_timeout} s"
+                except ClientError as error:
+                    last = str(error)
                     await self._reset()
                 else:
                     if self.status == "closed":  # it dropped again before this task resumed: try again

@@ -801,6 +801,62 @@ async def test_what_comes_with_an_answer_can_be_waited_for_once_the_answer_retur
         await server.close()
 
 
+async def test_a_link_that_no_answer_comes_to_ends_with_a_clear_error():
+    """A websocket server that does not speak Krmx (an echo server: the wrong port) never answers a link, and
+    pings kept it open: link() waited for ever. A relink to it gives up with the same words."""
+    from websockets.asyncio.server import serve
+
+    async def echo(ws: Any) -> None:
+        async for frame in ws:
+            await ws.send(frame)
+
+    async with serve(echo, "127.0.0.1", 0, compression=None) as fake:
+        url = f"ws://127.0.0.1:{fake.sockets[0].getsockname()[1]}"
+        client = Client()
+        await client.connect(url)
+        try:
+            with pytest.raises(ClientError, match=rf"no answer to the link within 0.2 s \(is {url} a Krmx server\?\)"):
+                await client.link("simon", timeout=0.2)
+            assert client.status == "linking"
+            with pytest.raises(ValueError, match="timeout must be a positive number"):
+                await client.link("simon", timeout=0)
+        finally:
+            await client.disconnect(force=True)
+        assert client.status == "closed"
+
+
+async def test_a_relink_that_no_answer_comes_to_gives_up_saying_so():
+    from websockets.asyncio.server import serve
+
+    connections = 0
+
+    async def handler(ws: Any) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:  # a Krmx server, for the first link, then gone
+            await ws.recv()
+            for frame in ({"type": "krmx/accepted"}, {"type": "krmx/joined", "payload": {"username": "simon"}},
+                          {"type": "krmx/linked", "payload": {"username": "simon"}}):
+                await ws.send(json.dumps(frame))
+            await asyncio.sleep(0.1)
+            ws.transport.abort()
+            return
+        async for frame in ws:  # then something else on its port
+            await ws.send(frame)
+
+    async with serve(handler, "127.0.0.1", 0, compression=None) as fake:
+        url = f"ws://127.0.0.1:{fake.sockets[0].getsockname()[1]}"
+        client = Client(relink=RelinkPolicy(**FAST, max_attempts=2, link_timeout=0.2))
+        await client.connect(url)
+        await client.link("simon")
+        try:
+            (reason,) = await client.wait_for("relink_failed", timeout=WAIT)
+            assert reason == f"gave up after 2 attempts: no answer to the link within 0.2 s (is {url} a Krmx server?)"
+        finally:
+            if client.status != "closed":
+                await client.disconnect(force=True)
+
+
 async def test_a_listener_of_one_event_and_of_every_event_gets_each_signature(our_krmx):
     simon = await our_krmx.linked("simon")
     calls: list[tuple[Any, ...]] = []
