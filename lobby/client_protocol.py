@@ -314,6 +314,7 @@ class ClientProtocol:
                 return
             self.status = "connected"
             self.username = None
+            self._users = {}  # the list is held only while linked (a rejection while linked: a stray answer)
             self._emit("reject", reason if isinstance(reason, str) else "rejected")
             return
         name = payload.get("username") if type(payload) is dict else None

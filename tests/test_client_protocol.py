@@ -492,6 +492,15 @@ def test_a_late_unlinked_connection_rejection_does_not_answer_a_link():
     assert "reject" not in client.names() and any("late rejection" in w for w in client.warnings)
 
 
+def test_a_rejection_while_linked_leaves_no_user_list():
+    """A stray krmx/rejected while linked (a server that does not follow Krmx) ends the link, and with it the
+    user list, which is held only while linked: the list stayed as it was."""
+    client = Recorded()
+    client.linked_as("carol", about("krmx/joined", "bob"), about("krmx/joined", "carol"), about("krmx/linked", "carol"))
+    client.core.receive(frame("krmx/rejected", {"reason": "late"}))
+    assert (client.core.status, client.core.username, client.core.users) == ("connected", None, [])
+
+
 def test_an_accept_without_a_link_request_is_ignored():
     client = Recorded()
     client.core.connect()
