@@ -128,7 +128,6 @@ class Client:
         self._catch_all: list[Listener] = []
         self._waiters: list[tuple[Callable[[ClientEvent], bool], asyncio.Future[ClientEvent]]] = []
         self._event_waiters: set[asyncio.Future[ClientEvent]] = set()  # those of wait_for
-        self._answered = False  # a frame just answered a call or a wait_for: see _read
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ws: ClientConnection | None = None
@@ -223,7 +222,11 @@ class Client:
         """Wait for the next ``event`` whose arguments satisfy ``predicate``; return its arguments. Raises
         :class:`TimeoutError` after ``timeout`` seconds, and :class:`ClientError` when the client closes for
         good first (a close that no relink follows, or ``relink_failed``) or is closed for good already
-        (except for ``connecting`` and ``connect``, which a later ``connect()`` brings)."""
+        (except for ``connecting`` and ``connect``, which a later ``connect()`` brings).
+
+        It sees only events after the call: the frames that came with an answer (a message the server sends
+        on link, with the link) are handled before the awaiting code goes on. Start waiting first, as a task
+        (``asyncio.ensure_future(client.wait_for(...))`` before ``await client.link(...)``), or listen."""
         if event not in CLIENT_EVENTS:
             raise ValueError(f"unknown client event {event!r}; expected one of {', '.join(CLIENT_EVENTS)}")
         if self.status == "closed" and not self.relinking and event not in ("connecting", "connect"):
@@ -260,7 +263,6 @@ class Client:
                 continue
             if matched:
                 future.set_result(event)
-                self._answered = True
         for stream in list(self._streams):
             stream._put(event)
 
@@ -354,14 +356,6 @@ class Client:
             with contextlib.suppress(ConnectionClosed):
                 async for data in ws:
                     self.core.receive(data)
-                    if self._answered:
-                        # Let the code that awaited the answer go on before the next frame, so that it can
-                        # wait for what came with it: a game's welcome message sent on link, the second of
-                        # two messages. Three loop turns: the answer reaches a caller through at most three
-                        # (a call wrapped in asyncio.wait_for, in Python 3.11).
-                        self._answered = False
-                        for _ in range(3):
-                            await asyncio.sleep(0)
             rcvd = ws.protocol.close_rcvd
             if rcvd is not None and rcvd.reason and rcvd.code != 1000 and rcvd.reason != SERVER_CLOSED:
                 # A cut-off (rate limit, slow consumer, ...) says why only here: the close event has no reason.
@@ -455,8 +449,8 @@ class Client:
         outcome = self._expect(lambda e: e.name == "close" or done(e))
         timer = None
         if timeout is not None:
-            # A timer on the answer itself, not asyncio.wait_for around the call: that would put loop turns
-            # between the answer and the caller (see _read).
+            # A timer on the answer itself, not asyncio.wait_for around the call: no task between the answer
+            # and the caller, so the frames read with the answer are handled before the caller goes on.
             error = ClientError(f"no answer to the {what} within {timeout} s (is {self.url} a Krmx server?)")
             timer = asyncio.get_running_loop().call_later(
                 timeout, lambda: outcome.done() or outcome.set_exception(error)
