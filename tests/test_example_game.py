@@ -8,10 +8,12 @@ hold the whole story. One test also runs both commands exactly as the README say
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -193,30 +195,18 @@ async def _read_port(stream: asyncio.StreamReader) -> int:
     raise AssertionError("lobby serve exited before listening")
 
 
-async def test_the_readme_walkthrough_runs_as_processes(tmp_path):
-    """``lobby serve examples.table:app`` and ``python -m examples.bots`` as processes, as the README says:
-    the bots finish their session (exit 0, ``session complete``) and the server stops cleanly on SIGTERM."""
-    env = {**os.environ, "TABLE_COUNTDOWN": str(COUNTDOWN), "PYTHONPATH": str(ROOT)}
+@contextlib.asynccontextmanager
+async def serving(app: str, db: Path, cwd: Path, env: dict[str, str]) -> AsyncIterator[int]:
+    """``lobby serve APP`` as a process, on a free port (yielded); SIGTERM when done must stop it with 0."""
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lobby", "serve", "examples.table:app", "--port", "0", "--db", str(tmp_path / "t.db"),
-        cwd=ROOT, env=env,
+        sys.executable, "-m", "lobby", "serve", app, "--port", "0", "--db", str(db), cwd=cwd, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert server.stderr is not None
         port = await asyncio.wait_for(_read_port(server.stderr), 20)
         drain = asyncio.create_task(server.stderr.read())
-        bots = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "examples.bots", "--url", f"ws://127.0.0.1:{port}", "--players", "3",
-            "--timeout", str(WAIT), cwd=ROOT, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(bots.communicate(), 60)
-        assert bots.returncode == 0, err.decode()
-        lines = out.decode().splitlines()
-        assert lines[-1] == "session complete"
-        assert "game started at main with bot1, bot2, bot3" in lines
-        assert "bot3: connection dropped" in lines
+        yield port
         server.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(server.wait(), 10) == 0
         await drain
@@ -224,6 +214,30 @@ async def test_the_readme_walkthrough_runs_as_processes(tmp_path):
         if server.returncode is None:
             server.kill()
             await server.wait()
+
+
+async def run_process(*args: str, cwd: Path, env: dict[str, str], timeout: float) -> tuple[str, str]:
+    """Run a process to its end; its stdout and stderr, once it exited 0."""
+    process = await asyncio.create_subprocess_exec(
+        *args, cwd=cwd, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode == 0, err.decode()
+    return out.decode(), err.decode()
+
+
+async def test_the_readme_walkthrough_runs_as_processes(tmp_path):
+    """``lobby serve examples.table:app`` and ``python -m examples.bots`` as processes, as the README says:
+    the bots finish their session (exit 0, ``session complete``) and the server stops cleanly on SIGTERM."""
+    env = {**os.environ, "TABLE_COUNTDOWN": str(COUNTDOWN), "PYTHONPATH": str(ROOT)}
+    async with serving("examples.table:app", tmp_path / "t.db", ROOT, env) as port:
+        out, _ = await run_process(sys.executable, "-m", "examples.bots", "--url", f"ws://127.0.0.1:{port}",
+                                   "--players", "3", "--timeout", str(WAIT), cwd=ROOT, env=env, timeout=60)
+        lines = out.splitlines()
+        assert lines[-1] == "session complete"
+        assert "game started at main with bot1, bot2, bot3" in lines
+        assert "bot3: connection dropped" in lines
     log = read_log(str(tmp_path / "t.db"))
     assert lifecycle(log, "bot3")[2] == ("unlink", "dropped")
     assert log[-1].type == "close"
@@ -245,31 +259,12 @@ async def test_the_readme_chat_app_answers_the_readme_python_client(tmp_path):
     client = _readme_block("## Python client")
     assert 'client.connect("ws://127.0.0.1:9000")' in client
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lobby", "serve", "chat:app", "--port", "0", "--db", str(tmp_path / "chat.db"),
-        cwd=tmp_path, env=env,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert server.stderr is not None
-        port = await asyncio.wait_for(_read_port(server.stderr), 20)
-        drain = asyncio.create_task(server.stderr.read())
+    async with serving("chat:app", tmp_path / "chat.db", tmp_path, env) as port:
         (tmp_path / "client.py").write_text(client.replace("ws://127.0.0.1:9000", f"ws://127.0.0.1:{port}"))
-        run = await asyncio.create_subprocess_exec(
-            sys.executable, str(tmp_path / "client.py"), cwd=tmp_path, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(run.communicate(), 30)
-        assert run.returncode == 0 and err == b"", err.decode()
-        assert "'type': 'chat/said', 'payload': {'from': 'alice', 'text': 'hello'}" in out.decode()
-        assert out.decode().splitlines()[-1] == "linked alice [{'username': 'alice', 'isLinked': True}]"
-        server.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(server.wait(), 10) == 0
-        await drain
-    finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
+        out, err = await run_process(sys.executable, str(tmp_path / "client.py"), cwd=tmp_path, env=env, timeout=30)
+        assert err == ""
+        assert "'type': 'chat/said', 'payload': {'from': 'alice', 'text': 'hello'}" in out
+        assert out.splitlines()[-1] == "linked alice [{'username': 'alice', 'isLinked': True}]"
     log = read_log(str(tmp_path / "chat.db"))
     assert [e.type for e in log] == ["listen", "join", "broadcast", "link", "message", "broadcast", "unlink", "leave",
                                      "close"]
