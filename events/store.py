@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -168,11 +169,12 @@ SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 _COLUMNS = "seq, sid, at, type, username, data"
+_INSERTED = "sid, at, type, username, data"
 #: Rows per INSERT statement at most; a batch goes in as chunks of power-of-two sizes (1024 + 512 + ... + 1),
 #: so that a handful of statement shapes serve every batch size and each is prepared once (sqlite3 caches it).
 #: SQLite before 3.32 binds at most 999 parameters per statement, later ones 32766 (5 per row).
 _MAX_CHUNK = min(1024, 1 << (((32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999) // 5).bit_length() - 1))
-_INSERT_CHUNKS: dict[int, str] = {}
+_INSERT_CHUNKS: dict[tuple[int, tuple[bool, ...]], str] = {}
 _UPDATE_LAST = "UPDATE sessions SET last_seq = ? WHERE sid = ?"
 
 
@@ -183,6 +185,8 @@ _NEEDS_USERNAME: dict[type, bool] = {
 }
 
 
+#: The event classes with a username field (a direct read is cheaper than getattr with a default).
+_WITH_USERNAME = {cls for cls in EVENT_TYPES.values() if "username" in {f.name for f in dataclasses.fields(cls)}}
 _INT = {int}
 _NONE = type(None)
 _STR_OR_NONE = {str, _NONE}
@@ -208,12 +212,18 @@ def _unprefixed(error: BaseException, seq: int) -> str:
     return text.removeprefix(f"seq {seq}: ")
 
 
-def _insert_sql(rows: int) -> str:
-    sql = _INSERT_CHUNKS.get(rows)
+def _insert_sql(rows: int, shared: tuple[bool, ...]) -> str:
+    """The INSERT of ``rows`` events: a parameter per row for each column, but for those ``shared`` by every
+    row (a batch of one session, of one type) one parameter, after all rows' (binds cost: 2048 fewer are a
+    tenth of the INSERT's time for a batch of 1024 of one type)."""
+    sql = _INSERT_CHUNKS.get((rows, shared))
     if sql is None:
-        sql = _INSERT_CHUNKS[rows] = "INSERT INTO events (sid, at, type, username, data) VALUES " + ", ".join(
-            ["(?, ?, ?, ?, ?)"] * rows
-        )
+        width = shared.count(False)
+        values = []
+        for row in range(rows):
+            own, once = itertools.count(width * row + 1), itertools.count(width * rows + 1)
+            values.append("(" + ", ".join(f"?{next(once if one else own)}" for one in shared) + ")")
+        sql = _INSERT_CHUNKS[rows, shared] = f"INSERT INTO events ({_INSERTED}) VALUES " + ", ".join(values)
     return sql
 
 
@@ -535,7 +545,10 @@ class EventStore:
             # Column by column, most in loops that run in C: a fifth less CPU than one Python loop building the
             # rows event by event (0.68 against 0.86 us per event, SQLite aside, at batch 1024).
             ats = [event.at for event in events]
-            usernames = [getattr(event, "username", None) for event in events]
+            if classes <= _WITH_USERNAME:
+                usernames = [event.username for event in events]  # type: ignore[attr-defined]
+            else:
+                usernames = [getattr(event, "username", None) for event in events]
             username_types = set(map(type, usernames))
             # What could not be read back is refused: a time that is not an integer, a missing username (the
             # dataclasses check nothing, to stay cheap where the server makes them).
@@ -551,24 +564,28 @@ class EventStore:
                 if sid is None:
                     first = self._next_seq()
                     sid = self._sid(key, first)
-                sid_column = [sid] * count
+                sids: int | list[int] = sid
                 touched = {sid: count - 1}
             else:
-                sid_column, touched, first = self._sid_column(events)
-                sid = sid_column[-1]
-            params: list[object] = [None] * (5 * count)
-            params[0::5] = sid_column
-            params[1::5] = ats
-            params[2::5] = list(map(class_codes.__getitem__, map(type, events)))
-            params[3::5] = usernames
-            params[4::5] = encode_data_column(events)
+                sids, touched, first = self._sid_column(events)
+                sid = sids[-1]
+            if len(classes) == 1:
+                codes: int | list[int] = class_codes[next(iter(classes))]
+            else:
+                codes = list(map(class_codes.__getitem__, map(type, events)))
+            columns = (sids, ats, codes, usernames, encode_data_column(events))
+            shared = tuple(type(column) is int for column in columns)
+            rows = [column for column in columns if type(column) is list]
+            width = len(rows)
+            params: list[object] = [None] * (width * count)
+            for index, column in enumerate(rows):
+                params[index::width] = column
             done, last = 0, 0
             while done < count:
                 chunk = min(1 << ((count - done).bit_length() - 1), _MAX_CHUNK)
-                if chunk == count:
-                    last = conn.execute(_insert_sql(chunk), params).lastrowid
-                else:
-                    last = conn.execute(_insert_sql(chunk), params[5 * done : 5 * (done + chunk)]).lastrowid
+                chunk_params = params if chunk == count else params[width * done : width * (done + chunk)]
+                chunk_params += [column for column in columns if type(column) is int]
+                last = conn.execute(_insert_sql(chunk, shared), chunk_params).lastrowid
                 done += chunk
             if first is None:
                 first = last - count + 1
