@@ -246,6 +246,11 @@ def _walk_non_finite(value: Any) -> bool:
     return False
 
 
+#: Between two events' data in a batch's one JSON text: raw, so a control character that orjson writes
+#: escaped wherever it could occur in data (in a string, as \u001e).
+_SEPARATOR = orjson.Fragment(b"\x1e")
+
+
 def encode_data_column(events: Sequence[Event]) -> list[str | None]:
     """The ``data`` column of each of ``events``: its type-specific fields as JSON text, ``None`` when it has
     none.
@@ -253,11 +258,21 @@ def encode_data_column(events: Sequence[Event]) -> list[str | None]:
     Text, not bytes: sqlite3 binds a ``str`` directly but looks up an adapter for every ``bytes`` value
     (about 1 us per event on the append path), and SQL tools show text as it is. Logs written by earlier
     versions hold the same JSON as blobs; readers take both."""
+    if not events:
+        return []
     datas = [event.data() for event in events]
-    texts = [_dumps(data).decode() if data else None for data in datas]
+    # One orjson call for the batch, then cut apart: a fifth less CPU than one call per event.
+    items = [_SEPARATOR] * (2 * len(datas) - 1)
+    items[0::2] = datas
+    batch = _dumps(items).decode()
+    texts: list[str | None] = batch[1:-1].split(",\x1e,")  # type: ignore[assignment]
+    if len(texts) != len(datas):
+        raise ValueError("data holds raw JSON (an orjson.Fragment) with a record separator")
+    if "{}" in texts:
+        texts = [None if text == "{}" else text for text in texts]
     # A NaN or an infinity, which orjson writes as null, would read back as another event. One search over
-    # the whole batch, in text (``in`` on bytes costs 5x more in 3.11), then a closer look where there is one.
-    if "null" in "".join(filter(None, texts)):
+    # the whole batch, then a closer look where there is one.
+    if "null" in batch:
         for event, data, text in zip(events, datas, texts):
             if text is not None and "null" in text and holds_non_finite(data, text.encode()):
                 raise ValueError(f"{event.type} data holds NaN or an infinity, which JSON cannot hold")

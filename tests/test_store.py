@@ -423,8 +423,9 @@ def test_a_type_first_appended_in_a_refused_batch_is_numbered_again_by_the_next_
         ({"type": "x/y", "payload": {"score": float("nan")}}, "NaN or an infinity"),
         ({"type": "x/y", "payload": [1, float("-inf")]}, "NaN or an infinity"),
         ({"type": "x/y", "payload": {1, 2}}, "not JSON serializable"),
+        ({"type": "x/y", "payload": orjson.Fragment(b"[1,\x1e,2]")}, "raw JSON .* with a record separator"),
     ],
-    ids=["nan", "infinity", "a set"],
+    ids=["nan", "infinity", "a set", "a fragment that would cut the batch"],
 )
 def test_data_json_cannot_hold_is_refused_not_stored_as_something_else(db_path, message, words):
     """orjson writes NaN and infinities as null: stored, the event would read back as another one."""
@@ -435,6 +436,14 @@ def test_data_json_cannot_hold_is_refused_not_stored_as_something_else(db_path, 
             store.append([ev.message("al", {"type": "x/ok"}), ev.message("al", message)])
         assert store.append([ev.message("al", {"type": "x/y", "payload": None})]) == [3]
         assert [e.message for e in store.read(types=["message"])] == [{"type": "x/y", "payload": None}]
+
+
+def test_data_with_the_batch_separator_in_its_strings_round_trips(store):
+    """A batch's data is encoded in one JSON text, cut at raw record separators: one in a string is escaped."""
+    ev = Events()
+    batch = [ev.listen(), ev.join("a,\x1e,b")]
+    batch += [ev.message("a,\x1e,b", {"type": "x/\x1e", "payload": {"\x1e": ",\x1e,", "n": i}}) for i in range(3)]
+    assert list(store.read(store.append(batch)[0])) == [e.with_seq(seq) for seq, e in enumerate(batch, 1)]
 
 
 def test_store_api_misuse_raises_a_clear_error(db_path, monkeypatch):
