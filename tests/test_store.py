@@ -674,6 +674,21 @@ def test_message_bodies_are_stored_as_json_text(db_path):
     assert row == ("text", "é")
 
 
+def test_each_type_stores_its_data_as_its_data_json_alone_in_a_batch_or_mixed(store):
+    """A batch of one type and a mixed batch store the same text: the JSON of each event's data(), or NULL."""
+    ev = Events()
+    events = [ev.listen(port=9), ev.join("al"), ev.link("al", auth=True), ev.message("al", {"type": "x/y", "payload": [1.5]}),
+              ev.send("al", {"type": "x/z"}), ev.broadcast({"type": "x/b"}, skip="al"), ev.unlink("al", "dropped"),
+              Cutoff(lobby="main", session="s1", at=ev.at + 1, connection="c1", reason="rate limit", username="al"),
+              ev.leave("al", "kick"), ev.close("server restart")]
+    for event in events:
+        store.append([event, event])
+    store.append(events)
+    expected = [orjson.dumps(event.data()).decode() if event.data() else None for event in events]
+    stored = [data for (data,) in store.db.execute("SELECT data FROM events ORDER BY seq")]
+    assert stored == [text for text in expected for _ in range(2)] + expected
+
+
 def test_data_stored_as_blobs_by_earlier_versions_reads_the_same(db_path):
     """Earlier versions wrote the JSON as blobs: such rows read as the events they were."""
     ev = Events()
