@@ -280,7 +280,8 @@ def encode_data_column(events: Sequence[Event]) -> list[str | None]:
             if "null" in text and holds_non_finite(value, text.encode()):  # type: ignore[operator, union-attr]
                 raise ValueError(f"{event.type} data holds NaN or an infinity, which JSON cannot hold")
     if field:
-        return ['{"' + field + '":' + text + "}" for text in texts]  # type: ignore[operator]
+        prefix = f'{{"{field}":'
+        return [f"{prefix}{text}}}" for text in texts]
     return [None if text == "{}" else text for text in texts] if "{}" in texts else texts
 
 
