@@ -60,22 +60,27 @@ def test_a_large_batch_of_interleaved_sessions_gets_gapless_seqs_and_session_ran
     assert store.db.execute("SELECT type FROM log WHERE seq = ?", [seqs[3001]]).fetchone() == ("close",)
 
 
+@pytest.mark.parametrize("sessions", [1, 2], ids=["one-session", "two-sessions"])
 @pytest.mark.parametrize("types", [["message"], ["message", "send"]], ids=["one-type", "two-types"])
-def test_a_large_batch_of_one_session_round_trips_whatever_its_columns_share(store, types):
-    """One session's batch binds its session id (and its type, if one) once per INSERT: each of its chunks
-    (1024 + 256 + 128 + 64 + 16 + 8 + 4 rows) still stores every row's own time, user and data."""
-    ev = Events()
-    store.append([ev.listen(), ev.join("alice"), ev.join("bob")])
-    make = {"message": ev.message, "send": ev.send}
-    batch = [
-        make[types[i % len(types)]](("alice", "bob")[i % 2], {"type": "x/y", "payload": i}) for i in range(1500)
-    ]
+def test_a_large_batch_round_trips_whatever_its_columns_share(store, types, sessions):
+    """A batch of one session (of one type) binds its session id (type code) once per INSERT: each of its
+    chunks (1024 + 256 + 128 + 64 + 16 + 8 + 4 rows) still stores every row's own time, user and data."""
+    logs = [Events(lobby=f"l{n}", session=f"s{n}") for n in range(sessions)]
+    for ev in logs:
+        store.append([ev.listen(), ev.join("alice"), ev.join("bob")])
+    batch = []
+    for i in range(1500):
+        ev = logs[i % sessions]
+        make = (ev.message, ev.send)[i // 2 % len(types)]
+        batch.append(make(("alice", "bob")[i // 3 % 2], {"type": "x/y", "payload": i}))
+    first = 3 * sessions + 1
     seqs = store.append(batch)
-    assert seqs == list(range(4, 4 + 1500))
-    assert list(store.read(4)) == [event.with_seq(seq) for event, seq in zip(batch, seqs)]
-    assert store.append([ev.link("alice")]) == [1504]
-    (session,) = store.sessions()
-    assert (session.first_seq, session.last_seq) == (1, 1504)
+    assert seqs == list(range(first, first + 1500))
+    assert list(store.read(first)) == [event.with_seq(seq) for event, seq in zip(batch, seqs)]
+    for n, session in enumerate(store.sessions()):
+        assert (session.session, session.first_seq, session.last_seq) == (f"s{n}", 1 + 3 * n, seqs[n - sessions])
+        assert session.events == 3 + 1500 // sessions
+
 
 def test_events_round_trip_with_their_data(store):
     """What is read back equals what was appended, with its seq."""
