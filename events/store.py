@@ -575,7 +575,7 @@ class EventStore:
                 sid_column, touched, first = self._sid_column(events)
                 sid = sid_column[-1]
             one_type, one_session = len(classes) == 1, sid_column is None
-            rows = [ats, usernames, encode_data_column(events)]
+            rows = [ats, usernames, encode_data_column(events, classes)]
             once: list[int] = []
             if one_type:
                 (cls,) = classes
