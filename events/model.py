@@ -274,16 +274,18 @@ def encode_data_column(events: Sequence[Event], classes: set[type] | None = None
     texts: list[str | None] = batch[1:-1].split(",\x1e,")  # type: ignore[assignment]
     if len(texts) != len(values):
         raise ValueError("data holds raw JSON (an orjson.Fragment) with a record separator")
+    if one_field:
+        prefix = one_field[1]
+        texts = [f"{prefix}{text}}}" for text in texts]
+    elif "{}" in texts:
+        texts = [None if text == "{}" else text for text in texts]
     # A NaN or an infinity, which orjson writes as null, would read back as another event. One search over
     # the whole batch, then a closer look where there is one.
     if "null" in batch:
-        for event, value, text in zip(events, values, texts):
-            if "null" in text and holds_non_finite(value, text.encode()):  # type: ignore[operator, union-attr]
+        for event, text in zip(events, texts):
+            if text is not None and "null" in text and holds_non_finite(event.data(), text.encode()):
                 raise ValueError(f"{event.type} data holds NaN or an infinity, which JSON cannot hold")
-    if one_field:
-        prefix = one_field[1]
-        return [f"{prefix}{text}}}" for text in texts]
-    return [None if text == "{}" else text for text in texts] if "{}" in texts else texts
+    return texts
 
 
 def event_from_row(row: Row, lobby: str, session: str) -> Event:

@@ -427,10 +427,11 @@ def test_a_type_first_appended_in_a_refused_batch_is_numbered_again_by_the_next_
     [
         ({"type": "x/y", "payload": {"score": float("nan")}}, "NaN or an infinity"),
         ({"type": "x/y", "payload": [1, float("-inf")]}, "NaN or an infinity"),
+        (float("nan"), "NaN or an infinity"),
         ({"type": "x/y", "payload": {1, 2}}, "not JSON serializable"),
         ({"type": "x/y", "payload": orjson.Fragment(b"[1,\x1e,2]")}, "raw JSON .* with a record separator"),
     ],
-    ids=["nan", "infinity", "a set", "a fragment that would cut the batch"],
+    ids=["nan", "infinity", "a bare nan", "a set", "a fragment that would cut the batch"],
 )
 def test_data_json_cannot_hold_is_refused_not_stored_as_something_else(db_path, message, words):
     """orjson writes NaN and infinities as null: stored, the event would read back as another one."""
