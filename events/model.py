@@ -258,7 +258,8 @@ def encode_data_column(events: Sequence[Event], classes: set[type] | None = None
 
     Text, not bytes: sqlite3 binds a ``str`` directly but looks up an adapter for every ``bytes`` value
     (about 1 us per event on the append path), and SQL tools show text as it is. Logs written by earlier
-    versions hold the same JSON as blobs; readers take both."""
+    versions hold the same JSON as blobs; readers take both. Data nested more than 253 levels deep is refused
+    (orjson's limit, less the level of the batch's list); the server refuses messages deeper than 128."""
     if not events:
         return []
     # A batch of one type with one data field (custom messages, the bulk of a log) writes the field's values,
@@ -271,9 +272,10 @@ def encode_data_column(events: Sequence[Event], classes: set[type] | None = None
     items = [_SEPARATOR] * (2 * len(values) - 1)
     items[0::2] = values
     batch = _dumps(items).decode()
-    texts: list[str | None] = batch[1:-1].split(",\x1e,")  # type: ignore[assignment]
-    if len(texts) != len(values):
+    # Only raw JSON (an orjson.Fragment in the data) could hold a raw separator, and shift the cuts.
+    if batch.count("\x1e") != len(values) - 1:
         raise ValueError("data holds raw JSON (an orjson.Fragment) with a record separator")
+    texts: list[str | None] = batch[1:-1].split(",\x1e,")  # type: ignore[assignment]
     if one_field:
         prefix = one_field[1]
         texts = [f"{prefix}{text}}}" for text in texts]

@@ -515,8 +515,9 @@ class EventStore:
             return []
         try:
             seqs = self._append(self.db.conn, events, count)
-        except (sqlite3.Error, TypeError, ValueError) as error:  # the disk is full, the store was closed, data
-            # that JSON cannot hold (a NaN, an object orjson does not know), ...
+        except (sqlite3.Error, TypeError, ValueError, OverflowError) as error:  # the disk is full, the store
+            # was closed, data that JSON cannot hold (a NaN, an object orjson does not know), a time beyond
+            # SQLite's 64-bit integers, ...
             raise EventLogError(f"{self.path}: cannot append: {error}") from error
         if self.durability == "full" and self.path != MEMORY:
             self._unsynced = True

@@ -363,10 +363,11 @@ def test_the_write_ahead_log_is_cut_back_after_a_long_reader(db_path, monkeypatc
         Join(lobby="main", session="s1", at="abc", username="bob"),
         Join(lobby="main", session="s1", at=1.5, username="bob"),
         Join(lobby="main", session="s1", at=True, username="bob"),
+        Join(lobby="main", session="s1", at=2**63, username="bob"),
         Cutoff(lobby="main", session="s1", at=2, connection="c1", reason="rate limit", username=5),
         Event(lobby="main", session="s1", at=2),
     ],
-    ids=["no username", "at text", "at float", "at bool", "username not text", "bare Event"],
+    ids=["no username", "at text", "at float", "at bool", "at beyond 64 bits", "username not text", "bare Event"],
 )
 def test_an_event_that_could_not_be_read_back_is_refused_and_nothing_of_its_batch_is_written(db_path, bad):
     ev = Events()
@@ -430,8 +431,9 @@ def test_a_type_first_appended_in_a_refused_batch_is_numbered_again_by_the_next_
         (float("nan"), "NaN or an infinity"),
         ({"type": "x/y", "payload": {1, 2}}, "not JSON serializable"),
         ({"type": "x/y", "payload": orjson.Fragment(b"[1,\x1e,2]")}, "raw JSON .* with a record separator"),
+        (orjson.Fragment(b",\x1e"), "raw JSON .* with a record separator"),  # would shift the next event's cut
     ],
-    ids=["nan", "infinity", "a bare nan", "a set", "a fragment that would cut the batch"],
+    ids=["nan", "infinity", "a bare nan", "a set", "a fragment that would cut the batch", "one that would shift"],
 )
 def test_data_json_cannot_hold_is_refused_not_stored_as_something_else(db_path, message, words):
     """orjson writes NaN and infinities as null: stored, the event would read back as another one."""
