@@ -263,12 +263,12 @@ def encode_data_column(events: Sequence[Event], classes: set[type] | None = None
     if not events:
         return []
     # A batch of one type with one data field (custom messages, the bulk of a log) writes the field's values,
-    # each then wrapped as the object data() would be: a third less CPU than making those objects.
+    # each then wrapped as the object data() would be: a quarter less CPU than making those objects.
     if classes is None:
         classes = set(map(type, events))
     one_field = _ONE_DATA_FIELD.get(*classes) if len(classes) == 1 else None
     values = list(map(one_field[0], events)) if one_field else [event.data() for event in events]
-    # One orjson call for the batch, then cut apart: a fifth less CPU than one call per event.
+    # One orjson call for the batch, then cut apart: 7% less CPU than one call per event, at batch 1024.
     items = [_SEPARATOR] * (2 * len(values) - 1)
     items[0::2] = values
     batch = _dumps(items).decode()
