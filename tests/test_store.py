@@ -446,6 +446,17 @@ def test_data_json_cannot_hold_is_refused_not_stored_as_something_else(db_path, 
         assert [e.message for e in store.read(types=["message"])] == [{"type": "x/y", "payload": None}]
 
 
+@pytest.mark.parametrize("message", [{"type": "x/y", "payload": [float("nan")]}, float("inf"), {"type": "x/y", "payload": {1}}],
+                         ids=["nan", "a bare infinity", "a set"])
+def test_data_json_cannot_hold_is_refused_in_a_batch_of_one_too(store, message):
+    """A batch of one event is encoded on its own (nothing to cut apart): it is checked the same."""
+    ev = Events()
+    store.append([ev.listen(), ev.join("al")])
+    with pytest.raises(EventLogError, match="cannot append: .*(NaN or an infinity|not JSON serializable)"):
+        store.append([ev.message("al", message)])
+    assert store.last_seq == 2
+
+
 def test_data_with_the_batch_separator_in_its_strings_round_trips(store):
     """A batch's data is encoded in one JSON text, cut at raw record separators: one in a string is escaped."""
     ev = Events()
