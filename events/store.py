@@ -169,7 +169,6 @@ SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 _COLUMNS = "seq, sid, at, type, username, data"
-_INSERTED = "sid, at, type, username, data"
 #: Rows per INSERT statement at most; a batch goes in as chunks of power-of-two sizes (1024 + 512 + ... + 1),
 #: so that a handful of statement shapes serve every batch size and each is prepared once (sqlite3 caches it).
 #: SQLite before 3.32 binds at most 999 parameters per statement, later ones 32766 (5 per row).
@@ -227,7 +226,7 @@ def _insert_sql(rows: int, one_type: bool, one_session: bool) -> str:
             type_ = type_once or f"?{next(own)}"
             sid = sid_once or f"?{next(own)}"
             values.append(f"({sid}, ?{first}, {type_}, ?{first + 1}, ?{first + 2})")
-        sql = f"INSERT INTO events ({_INSERTED}) VALUES " + ", ".join(values)
+        sql = "INSERT INTO events (sid, at, type, username, data) VALUES " + ", ".join(values)
         _INSERT_CHUNKS[rows, one_type, one_session] = sql
     return sql
 
