@@ -656,10 +656,6 @@ class ServerProtocol:
         self._record(Unlink(**self._common(), username=username, reason=reason))
 
     def _leave(self, username: str, reason: str) -> None:
-        pending = self._leaving.pop(username, None)
-        if pending is not None:  # a listener of its unlink makes it leave: the leave under way ends here
-            self._part(username, *pending)
-            return
         connection = self._user_connection.get(username)
         if connection is None:
             self._part(username, reason, None)
@@ -710,7 +706,10 @@ class ServerProtocol:
     def kick(self, username: str) -> list[Effect]:
         self._can_only("kick a user", "listening")
         self._existing(username, "kick")
-        self._leave(username, "kick")
+        # A user whose leave is under way (kicked or leaving, its unlink's listeners still to run or running)
+        # leaves at that leave's own step, with its reason: a second leave now would come before those listeners.
+        if username not in self._leaving:
+            self._leave(username, "kick")
         return self._take()
 
     def unlink(self, username: str, reason: str = "server") -> list[Effect]:
@@ -723,10 +722,10 @@ class ServerProtocol:
     def send(self, username: str, message: dict[str, Any]) -> list[Effect]:
         # While closing, the listeners of each user's leave run while the later users are still linked.
         self._can_only("send a message", "listening", "closing")
-        data = self._custom(message)
+        sent, data = self._custom(message)
         if not self._existing(username, "send a message to"):
             raise ServerError(f"cannot send a message to a user that is not linked ({username!r})")
-        self._record(Send(**self._common(), username=username, message=message))
+        self._record(Send(**self._common(), username=username, message=sent))
         self._send(self._user_connection[username], data)
         return self._take()
 
@@ -734,16 +733,18 @@ class ServerProtocol:
         self._can_only("broadcast a message", "listening", "closing")
         if skip is not None and not isinstance(skip, str):
             raise ServerError(f"skip is one username (a string) or None, not {skip!r}")
-        data = self._custom(message)
+        sent, data = self._custom(message)
         if self.registry.closed:  # listeners of a close: nobody is linked any more, nothing to send or record
             return self._take()
-        self._record(Broadcast(**self._common(), message=message, skip=skip))
+        self._record(Broadcast(**self._common(), message=sent, skip=skip))
         self._to_linked(data, skip=skip)
         return self._take()
 
     @staticmethod
-    def _custom(message: dict[str, Any]) -> bytes:
-        """The frame of an application message; raise unless it is a JSON object with a non-``krmx/`` type."""
+    def _custom(message: dict[str, Any]) -> tuple[Any, bytes]:
+        """An application message as recorded (read back from its JSON) and its frame; raise unless it is a JSON
+        object with a non-``krmx/`` type. The record is a copy: the app may go on changing its dict after the
+        call, before the record is committed, and the log must hold what was sent."""
         if type(message) is not dict or type(message.get("type")) is not str:
             raise ServerError(f"a message must be a dict with a string 'type', not {message!r:.100}")
         if message["type"].startswith("krmx/"):
@@ -755,4 +756,8 @@ class ServerProtocol:
         problem = unsendable(message, data)
         if problem is not None:
             raise ServerError(problem)
-        return data
+        try:
+            sent = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ServerError("message holds raw JSON (an orjson.Fragment) that is not valid JSON") from None
+        return sent, data

@@ -668,15 +668,21 @@ def test_a_leave_finishes_after_the_listeners_of_its_unlink():
     assert lobby.new_events() == [("unlink", "alice", "requested"), ("broadcast", bye, None), ("leave", "alice", "requested")]
 
 
-def test_an_unlink_listener_that_makes_the_user_leave_ends_the_leave_under_way(three):
-    """An unlink listener that kicks the leaving user: the leave under way ends there, with its own reason,
-    and its former connection still hears its own krmx/left; the pending step adds nothing."""
+def test_a_kick_of_a_user_whose_leave_is_under_way_changes_nothing(three):
+    """A kick of alice between the two steps of her leave (from a listener of her unlink, or a second kick from
+    the listener that made the first): the leave ends at its own step, after the unlink's listeners, with its own
+    reason, and her former connection still hears its own krmx/left."""
     effects = three.core.receive("a", b'{"type":"krmx/leave"}')
     three.run(effects[:-1])
-    three.call("kick", "alice")
-    assert three.core.finish_leave("alice") == []
+    assert three.core.kick("alice") == []
+    three.run(three.core.finish_leave("alice"))
     assert three.new_events() == [("unlink", "alice", "requested"), ("leave", "alice", "requested")]
     assert three.take() == {"a": [unlinked("alice"), left("alice")], "c": [unlinked("alice"), left("alice")]}
+    first = three.core.kick("carol")
+    assert three.core.kick("carol") == [] and three.core.users[-1] == {"username": "carol", "isLinked": False}
+    three.run(first[:-1])
+    three.run(three.core.finish_leave("carol"))
+    assert three.new_events() == [("unlink", "carol", "kick"), ("leave", "carol", "kick")]
 
 
 def test_a_link_to_a_user_whose_leave_is_under_way_is_rejected_as_linked(three):
@@ -984,6 +990,25 @@ def test_server_broadcast_with_skip(three, skip, receivers):
 @dataclass
 class Score:
     value: float
+
+
+@pytest.mark.parametrize("name", ["send", "broadcast"])
+def test_a_message_changed_after_the_call_is_recorded_as_sent(three, name):
+    """The record is a copy made at the call: the app may keep changing its dict (even into something JSON cannot
+    hold) before the record is committed, and neither the log nor the frame sees it."""
+    message = {"type": "app/state", "payload": {"round": 1, "at": Score(1.5)}}
+    three.call(name, *(("alice",) if name == "send" else ()), message)
+    message["payload"]["round"] = 2
+    message["payload"]["score"] = float("nan")
+    sent = {"type": "app/state", "payload": {"round": 1, "at": {"value": 1.5}}}
+    assert three.take()["a"] == [sent]
+    assert three.new_events()[-1][-2 if name == "broadcast" else -1] == sent
+
+
+def test_raw_json_that_is_not_json_is_refused(three):
+    with pytest.raises(ServerError, match="raw JSON"):
+        three.call("broadcast", {"type": "app/x", "payload": orjson.Fragment(b"{not json")})
+    assert three.take() == {} and three.new_events() == []
 
 
 #: A large message with many nulls (no NaN): checked by reading it back, not by a walk.

@@ -419,6 +419,29 @@ async def test_an_app_exception_is_logged_with_its_traceback_and_serving_goes_on
     assert failures[0]["log_level"] == "error" and failures[0]["exc_info"] is True
 
 
+async def test_a_dict_the_app_changes_after_broadcasting_it_is_logged_as_sent_and_serving_goes_on(server):
+    """A listener that keeps building its dict after the call (into a NaN, which JSON cannot hold) changes
+    neither the frame nor the record, which is committed after the listener returns."""
+
+    @server.on("message")
+    def keep_building(username, message):
+        if message["type"] == "test/start":
+            state = {"type": "test/started", "payload": {"round": 1}}
+            server.broadcast(state)
+            state["payload"]["round"] = 2
+            state["payload"]["score"] = float("nan")
+
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    await alice.send({"type": "test/start"})
+    assert await alice.next() == {"type": "test/started", "payload": {"round": 1}}
+    await alice.echo()
+    assert server.status == "listening" and server.fatal is None
+    with EventStore.open_readonly(server.config.db) as store:
+        broadcasts = [event.message for event in store.read() if event.type == "broadcast"]
+    assert broadcasts == [{"type": "test/started", "payload": {"round": 1}}]
+
+
 async def test_every_link_rejection_is_logged_once_with_its_reason_user_and_connection(server):
     """On Saturday, "why can't alice log in" is answered by the log: each rejection, the core's and the app's."""
 
