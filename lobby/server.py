@@ -78,6 +78,8 @@ TURN_SHARE = 32
 #: Seconds a close waits for async listeners still running (a ``close`` listener saving the game) before
 #: it cancels them, with a warning for each.
 LISTENER_GRACE = 10.0
+#: Seconds a listener cancelled at close has to end (its own clean-up on the way out) before close goes on without it.
+LISTENER_CANCEL_GRACE = 2.0
 #: The options the start-up line shows, so that the log tells which limits a session ran with.
 _LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "max_connections",
            "ping_interval", "auth_timeout", "accept_new_users", "compression", "snapshot_every")
@@ -288,11 +290,27 @@ class Server:
         tasks = self._listener_tasks - {asyncio.current_task()}  # close() may be called by a listener itself
         if not tasks:
             return
-        # Up to LISTENER_GRACE, or until a second stop signal (someone pressing Ctrl-C again).
+        # Up to LISTENER_GRACE, or until a second stop signal (someone pressing Ctrl-C again); then the rest is
+        # cancelled and has LISTENER_CANCEL_GRACE to end (a third signal cuts that short too).
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + LISTENER_GRACE
+        started = loop.time()
+        pending = await self._wait_until(set(tasks), LISTENER_GRACE)
+        waited = round(loop.time() - started, 3)
+        for task in pending:
+            self._log.warning("listener cancelled at close", listener=_task_name(task), waited=waited)
+            task.cancel()
+        self._hurry.clear()
+        for task in await self._wait_until(pending, LISTENER_CANCEL_GRACE):
+            # It is left to the loop's shutdown, which cancels it again; the log is closed meanwhile.
+            self._log.error("listener still running after its cancellation: closing without it", listener=_task_name(task))
+
+    async def _wait_until(self, pending: set[asyncio.Future[Any]], timeout: float) -> set[asyncio.Future[Any]]:
+        """Wait until ``pending`` are done, ``timeout`` passed or a stop signal hurries the close; return the rest."""
+        if not pending:
+            return pending
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         hurry = asyncio.ensure_future(self._hurry.wait())
-        pending = set(tasks)
         try:
             while pending and not hurry.done() and loop.time() < deadline:
                 done, _ = await asyncio.wait(
@@ -301,13 +319,7 @@ class Server:
                 pending -= done
         finally:
             hurry.cancel()
-        waited = round(LISTENER_GRACE - max(0.0, deadline - loop.time()), 3)
-        for task in pending:
-            name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
-            self._log.warning("listener cancelled at close", listener=name, waited=waited)
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        return pending
 
     def _finish(self) -> None:
         if self.store is not None:
@@ -852,6 +864,10 @@ def run_event_loop(main: Any) -> Any:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def _task_name(task: asyncio.Future[Any]) -> str:
+    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)
 
 
 def _debug_enabled(log: Any) -> bool:

@@ -1054,6 +1054,34 @@ async def test_close_waits_for_async_listeners_and_cancels_them_after_the_grace(
     ]
 
 
+async def test_close_goes_on_without_a_cancelled_listener_that_does_not_end(tmp_path, monkeypatch):
+    """A listener whose clean-up on cancellation takes long (a stuck save) holds the close for
+    LISTENER_CANCEL_GRACE at most, with an error naming it; the log is closed with the session's close."""
+    monkeypatch.setattr(server_module, "LISTENER_GRACE", 0.2)
+    monkeypatch.setattr(server_module, "LISTENER_CANCEL_GRACE", 0.3)
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+
+    @server.on("leave")
+    async def slow_to_stop(username: str) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(60)  # saving on the way out, stuck
+            raise
+
+    await server.start()
+    server.join("zed")
+    with capture_logs() as logs:
+        await asyncio.wait_for(server.close(), 10)
+    assert server.status == "closed"
+    stuck = [entry for entry in logs if entry["event"].startswith("listener still running after its cancellation")]
+    assert [entry["listener"] for entry in stuck] == [
+        "leave listener test_close_goes_on_without_a_cancelled_listener_that_does_not_end.<locals>.slow_to_stop"
+    ]
+    with EventStore.open_readonly(tmp_path / "lobby.db") as store:
+        assert [event.type for event in store.read()][-1] == "close"
+
+
 async def test_close_called_by_an_async_listener_completes(tmp_path, monkeypatch):
     """An admin command that stops the lobby: close() does not wait for (or cancel) the listener calling it."""
     monkeypatch.setattr(server_module, "LISTENER_GRACE", 5)
