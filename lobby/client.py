@@ -46,9 +46,10 @@ __all__ = ["Client", "EventStream", "RelinkPolicy", "ClientEvent", "CLIENT_EVENT
 Listener = Callable[..., Any]
 
 _END = object()
-#: Seconds ``link()`` waits for the server's answer by default: more than a server's own limit on an
-#: application's authentication (``auth_timeout``, 10 s by default), after which it answers itself.
-LINK_TIMEOUT = 30.0
+#: Seconds ``link()``, ``unlink()`` and ``leave()`` wait for the server's answer by default: more than a
+#: server's own limit on an application's authentication (``auth_timeout``, 10 s by default), after which it
+#: answers a link itself.
+ANSWER_TIMEOUT = 30.0
 
 
 class EventStream:
@@ -437,7 +438,19 @@ class Client:
         if ws is None:
             raise ClientError(f"cannot send when the client is {self.status}")
         try:
-            await ws.send(frame.decode())
+            if self._ping_interval is None:
+                await ws.send(frame.decode())
+            else:
+                # A server that stopped reading: once the socket's buffer is full, websockets' keepalive pings
+                # wait behind the unread frames too, and would never tell. Twice the ping interval without the
+                # buffer draining counts as a dropped connection.
+                async with asyncio.timeout(2 * self._ping_interval):
+                    await ws.send(frame.decode())
+        except TimeoutError:
+            ws.transport.abort()
+            raise ClientError(
+                f"the connection dropped: the server read nothing for {2 * self._ping_interval} s"
+            ) from None
         except ConnectionClosed as error:
             raise ClientError(f"the connection closed: {error}") from None
 
@@ -466,7 +479,7 @@ class Client:
             raise ClientError(f"the connection closed before the {what} completed")
         return event
 
-    async def link(self, username: str, auth: str | None = None, *, timeout: float | None = LINK_TIMEOUT) -> None:
+    async def link(self, username: str, auth: str | None = None, *, timeout: float | None = ANSWER_TIMEOUT) -> None:
         """Link to ``username`` (a new user joins; an unlinked one is taken over), sending ``auth`` if given.
         Returns on this client's own ``link`` event (the other users of the link burst may still be on the
         way); raises :class:`LinkRejected` with the server's reason, or :class:`ClientError` when the client
@@ -475,8 +488,7 @@ class Client:
         ``linking`` until that answer comes, and ``disconnect(force=True)`` ends any status."""
         if self.relinking:
             raise ClientError("cannot link while an automatic relink is in progress (disconnect() first)")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+        _check_timeout(timeout)
         await self._link(username, auth, timeout)
 
     async def _link(self, username: str, auth: str | None, timeout: float | None) -> None:
@@ -487,19 +499,23 @@ class Client:
         if event.name == "reject":
             raise LinkRejected(event.args[0])
 
-    async def unlink(self) -> None:
+    async def unlink(self, *, timeout: float | None = ANSWER_TIMEOUT) -> None:
         """Unlink from the user (it stays in the lobby, unlinked); returns on this client's own ``unlink``,
-        after which the user list is empty and the client is ``connected``."""
+        after which the user list is empty and the client is ``connected``. Raises :class:`ClientError` as
+        :meth:`link` does when no answer came within ``timeout`` seconds."""
+        _check_timeout(timeout)
         frame = self.core.unlink()
         own = self.core.username
-        await self._request(frame, lambda e: e.name == "unlink" and e.args[0] == own, "unlink")
+        await self._request(frame, lambda e: e.name == "unlink" and e.args[0] == own, "unlink", timeout)
 
-    async def leave(self) -> None:
+    async def leave(self, *, timeout: float | None = ANSWER_TIMEOUT) -> None:
         """Make the user leave the lobby; returns on this client's own ``unlink`` (the server's ``krmx/left``
-        for this user follows as a ``leave`` event while the client is ``connected``)."""
+        for this user follows as a ``leave`` event while the client is ``connected``). Raises
+        :class:`ClientError` as :meth:`link` does when no answer came within ``timeout`` seconds."""
+        _check_timeout(timeout)
         frame = self.core.leave()
         own = self.core.username
-        await self._request(frame, lambda e: e.name == "unlink" and e.args[0] == own, "leave")
+        await self._request(frame, lambda e: e.name == "unlink" and e.args[0] == own, "leave", timeout)
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send an application message (a dict with a string ``type``, not ``krmx/...``); only when linked."""
@@ -564,6 +580,11 @@ class Client:
         self._relink_task = None
         self._dispatch(ClientEvent("relink_failed", (reason,)))
         self._end_streams()
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
 
 
 def _current_task_cancelling() -> bool:

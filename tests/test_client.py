@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from lobby import Client, ClientError, LinkRejected, RelinkPolicy, Server, ServerError
@@ -813,6 +814,55 @@ async def test_a_link_that_no_answer_comes_to_ends_with_a_clear_error():
                 await client.link("simon", timeout=0)
         finally:
             await client.disconnect(force=True)
+        assert client.status == "closed"
+
+
+async def _silent_after_link(ws: Any) -> None:
+    """A server that accepts a link, then neither answers nor reads again (it hangs, or its host froze)."""
+    link = orjson.loads(await ws.recv())
+    who = link["payload"]["username"]
+    await ws.send(orjson.dumps({"type": "krmx/accepted"}).decode())
+    for kind in ("joined", "linked"):
+        await ws.send(orjson.dumps({"type": f"krmx/{kind}", "payload": {"username": who}}).decode())
+    await ws.wait_closed()  # reads nothing more: what comes in queues, up to max_queue, then stays unread
+
+
+async def test_unlink_and_leave_that_no_answer_comes_to_end_with_a_clear_error():
+    from websockets.asyncio.server import serve
+
+    async with serve(_silent_after_link, "127.0.0.1", 0, compression=None) as fake:
+        for call in ("unlink", "leave"):
+            client = Client(ping_interval=None)
+            await client.connect(f"ws://127.0.0.1:{fake.sockets[0].getsockname()[1]}")
+            try:
+                await client.link("simon")
+                with pytest.raises(ClientError, match=rf"no answer to the {call} within 0.2 s"):
+                    await getattr(client, call)(timeout=0.2)
+                with pytest.raises(ValueError, match="timeout must be a positive number"):
+                    await getattr(client, call)(timeout=-1)
+            finally:
+                await client.disconnect(force=True)
+
+
+async def test_sending_to_a_server_that_stopped_reading_ends_as_a_dropped_connection():
+    """Once the socket's buffer is full, send() waited for ever: websockets' keepalive pings wait behind the
+    unread frames. Twice the ping interval without progress drops the connection, with a clear error."""
+    from websockets.asyncio.server import serve
+
+    async with serve(
+        _silent_after_link, "127.0.0.1", 0, compression=None, max_size=None, max_queue=1, close_timeout=0.5
+    ) as fake:
+        client = Client(ping_interval=0.3)
+        await client.connect(f"ws://127.0.0.1:{fake.sockets[0].getsockname()[1]}")
+        await client.link("simon")
+        big = {"type": "app/upload", "payload": "x" * 1_000_000}
+
+        async def send_until_it_fails() -> None:
+            while True:
+                await client.send(big)
+
+        with pytest.raises(ClientError, match=r"the connection dropped: the server read nothing for 0.6 s"):
+            await asyncio.wait_for(send_until_it_fails(), 20)
         assert client.status == "closed"
 
 
