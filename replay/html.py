@@ -392,7 +392,8 @@ def render_html(
         for event in kept
     ]
     data = {"initial": list(initial.items()), "events": rows, "total": total, "truncated": total > max_rows}
-    embedded = orjson.dumps(data).decode().replace("</", "<\\/")
+    # Every "<" escaped: "</script>" would end the element, and "<!--<script>" would swallow the page's script.
+    embedded = orjson.dumps(data).decode().replace("<", "\\u003c")
     end = format_time(summary.end) if summary.end is not None else f"{summary.status} (last event {format_time(summary.last_at)})"
     counts = ", ".join(f"{kind} {count}" for kind, count in summary.counts.items())
     title = f"{summary.lobby} / {summary.session}"

@@ -237,8 +237,12 @@ def check_output(log_path: str | os.PathLike[str], output: str | os.PathLike[str
     log = os.path.realpath(log_path)
     target = os.path.realpath(output)
     same = os.path.exists(target) and os.path.exists(log) and os.path.samefile(target, log)
-    if same or target in (log + "-wal", log + "-shm", log + "-journal"):
-        raise ReplayError(f"{os.fspath(output)}: is the event log itself (or its -wal/-shm file); write elsewhere")
+    beside = target in (log + "-wal", log + "-shm", log + "-journal")
+    # A lobby's lock file (<log>-<lobby>.lock): replaced, it would no longer keep a second server off the lobby.
+    if same or beside or (target.startswith(log + "-") and target.endswith(".lock")):
+        raise ReplayError(
+            f"{os.fspath(output)}: is the event log itself (or its -wal/-shm or lock file); write elsewhere"
+        )
     if os.path.isdir(target):
         raise ReplayError(f"{os.fspath(output)}: is a directory; give a file path")
 

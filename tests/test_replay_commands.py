@@ -189,7 +189,8 @@ def test_commands_work_while_a_server_writes_the_log(tmp_path):
 
 def test_replay_never_writes_over_the_log_it_reads(game_log, capsys):
     before = open(game_log, "rb").read()
-    for command, target in (("export", game_log), ("html", game_log), ("export", f"{game_log}-wal")):
+    for command, target in (("export", game_log), ("html", game_log), ("export", f"{game_log}-wal"),
+                            ("export", f"{game_log}-main.lock")):  # replaced, it would let a second server in
         code, _, err = run(capsys, command, game_log, "-o", target)
         assert code == 2 and "is the event log itself" in err, (command, target, err)
     for option, target in (("--server-log", game_log), ("--server-log", f"{game_log}-wal"),

@@ -16,6 +16,9 @@ from replay.html import render_html
 from replay.reader import open_log
 from replay.sessions import summarize
 
+from events import EventStore
+
+from .factories import Events
 from .replay_logs import crash_log, game_log  # noqa: F401 - fixtures
 
 
@@ -89,6 +92,22 @@ def test_the_table_keeps_max_rows_events_and_the_lanes_every_event(game_log):
     with open_log(game_log) as log:  # the events as a one-pass iterator, as html() reads them
         info = log.session(first.session)
         assert render_html(summarize(log, info), iter(list(log.session_events(info))), {}, max_rows=3) == text
+
+
+def test_what_players_wrote_cannot_end_or_hide_the_pages_script(tmp_path):
+    """A chat line with "<!--<script>" put the HTML parser in its double-escaped state, and the page's own script
+    was never run (no table); "</script>" would end the data early. Every "<" of the data is escaped."""
+    ev = Events()
+    db = tmp_path / "lobby.db"
+    said = ["hi <!--<script> there", "</script><script>alert(1)</script>", "a < b <!-- c"]
+    with EventStore(db) as store:
+        store.append([ev.listen(), ev.join("eve"), ev.link("eve"),
+                      *(ev.message("eve", {"type": "chat/say", "payload": text}) for text in said), ev.close()])
+    text = replay.html(db, "s1")
+    embedded = text.split('<script id="session-data" type="application/json">')[1].split("</script>")[0]
+    assert "<" not in embedded
+    details = [row["detail"] for row in orjson.loads(embedded)["events"] if row["type"] == "message"]
+    assert len(details) == 3 and all(line in detail for line, detail in zip(said, details)), details
 
 
 def test_a_crashed_session_ends_its_lanes_and_the_restart_shows_recovered(crash_log):
