@@ -30,7 +30,7 @@ from .sessions import sessions
 from .state import diff, state, step
 from .stats import stats
 from .timeline import timeline
-from .verify import verify
+from .verify import VerifyReport, verify
 
 __all__ = ["Parser", "add_replay_commands", "main"]
 
@@ -54,8 +54,7 @@ def _guarded(name: str, command: Command) -> Command:
             return _fail(name_used, f"{db}: cannot be read: {error} (`sqlite3 {db} .recover` copies out what can be)")
         except BrokenPipeError:
             # The reader went away (| head): stop quietly, like other command line tools.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            _stdout_gone()
             return 0
         except OSError as error:
             return _fail(name_used, f"{error.filename or ''}: {error.strerror or error}".lstrip(": "))
@@ -177,8 +176,22 @@ def _step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdout_gone() -> None:
+    """Send what is still to be written (at exit too) nowhere: the reader of stdout went away."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def _verify(args: argparse.Namespace) -> int:
     report = verify(args.db, live=args.live)
+    try:
+        _print_report(args, report)
+    except BrokenPipeError:  # `verify | head`: the verdict is the exit code still (a script checks it)
+        _stdout_gone()
+    return 0 if report.ok else 1
+
+
+def _print_report(args: argparse.Namespace, report: VerifyReport) -> None:
     if args.json:
         for problem in report.problems:
             _json_line(problem.to_dict())
@@ -192,7 +205,6 @@ def _verify(args: argparse.Namespace) -> int:
             _out(f"note: session {running} has no close yet: taken as running (--live)")
         verdict = "OK" if report.ok else f"{len(report.problems)} problem{'s' if len(report.problems) != 1 else ''}"
         _out(f"{report.path}: {report.events} events, {report.sessions} sessions, last seq {report.last_seq}: {verdict}")
-    return 0 if report.ok else 1
 
 
 def _html(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import orjson
@@ -91,6 +92,29 @@ def test_a_seq_gap_is_reported(tmp_path):
     assert "seqs 2..3 missing before seq 4" in report.problems[0].message
     # without the join and the link, the unlink cannot follow either
     assert (4, "unlink-of-unknown-user") in _kinds(report)
+
+
+def test_verify_exits_1_for_a_broken_log_when_its_reader_went_away(crash_log, tmp_path, monkeypatch):
+    """`verify | head` with pipefail: the reader gone, the exit code is still the verdict, not 0."""
+    db, _ = crash_log
+
+    class GoneReader:
+        def __init__(self, fd: int) -> None:
+            self.fd = fd
+
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return self.fd
+
+    with open(tmp_path / "stdout", "w") as sink:
+        monkeypatch.setattr("sys.stdout", GoneReader(os.dup(sink.fileno())))
+        assert main(["replay", "verify", str(db)]) == 1
+        assert main(["replay", "verify", str(db), "--json"]) == 1
 
 
 def test_live_takes_the_last_open_session_as_running(tmp_path, capsys):
