@@ -312,14 +312,21 @@ def event_from_fields(
         cls = EVENT_TYPES[type_]
     except KeyError:
         raise ValueError(f"seq {seq}: unknown event type {type_!r}") from None
+    if type(at) is not int:
+        raise ValueError(f"its time is not an integer: {at!r:.60}")
     fields = orjson.loads(data) if data else {}
     if type(fields) is not dict:
         raise ValueError(f"data is not a JSON object: {str(data)[:60]!r}")
     if username is not None:
+        if type(username) is not str:
+            raise ValueError(f"its username is not a string: {username!r:.60}")
         fields["username"] = username
     allowed = _FIELD_NAMES[cls]
     if not fields.keys() <= allowed:
         fields = {key: value for key, value in fields.items() if key in allowed}
+    for name, types in _CHECKED_FIELDS[cls]:
+        if name in fields and type(fields[name]) not in types:
+            raise ValueError(f"its {name} is not {' or '.join(t.__name__ for t in types)}: {fields[name]!r:.60}")
     return cls(seq=seq, lobby=lobby, session=session, at=at, **fields)
 
 
@@ -327,6 +334,17 @@ _FIELD_NAMES = {cls: frozenset(f.name for f in dataclasses.fields(cls)) for cls 
 _DATA_FIELDS = {
     cls: frozenset(f.name for f in dataclasses.fields(cls) if f.name not in _COMMON_COLUMNS)
     for cls in EVENT_TYPES.values()
+}
+#: The types each typed data field may hold when read back (a damaged row fails where it is read, not later).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "port": (int, type(None)),
+    "auth": (bool,),
+    "reason": (str,),
+    "skip": (str, type(None)),
+    "connection": (str, type(None)),
+}
+_CHECKED_FIELDS = {
+    cls: [(name, _FIELD_TYPES[name]) for name in names if name in _FIELD_TYPES] for cls, names in _DATA_FIELDS.items()
 }
 # Each type's data() must name exactly its own fields.
 for _cls, _names in _DATA_FIELDS.items():

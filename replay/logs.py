@@ -61,10 +61,11 @@ class LogLine:
             return None
         try:
             moment = datetime.fromisoformat(stamp)
-        except ValueError:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            moment.astimezone(timezone.utc)  # a time that is no UTC date (year 9999 at -01:00) is no time
+        except (ValueError, OverflowError):
             return None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
         return (moment - _EPOCH) // timedelta(microseconds=1)
 
     @property

@@ -3,12 +3,15 @@ the times), through the Python functions and the ``lobby replay`` command line."
 
 from __future__ import annotations
 
+import contextlib
+
 import io
 import os
 import stat
 import threading
 
 import orjson
+import pytest
 
 import replay
 from events import EventStore, rebuild
@@ -277,6 +280,35 @@ def test_a_damaged_row_or_an_unknown_type_is_one_line_naming_its_seq(tmp_path, c
     assert code == 2 and "seq 4: cannot read this event" in err and "Traceback" not in err
     code, _, err = run(capsys, "verify", path)
     assert code == 2 and "seq 1: cannot read this event (data is not a JSON object" in err
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ("at = 'yesterday'", "its time is not an integer: 'yesterday'"),
+        ("at = at + 0.5", "its time is not an integer"),
+        ("username = X'626f62'", "its username is not a string: b'bob'"),
+        ("data = '{\"reason\":[1]}'", "its reason is not str: [1]"),
+        ("data = '{\"reason\":7}'", "its reason is not str: 7"),
+    ],
+)
+def test_a_row_whose_fields_have_the_wrong_types_is_one_line_naming_its_seq(tmp_path, capsys, change, problem):
+    """Damaged rows failed later, as tracebacks (a time that is text in a comparison, a reason that is a list
+    in a count), or were taken as they were (a time with a fraction)."""
+    import sqlite3
+
+    path = tmp_path / "damaged.db"
+    ev = Events()
+    with EventStore(path) as store:
+        store.append([ev.listen(), ev.join("bob"), ev.link("bob"), ev.unlink("bob"), ev.close()])
+    with contextlib.closing(sqlite3.connect(path)) as damage:
+        damage.execute(f"UPDATE events SET {change} WHERE seq = 4")
+        damage.commit()
+    for command, *extra in (("timeline",), ("verify",), ("stats",), ("export", "-o", tmp_path / "out.jsonl"),
+                            ("html", "-o", tmp_path / "out.html"), ("state", "--at-seq", "5")):
+        code, _, err = run(capsys, command, path, *extra)
+        assert code == 2 and f"seq 4: cannot read this event ({problem}" in err and "Traceback" not in err, (
+            command, err)
 
 
 def test_a_page_that_does_not_read_is_one_line(tmp_path, capsys):

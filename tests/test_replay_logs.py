@@ -89,11 +89,13 @@ def test_odd_lines_and_a_swapped_database_argument(crash_log, tmp_path, capsys):
     odd.write_bytes(
         b'{"event":123,"seq":5,"level":["x"],"timestamp":null,"username":5}\n'
         b'{"event":"hello","seq":true,"level":"info","timestamp":"2026-11-27T21:03:00Z"}\n'
+        b'{"event":"far","level":"info","timestamp":"9999-12-31T23:59:59.999999-01:00"}\n'  # no UTC date
     )
     assert main(["replay", "logs", str(odd), "--db", str(db)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and "hello" in out[1] and out[1].split()[1] == "-"  # no seq
-    assert [entry.seq for entry in replay.logs(odd, db)] == [5, None]
+    assert len(out) == 3 and "hello" in out[1] and out[1].split()[1] == "-"  # no seq
+    assert [entry.seq for entry in replay.logs(odd, db)] == [5, None, None]
+    assert [entry.at for entry in replay.logs(odd, db)][2] is None and "far" in out[2]
     assert main(["replay", "logs", str(db), "--db", str(db)]) == 2
     assert capsys.readouterr().err == (
         f"lobby replay logs: {db}: is an SQLite database, not a server log file (the event log goes in --db)\n"
