@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from urllib.parse import quote
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -52,12 +53,20 @@ class _Checkpoint:
 class _Sidecar:
     """Checkpoints of one log, in the sidecar file when it can be written, else in memory."""
 
-    _memory: dict[tuple[str, str], list[_Checkpoint]] = {}
+    #: By the log file itself (path and inode) and its fingerprint: logs made alike (the same first event, as
+    #: tests make them) must not share checkpoints.
+    _memory: dict[tuple[Any, ...], list[_Checkpoint]] = {}
 
     def __init__(self, log: Log) -> None:
         self.log = log
         self.conn: sqlite3.Connection | None = None
         self.fingerprint = self._fingerprint()
+        real = os.path.realpath(log.path)
+        try:
+            stat = os.stat(real)
+            self._file: tuple[Any, ...] = (real, stat.st_dev, stat.st_ino)
+        except OSError:
+            self._file = (real,)
         self._opened = False
 
     def _fingerprint(self) -> str:
@@ -104,7 +113,7 @@ class _Sidecar:
             ).fetchone()
             if row is not None:
                 candidates.append(_Checkpoint(row[0], row[1], row[2], bool(row[3]), row[4]))
-        memory = [c for c in self._memory.get((self.fingerprint, lobby), []) if c.seq <= seq]
+        memory = [c for c in self._memory.get((*self._file, self.fingerprint, lobby), []) if c.seq <= seq]
         if memory:
             candidates.append(max(memory, key=lambda c: c.seq))
         for checkpoint in sorted(candidates, key=lambda c: -c.seq):
@@ -127,7 +136,7 @@ class _Sidecar:
                 return
             except sqlite3.Error:
                 pass  # a read-only folder or file: keep them in memory instead
-        self._memory.setdefault((self.fingerprint, lobby), []).extend(checkpoints)
+        self._memory.setdefault((*self._file, self.fingerprint, lobby), []).extend(checkpoints)
 
     def close(self) -> None:
         if self.conn is not None:

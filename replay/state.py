@@ -10,7 +10,7 @@ from typing import Any
 from events import Event, Registry, apply
 
 from .index import registry_at
-from .reader import Log, ReplayError, iso_time, open_log
+from .reader import Log, ReplayError, SessionRange, format_time, iso_time, open_log
 from .timeline import Moment, check_seq_range, to_microseconds
 
 __all__ = ["StatePoint", "StateDiff", "state", "diff", "step", "state_in", "point_of"]
@@ -88,12 +88,26 @@ def point_of(
         return name, at_seq
     if at_time is not None:
         reference = info.start if info is not None else log.clock_date(name)
-        return name, log.seq_at_time(to_microseconds(at_time, reference, end=True), info, name)
+        moment = to_microseconds(at_time, reference, end=True)
+        if info is not None:
+            _check_time_in(log, info, moment, at_time)
+        return name, log.seq_at_time(moment, info, name)
     if info is not None:
         return name, info.first_seq - 1 if default == "start" else min(info.last_seq, log.upto)
     if default == "start":
         return name, 0
     return name, min(max(s.last_seq for s in log.sessions if s.lobby == name), log.upto)  # the lobby's end
+
+
+def _check_time_in(log: Log, info: SessionRange, moment: int, given: Moment) -> None:
+    """Refuse a time of ``info`` that is before it or in a later session of its lobby (as a seq is refused):
+    the state there is another session's."""
+    later = [s.start for s in log.sessions if s.lobby == info.lobby and s.first_seq > info.last_seq]
+    until = min(later) if later else None
+    if moment < info.start or (until is not None and moment >= until):
+        shown = given if isinstance(given, str) else format_time(moment)
+        span = f"{format_time(info.start)} to {format_time(until) + ', when the next began' if until else 'its end'}"
+        raise ReplayError(f"time {shown} is not in session {info.session} ({span})")
 
 
 def state_in(log: Log, lobby: str, seq: int) -> StatePoint:

@@ -127,6 +127,40 @@ def test_a_read_only_folder_keeps_checkpoints_in_memory(tmp_path, monkeypatch):
     assert not Path(replay_index.sidecar_path(str(path))).exists()
 
 
+def test_a_time_outside_the_session_given_is_refused_as_a_seq_is(game_log):
+    """A time before the session, or once the next one of its lobby began, named another session's state
+    under this one's name; after its end (and before the next) it is the state the session ended with."""
+    first, second = replay.sessions(game_log)
+    for session, moment in ((first.session, "20:59"), (first.session, "22:01"), (second.session, "21:05")):
+        with pytest.raises(ReplayError, match=rf"time {moment} is not in session {session}"):
+            replay.state(game_log, session=session, at_time=moment)
+    assert replay.state(game_log, session=first.session, at_time="21:30").seq == first.last_seq
+    assert replay.state(game_log, session=second.session, at_time="23:00").seq == second.last_seq
+
+
+def test_checkpoints_in_memory_are_not_shared_by_logs_made_alike(tmp_path, monkeypatch):
+    """Two logs whose first events are the same (and whose times match seq for seq) in folders where no
+    sidecar can be written: one's checkpoints answered for the other."""
+    monkeypatch.setattr(replay_index, "CHECKPOINT_EVERY", 10)
+    monkeypatch.setattr(replay_index._Sidecar, "_memory", {})
+
+    def refuse(*args, **kwargs):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(replay_index, "_connect", refuse)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _log_without_snapshots(tmp_path / "a" / "lobby.db", 80)
+    ev = Events()
+    other = [ev.listen(), *(ev.join(f"b{n}") for n in range(79))]
+    with EventStore(tmp_path / "b" / "lobby.db") as store:
+        store.append(other)
+    replay.state(tmp_path / "a" / "lobby.db", at_seq=75)
+    assert replay.state(tmp_path / "b" / "lobby.db", at_seq=78).registry == rebuild(
+        [e.with_seq(i) for i, e in enumerate(other[:78], 1)]
+    )
+
+
 def test_state_by_time_resolves_to_the_last_event_at_or_before_it(game_log):
     first = replay.sessions(game_log)[0].session
     # bob dropped at 21:03:00 and relinked at 21:03:04
