@@ -4,7 +4,9 @@ Checked: seqs are gapless; every event can follow its lobby's registry (a link n
 the user unlinked first, messages need a linked user, nothing before listen or after close, ...); every
 session closes; after a session that never closed, the next one starts with exactly the recovery unlinks
 (reason ``recovered``) of the users that were linked, and ``recovered`` appears nowhere else; a lobby's time
-never goes back (time queries search the log by time).
+never goes back (time queries search the log by time). The derived data other commands trust is checked
+against the fold too: each registry snapshot equals the registry at its seq, and the sessions table gives each
+session the seqs its events have.
 
 The fold goes on after a problem as if the event had happened (a link without a join links the user), so
 one bad event is reported once and does not hide the ones after it.
@@ -131,6 +133,8 @@ class _Verifier:
 
     def run(self) -> VerifyReport:
         previous = 0
+        snapshots = self._snapshots()
+        spans: dict[tuple[str, str], list[int]] = {}
         for event in progress(self.log.read(), total=self.log.upto, description="verifying"):
             seq = event.seq or 0
             if seq != previous + 1:
@@ -138,7 +142,16 @@ class _Verifier:
                 self.problem(seq, "seq-gap", f"seq gap: {missing} missing before seq {seq}", event)
             previous = seq
             self.report.events += 1
-            self.event(self.lobbies.setdefault(event.lobby, _Lobby()), event)
+            lobby = self.lobbies.setdefault(event.lobby, _Lobby())
+            self.event(lobby, event)
+            span = spans.get((event.lobby, event.session))
+            if span is None:
+                spans[(event.lobby, event.session)] = [seq, seq]
+            else:
+                span[1] = seq
+            if (event.lobby, seq) in snapshots:
+                self.check_snapshot(lobby, event)
+        self.check_sessions(spans)
         for name, lobby in self.lobbies.items():
             self.end_recovery(lobby, None)
             registry = lobby.registry
@@ -192,6 +205,42 @@ class _Verifier:
                 text = template.format(user=getattr(event, "username", None))
             self.problem(event.seq or 0, kind, text, event)
             _force(registry, event)
+
+    def _snapshots(self) -> set[tuple[str, int]]:
+        db = self.log.store.db
+        if "snapshots" not in db.table_names():
+            return set()
+        return set(db.execute("SELECT lobby, seq FROM snapshots WHERE seq <= ?", [self.log.upto]).fetchall())
+
+    def check_snapshot(self, lobby: _Lobby, event: Event) -> None:
+        """The snapshot at this event (``state`` and start-up begin there) must be the fold's registry; after a
+        problem of its lobby the fold is a guess, so it is not compared."""
+        if any(problem.lobby == event.lobby for problem in self.report.problems):
+            return
+        seq = event.seq or 0
+        saved = self.log.store.load_registry(event.lobby, seq)
+        folded = lobby.registry
+        if (list(saved.users.items()), saved.session, saved.closed) != (
+            list(folded.users.items()), folded.session, folded.closed
+        ):
+            self.problem(
+                seq, "bad-snapshot",
+                f"the registry snapshot at seq {seq} is not the fold of the log there "
+                f"({len(saved.users)} users, {len(saved.linked())} linked, against {len(folded.users)} and "
+                f"{len(folded.linked())}): `state` and the next start would begin from it", event,
+            )
+
+    def check_sessions(self, spans: dict[tuple[str, str], list[int]]) -> None:
+        """The sessions table (what `sessions`, `-s` and time queries use) must give each session its seqs."""
+        for info in self.log.sessions:
+            first, last = spans.get((info.lobby, info.session), (None, None))
+            if (first, last) != (info.first_seq, info.last_seq):
+                found = f"its events are seqs {first}..{last}" if first is not None else "it has no events"
+                self.problem(
+                    info.first_seq, "bad-session-index",
+                    f"the sessions table gives session {info.session} seqs {info.first_seq}..{info.last_seq}, but "
+                    f"{found}", lobby=info.lobby, session=info.session,
+                )
 
     def end_recovery(self, lobby: _Lobby, after: Event | None) -> None:
         """The recovery of a restart is over: it must have unlinked exactly the users linked at the crash."""

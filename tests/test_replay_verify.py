@@ -8,7 +8,7 @@ import sqlite3
 import orjson
 
 import replay
-from events import EventStore
+from events import EventStore, rebuild
 from lobby.cli import main
 
 from .factories import Events
@@ -115,6 +115,30 @@ def test_verify_exits_1_for_a_broken_log_when_its_reader_went_away(crash_log, tm
         monkeypatch.setattr("sys.stdout", GoneReader(os.dup(sink.fileno())))
         assert main(["replay", "verify", str(db)]) == 1
         assert main(["replay", "verify", str(db), "--json"]) == 1
+
+
+def test_a_snapshot_or_a_sessions_row_that_is_not_the_fold_is_reported(tmp_path):
+    """The derived data `state`, `sessions` and the next start trust: a snapshot with a ghost user, a sessions
+    row cut short. Both were invisible to verify (while `state` answered from them)."""
+    ev = Events()
+    path = tmp_path / "lobby.db"
+    events = [ev.listen(), ev.join("alice"), ev.link("alice"), ev.join("bob"), ev.message("alice", {"type": "a/b"}),
+              ev.unlink("alice", "close"), ev.leave("alice", "close"), ev.leave("bob", "close"), ev.close()]
+    with EventStore(path) as store:
+        store.append(events)
+        store.save_snapshot(rebuild(store.read(to_seq=4)))
+    assert replay.verify(path).ok
+    with sqlite3.connect(path) as damage:
+        damage.execute("""UPDATE snapshots SET users = '[["alice",true],["bob",false],["ghost",false]]'""")
+    assert _kinds(replay.verify(path)) == [(4, "bad-snapshot")]
+    assert "3 users, 1 linked, against 2 and 1" in replay.verify(path).problems[0].message
+    with sqlite3.connect(path) as damage:
+        damage.execute("DELETE FROM snapshots")
+        damage.execute("UPDATE sessions SET last_seq = 3")
+    (problem,) = replay.verify(path).problems
+    assert (problem.kind, problem.message) == (
+        "bad-session-index", "the sessions table gives session s1 seqs 1..3, but its events are seqs 1..9"
+    )
 
 
 def test_live_takes_the_last_open_session_as_running(tmp_path, capsys):
