@@ -33,8 +33,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
 def _port(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be 0..65535")
     return value
@@ -73,11 +80,11 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "close the connection"),
     ("--versions", "versions", _versions, "accepted client version lines, comma separated (default 0.5,0.6)"),
     ("--compression", "compression", _bool, "permessage-deflate: false (default) or true"),
-    ("--snapshot-every", "snapshot_every", int, "write a registry snapshot every N events (default 10000)"),
-    ("--max-connections", "max_connections", int, "open connections at most; more get HTTP 503 (default 10000)"),
+    ("--snapshot-every", "snapshot_every", _whole, "write a registry snapshot every N events (default 10000)"),
+    ("--max-connections", "max_connections", _whole, "open connections at most; more get HTTP 503 (default 10000)"),
     ("--message-rate", "message_rate", _positive_float, "messages per second per connection on average; a "
      "flood is cut off (default 1000)"),
-    ("--message-burst", "message_burst", int, "messages one connection may send at once (default 1000)"),
+    ("--message-burst", "message_burst", _whole, "messages one connection may send at once (default 1000)"),
     ("--max-buffer", "max_buffer", parse_size, "bytes waiting for one slow reader at most before it is cut off "
      "(default 16MiB)"),
     ("--link-deadline", "link_deadline", _positive_float, "seconds a new connection has to link (default 60)"),
@@ -167,11 +174,11 @@ def serve_command(args: argparse.Namespace) -> int:
     log_level = _option(args, "--log-level", "info")
     on_stop = _option(args, "--on-stop", "close")
     if log_format not in ("json", "console"):
-        raise UsageError(f"--log-format must be json or console, not {log_format!r}")
+        raise UsageError(f"--log-format / LOBBY_LOG_FORMAT must be json or console, not {log_format!r}")
     if log_level not in LOG_LEVELS:
-        raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+        raise UsageError(f"--log-level / LOBBY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
     if on_stop not in ("close", "keep"):
-        raise UsageError(f"--on-stop must be close or keep, not {on_stop!r}")
+        raise UsageError(f"--on-stop / LOBBY_ON_STOP must be close or keep, not {on_stop!r}")
     configure_logging(log_format, log_level)  # type: ignore[arg-type]
     server = load_app(args.app) if args.app else Server()
     try:

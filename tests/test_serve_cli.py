@@ -102,6 +102,25 @@ def test_a_port_in_use_exits_2_with_one_line(tmp_path, capsys):
     assert err.startswith(f"lobby: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("LOBBY_PORT", "abc", "--port / LOBBY_PORT: invalid value 'abc': must be a whole number"),
+        ("LOBBY_SNAPSHOT_EVERY", "1.5", "--snapshot-every / LOBBY_SNAPSHOT_EVERY: invalid value '1.5': must be a whole"),
+        ("LOBBY_LOG_FORMAT", "xml", "--log-format / LOBBY_LOG_FORMAT must be json or console, not 'xml'"),
+        ("LOBBY_LOG_LEVEL", "loud", "--log-level / LOBBY_LOG_LEVEL must be one of"),
+        ("LOBBY_ON_STOP", "pause", "--on-stop / LOBBY_ON_STOP must be close or keep, not 'pause'"),
+    ],
+)
+def test_a_bad_value_is_named_by_its_flag_and_variable_in_our_words(tmp_path, capsys, monkeypatch, variable, value,
+                                                                     said):
+    """Python's own words ("invalid literal for int() with base 10") and a flag alone for a variable's value."""
+    monkeypatch.setenv(variable, value)
+    assert main(["serve", "--db", str(tmp_path / "lobby.db")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lobby: {said}") and err.count("\n") == 1, err
+
+
 def test_bad_option_values_from_the_environment_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LOBBY_LINK_DEADLINE", "nan")
     assert main(["serve", "--port", "0", "--db", str(tmp_path / "lobby.db")]) == 2
