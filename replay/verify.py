@@ -69,6 +69,8 @@ class _Lobby:
         self.restart_seq = 0
         self.last_at = 0
         self.last_seq = 0
+        #: The sessions the lobby has had so far.
+        self.sessions: set[str] = set()
 
 
 def _kind(registry: Registry, event: Event) -> str:
@@ -99,10 +101,17 @@ _MESSAGES = {
 }
 
 
-def _force(registry: Registry, event: Event) -> None:
-    """Apply ``event`` as if it could follow: what the log says happened, happened."""
+def _force(registry: Registry, event: Event, seen: set[str]) -> None:
+    """Apply ``event`` as if it could follow: what the log says happened, happened. An event of a session not
+    seen before in its lobby (its listen lost), or after its own session's close, starts it as a listen would:
+    reported once, not for each of its events (``seen``: the lobby's sessions so far)."""
     username = getattr(event, "username", None)
     users = registry.users
+    if event.type != "listen" and (
+        (event.session != registry.session and event.session not in seen)
+        or (event.session == registry.session and registry.closed)
+    ):
+        registry.session, registry.closed = event.session, False
     if event.type == "listen":
         registry.session, registry.closed = event.session, False
     elif event.type == "join":
@@ -204,7 +213,9 @@ class _Verifier:
             if template is not None:
                 text = template.format(user=getattr(event, "username", None))
             self.problem(event.seq or 0, kind, text, event)
-            _force(registry, event)
+            _force(registry, event, lobby.sessions)
+        if registry.session is not None:
+            lobby.sessions.add(registry.session)
 
     def _snapshots(self) -> set[tuple[str, int]]:
         db = self.log.store.db

@@ -141,6 +141,18 @@ def test_a_snapshot_or_a_sessions_row_that_is_not_the_fold_is_reported(tmp_path)
     )
 
 
+def test_a_lost_listen_is_reported_once_not_for_each_event_of_its_session(tmp_path):
+    first, second = Events(), Events(session="s2", at=1_700_000_000_100_000)
+    path = tmp_path / "lobby.db"
+    _write(path, [first.listen(), first.join("al"), first.link("al"), first.unlink("al", "close"),
+                  first.leave("al", "close"), first.close(), second.listen(), second.join("bo"), second.link("bo"),
+                  *(second.message("bo", {"type": "x/y"}) for _ in range(20)), second.unlink("bo", "close"),
+                  second.leave("bo", "close"), second.close()])
+    with sqlite3.connect(path) as damage:
+        damage.execute("DELETE FROM events WHERE seq = 7")  # the listen of s2
+    assert _kinds(replay.verify(path)) == [(8, "seq-gap"), (8, "other-session"), (7, "bad-session-index")]
+
+
 def test_live_takes_the_last_open_session_as_running(tmp_path, capsys):
     ev = Events()
     path = tmp_path / "live.db"
