@@ -156,6 +156,8 @@ class Log:
                     "which one's last session? pick it with --lobby"
                 )
             return candidates[-1]
+        if not ref:
+            raise ReplayError("a session is named by its id, a unique prefix of it, or last; not an empty string")
         exact = [s for s in candidates if s.session == ref]
         found = exact or [s for s in candidates if s.session.startswith(ref)]
         if not found:

@@ -156,6 +156,8 @@ def diff(
     with open_log(path) as log:
         name, first = point_of(log, lobby=lobby, session=session, at_seq=from_seq, at_time=from_time, default="start")
         _, second = point_of(log, lobby=name, session=session, at_seq=to_seq, at_time=to_time)
+        if first > second:  # as timeline and step refuse a range backwards
+            raise ReplayError(f"the first point (after seq {first}) is after the second (after seq {second})")
         return compare(state_in(log, name, first), state_in(log, name, second))
 
 

@@ -202,6 +202,10 @@ def test_diff_names_who_joined_left_linked_and_unlinked(game_log):
     assert whole.joined == ["alice", "bob"] and whole.linked == []
     by_time = replay.diff(game_log, session=first.session, from_time="21:02:59", to_time="21:05:00")
     assert by_time.joined == ["dave"] and by_time.left == ["carol"] and by_time.linked == ["dave"]
+    with pytest.raises(ReplayError, match=r"the first point \(after seq 22\) is after the second \(after seq 11\)"):
+        replay.diff(game_log, from_seq=22, to_seq=11)  # a backwards diff read as the opposite change
+    with pytest.raises(ReplayError, match="not an empty string"):
+        replay.diff(game_log, session="")  # it matched every session
 
 
 def test_step_walks_a_session_with_the_registry_after_each_event(crash_log):
