@@ -23,9 +23,16 @@ def to_microseconds(value: Moment, reference: int | None = None, *, end: bool = 
     if isinstance(value, datetime):
         moment = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
         return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if not isinstance(value, str):
+        raise ReplayError(f"a time is a string, a datetime or microseconds (an int), not {value!r}")
     return parse_time(value, reference, end=end)
+
+
+def _names(values: Iterable[str]) -> frozenset[str]:
+    """One name, or several: a string is one name, not its letters."""
+    return frozenset((values,) if isinstance(values, str) else values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +98,7 @@ def select(
         high = min(high, to_seq)
     wanted_types = None
     if types is not None:
-        wanted_types = frozenset(types)
+        wanted_types = _names(types)
         unknown = sorted(wanted_types - EVENT_TYPES.keys())
         if unknown:
             raise ReplayError(f"unknown event type {', '.join(unknown)} (types: {', '.join(EVENT_TYPES)})")
@@ -110,7 +117,7 @@ def select(
         from_seq=low, to_seq=high,
         lobby=info.lobby if info is not None else lobby,
         session=info.session if info is not None else None,
-        users=frozenset(users) if users is not None else None,
+        users=_names(users) if users is not None else None,
         types=wanted_types, since=since_us, until=until_us,
     )
 

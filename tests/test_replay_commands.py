@@ -62,6 +62,11 @@ def test_timeline_filters_by_user_type_time_and_seq(game_log, capsys):
     assert [e.seq for e in unlinks] == [12, 15, 18, 20, 21, 22]
     everyone = list(replay.timeline(game_log))
     assert [e.seq for e in everyone] == list(range(1, 35))
+    # One name as a string is that name, not its letters (which matched nothing, or were unknown types).
+    bob_unlinks = list(replay.timeline(game_log, first, users=["bob"], types=["unlink"]))
+    assert len(bob_unlinks) == 2 and list(replay.timeline(game_log, first, users="bob", types="unlink")) == bob_unlinks
+    with pytest.raises(replay.ReplayError, match="a time is a string, a datetime or microseconds"):
+        list(replay.timeline(game_log, since=1.5))
     code, out, _ = run(capsys, "timeline", game_log, "-s", first[:5], "-u", "bob", "--since", "21:02",
                        "--until", "21:03:02")
     assert code == 0
