@@ -46,7 +46,11 @@ def export(
                 return _write(events, handle)
         partial = target + ".partial"
         try:
-            with open(partial, "wb") as handle:
+            try:
+                handle = open(partial, "wb")
+            except OSError as error:  # named by the path asked for, not by the temporary file's
+                raise OSError(error.errno, error.strerror, target) from None
+            with handle:
                 count = _write(events, handle)
             os.replace(partial, target)
         finally:

@@ -236,6 +236,8 @@ class Log:
 def check_output(log_path: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
     """Refuse to write ``output`` if it is the log or one of SQLite's files beside it (replay never writes
     the log: a server may be appending to it), or a directory."""
+    if not os.fspath(output):
+        raise ReplayError("the output file is an empty path; give a file path")
     log = os.path.realpath(log_path)
     target = os.path.realpath(output)
     same = os.path.exists(target) and os.path.exists(log) and os.path.samefile(target, log)

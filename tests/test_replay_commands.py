@@ -155,7 +155,7 @@ def test_export_a_session_or_a_seq_range_as_json_lines(game_log, tmp_path, capsy
     code, _, err = run(capsys, "export", game_log, "-o", tmp_path / "all.jsonl")
     assert code == 0 and "wrote 34 events" in err
     code, _, err = run(capsys, "export", game_log, "-o", tmp_path / "missing" / "x.jsonl")
-    assert code == 2 and "No such file or directory" in err
+    assert (code, err) == (2, f"lobby replay export: {tmp_path / 'missing' / 'x.jsonl'}: No such file or directory\n")
 
 
 def test_commands_work_while_a_server_writes_the_log(tmp_path):
@@ -245,6 +245,8 @@ def test_an_output_that_is_a_directory_is_refused_by_its_name(game_log, tmp_path
     for command in ("export", "html"):
         code, _, err = run(capsys, command, game_log, "-o", str(tmp_path))
         assert (code, err) == (2, f"lobby replay {command}: {tmp_path}: is a directory; give a file path\n")
+        code, _, err = run(capsys, command, game_log, "-o", "")
+        assert (code, err) == (2, f"lobby replay {command}: the output file is an empty path; give a file path\n")
     assert not list(tmp_path.glob("*.partial"))
 
 
