@@ -188,6 +188,13 @@ def step(
         info = log.session(session, lobby)
         start = info.first_seq if from_seq is None else max(info.first_seq, from_seq)
         end = min(info.last_seq, log.upto) if to_seq is None else min(info.last_seq, log.upto, to_seq)
+        if start > end:  # the range misses the session: say so, as state and diff do
+            asked = " ".join(f"{name} seq {value}" for name, value in (("from", from_seq), ("to", to_seq))
+                             if value is not None)
+            raise ReplayError(
+                f"{asked}: no event of session {info.session} (seqs {info.first_seq}..{info.last_seq}; "
+                "without -s, the last session)"
+            )
         registry = registry_at(log, info.lobby, start - 1)
     except BaseException:
         log.close()

@@ -250,9 +250,12 @@ def test_an_output_that_is_a_directory_is_refused_by_its_name(game_log, tmp_path
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_step_over_an_empty_range_says_so(game_log, capsys):
+def test_step_over_a_range_outside_the_session_says_which_seqs_it_has(game_log, capsys):
+    """It said "(no events match)" and exit 0, where state and diff name the session's seqs."""
+    last = replay.sessions(game_log)[-1]
     code, out, err = run(capsys, "step", game_log, "--from-seq", "1000", "--no-pause")
-    assert (code, out, err) == (0, "(no events match)\n", "")
+    assert (code, out, err) == (2, "", f"lobby replay step: from seq 1000: no event of session {last.session} "
+                                       f"(seqs {last.first_seq}..{last.last_seq}; without -s, the last session)\n")
 
 
 def test_a_range_that_ends_before_it_starts_is_a_usage_error(game_log, tmp_path, capsys):
