@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(play(args.url, args.players, table=args.table, timeout=args.timeout,
                          narrate=lambda line: print(line, flush=True)))
+    except KeyboardInterrupt:  # Ctrl-C: the bots disconnect as the loop ends them
+        return 130
     except (SessionError, OSError) as error:
         print(f"session failed: {error}", file=sys.stderr)
         return 1
