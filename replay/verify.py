@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from events import Event, InconsistentEvent, Registry, apply
+from events import Event, EventLogError, InconsistentEvent, Registry, apply
 
-from .reader import Log, format_time, open_log, progress
+from .reader import Log, SessionRange, format_time, open_log, progress
 
 __all__ = ["Problem", "VerifyReport", "verify", "verify_log"]
 
@@ -69,8 +69,8 @@ class _Lobby:
         self.restart_seq = 0
         self.last_at = 0
         self.last_seq = 0
-        #: The sessions the lobby has had so far.
-        self.sessions: set[str] = set()
+        #: The fold went on past a problem as if the event had happened (a guess): snapshots are not compared.
+        self.guessed = False
 
 
 def _kind(registry: Registry, event: Event) -> str:
@@ -101,17 +101,16 @@ _MESSAGES = {
 }
 
 
-def _force(registry: Registry, event: Event, seen: set[str]) -> None:
-    """Apply ``event`` as if it could follow: what the log says happened, happened. An event of a session not
-    seen before in its lobby (its listen lost), or after its own session's close, starts it as a listen would:
-    reported once, not for each of its events (``seen``: the lobby's sessions so far)."""
+def _force(registry: Registry, event: Event, current: SessionRange | None) -> None:
+    """Apply ``event`` as if it could follow: what the log says happened, happened. An event of another
+    session that comes after the end of the current one (by the sessions table: its listen was lost) starts
+    that session as a listen would, so it is reported once, not at each of its events; a stray event of
+    another session in the middle of the current one does not."""
     username = getattr(event, "username", None)
     users = registry.users
-    if event.type != "listen" and (
-        (event.session != registry.session and event.session not in seen)
-        or (event.session == registry.session and registry.closed)
-    ):
-        registry.session, registry.closed = event.session, False
+    if event.type != "listen" and event.session != registry.session:
+        if current is None or (event.seq or 0) > current.last_seq:
+            registry.session, registry.closed = event.session, False
     if event.type == "listen":
         registry.session, registry.closed = event.session, False
     elif event.type == "join":
@@ -133,6 +132,8 @@ class _Verifier:
         self.log, self.live = log, live
         self.lobbies: dict[str, _Lobby] = {}
         self.report = VerifyReport(path=log.path, last_seq=log.upto, sessions=len(log.sessions))
+        #: Each session's place by the sessions table.
+        self.ranges = {(info.lobby, info.session): info for info in log.sessions}
 
     def problem(self, seq: int, kind: str, message: str, event: Event | None = None, lobby: str | None = None,
                 session: str | None = None) -> None:
@@ -213,9 +214,8 @@ class _Verifier:
             if template is not None:
                 text = template.format(user=getattr(event, "username", None))
             self.problem(event.seq or 0, kind, text, event)
-            _force(registry, event, lobby.sessions)
-        if registry.session is not None:
-            lobby.sessions.add(registry.session)
+            lobby.guessed = True
+            _force(registry, event, self.ranges.get((event.lobby, registry.session or "")))
 
     def _snapshots(self) -> set[tuple[str, int]]:
         db = self.log.store.db
@@ -224,12 +224,16 @@ class _Verifier:
         return set(db.execute("SELECT lobby, seq FROM snapshots WHERE seq <= ?", [self.log.upto]).fetchall())
 
     def check_snapshot(self, lobby: _Lobby, event: Event) -> None:
-        """The snapshot at this event (``state`` and start-up begin there) must be the fold's registry; after a
-        problem of its lobby the fold is a guess, so it is not compared."""
-        if any(problem.lobby == event.lobby for problem in self.report.problems):
+        """The snapshot at this event (``state`` and start-up begin there) must be the fold's registry; once the
+        fold of its lobby went on past a problem by a guess, it is not compared."""
+        if lobby.guessed:
             return
         seq = event.seq or 0
-        saved = self.log.store.load_registry(event.lobby, seq)
+        try:
+            saved = self.log.store.load_registry(event.lobby, seq)
+        except (ValueError, TypeError, EventLogError) as error:
+            self.problem(seq, "bad-snapshot", f"the registry snapshot at seq {seq} cannot be read: {error}", event)
+            return
         folded = lobby.registry
         if (list(saved.users.items()), saved.session, saved.closed) != (
             list(folded.users.items()), folded.session, folded.closed
@@ -242,15 +246,21 @@ class _Verifier:
             )
 
     def check_sessions(self, spans: dict[tuple[str, str], list[int]]) -> None:
-        """The sessions table (what `sessions`, `-s` and time queries use) must give each session its seqs."""
-        for info in self.log.sessions:
-            first, last = spans.get((info.lobby, info.session), (None, None))
-            if (first, last) != (info.first_seq, info.last_seq):
-                found = f"its events are seqs {first}..{last}" if first is not None else "it has no events"
+        """The sessions table (what `sessions`, `-s` and time queries use) must list each session with the seqs
+        of its events."""
+        for key, (first, last) in spans.items():
+            info = self.ranges.get(key)
+            if info is None:
+                self.problem(
+                    first, "bad-session-index",
+                    f"session {key[1]} has events (seqs {first}..{last}) that the sessions table does not cover: "
+                    "`sessions` and -s do not find them", lobby=key[0], session=key[1],
+                )
+            elif (first, last) != (info.first_seq, info.last_seq):
                 self.problem(
                     info.first_seq, "bad-session-index",
                     f"the sessions table gives session {info.session} seqs {info.first_seq}..{info.last_seq}, but "
-                    f"{found}", lobby=info.lobby, session=info.session,
+                    f"its events are seqs {first}..{last}", lobby=info.lobby, session=info.session,
                 )
 
     def end_recovery(self, lobby: _Lobby, after: Event | None) -> None:
@@ -259,6 +269,7 @@ class _Verifier:
         lobby.expected = None
         if expected is None or expected == got:
             return
+        lobby.guessed = True
         missing = [name for name in expected if name not in got]
         for name in missing:  # as if recovered, so their next link is not reported again
             if name in lobby.registry.users:

@@ -153,6 +153,55 @@ def test_a_lost_listen_is_reported_once_not_for_each_event_of_its_session(tmp_pa
     assert _kinds(replay.verify(path)) == [(8, "seq-gap"), (8, "other-session"), (7, "bad-session-index")]
 
 
+def test_a_stray_row_or_an_event_after_close_is_one_problem(tmp_path):
+    """A row of the next session in the middle of this one (a damaged sid) is not a lost listen: the fold
+    stays with this session; an event after a clean close does not reopen it (no "never-closed" then)."""
+    a, b = Events(), Events(session="s2", at=1_700_000_000_100_000)
+    path = tmp_path / "stray.db"
+    _write(path, [a.listen(), a.join("al"), a.link("al"), *(a.message("al", {"type": "x/y"}) for _ in range(20)),
+                  a.unlink("al", "close"), a.leave("al", "close"), a.close(), b.listen(), b.close()])
+    with sqlite3.connect(path) as damage:
+        damage.execute("UPDATE events SET sid = 2 WHERE seq = 5")
+    assert [kind for _, kind in _kinds(replay.verify(path))] == ["other-session", "bad-session-index"]
+    ev = Events()
+    path = tmp_path / "after_close.db"
+    _write(path, [ev.listen(), ev.join("al"), ev.link("al"), ev.unlink("al", "close"), ev.leave("al", "close"),
+                  ev.close(), ev.join("bob")])
+    assert _kinds(replay.verify(path)) == [(7, "after-close")]
+
+
+def test_snapshots_after_a_crash_are_checked_and_one_that_does_not_read_is_reported(tmp_path, capsys):
+    """A crash is reported (never-closed) but its recovery leaves the fold exact: later snapshots are still
+    compared. A snapshot that cannot be read was a traceback."""
+    a, b = Events(), Events(session="s2", at=1_700_000_000_100_000)
+    path = tmp_path / "crash.db"
+    with EventStore(path) as store:
+        store.append([a.listen(), a.join("al"), a.link("al"), b.listen(), b.unlink("al", "recovered"),
+                      b.join("bob"), b.leave("bob", "close"), b.leave("al", "close"), b.close()])
+        store.save_snapshot(rebuild(store.read(to_seq=6)))
+    assert _kinds(replay.verify(path)) == [(3, "never-closed")]
+    with sqlite3.connect(path) as damage:
+        damage.execute("""UPDATE snapshots SET users = '[["al",false],["bob",false],["ghost",false]]'""")
+    assert _kinds(replay.verify(path)) == [(3, "never-closed"), (6, "bad-snapshot")]
+    with sqlite3.connect(path) as damage:
+        damage.execute("UPDATE snapshots SET users = 'not json'")
+    assert main(["replay", "verify", str(path)]) == 1
+    assert "seq       6  bad-snapshot" in capsys.readouterr().out
+
+
+def test_a_session_the_sessions_table_no_longer_covers_is_reported(tmp_path):
+    a, b = Events(), Events(session="s2", at=1_700_000_000_100_000)
+    path = tmp_path / "hidden.db"
+    _write(path, [a.listen(), a.join("al"), a.link("al"), a.unlink("al", "close"), a.leave("al", "close"), a.close(),
+                  b.listen(), b.join("bo"), b.leave("bo", "close"), b.close()])
+    with sqlite3.connect(path) as damage:
+        damage.execute("UPDATE sessions SET first_seq = 8, last_seq = 9 WHERE session = 's1'")
+    assert [s.session for s in replay.sessions(path)] == ["s2"]  # what every command then sees
+    (problem,) = replay.verify(path).problems
+    assert (problem.seq, problem.kind, problem.session) == (1, "bad-session-index", "s1")
+    assert "has events (seqs 1..6) that the sessions table does not cover" in problem.message
+
+
 def test_live_takes_the_last_open_session_as_running(tmp_path, capsys):
     ev = Events()
     path = tmp_path / "live.db"
