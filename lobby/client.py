@@ -29,6 +29,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import struct
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -441,16 +443,7 @@ class Client:
             if self._ping_interval is None:
                 await ws.send(frame.decode())
             else:
-                # A server that stopped reading: once the socket's buffer is full, websockets' keepalive pings
-                # wait behind the unread frames too, and would never tell. Twice the ping interval without the
-                # buffer draining counts as a dropped connection.
-                async with asyncio.timeout(2 * self._ping_interval):
-                    await ws.send(frame.decode())
-        except TimeoutError:
-            ws.transport.abort()
-            raise ClientError(
-                f"the connection dropped: the server read nothing for {2 * self._ping_interval} s"
-            ) from None
+                await _send_watched(ws, frame.decode(), 2 * self._ping_interval)
         except ConnectionClosed as error:
             raise ClientError(f"the connection closed: {error}") from None
 
@@ -580,6 +573,52 @@ class Client:
         self._relink_task = None
         self._dispatch(ClientEvent("relink_failed", (reason,)))
         self._end_streams()
+
+
+async def _send_watched(ws: ClientConnection, text: str, limit: float) -> None:
+    """``ws.send(text)``, but a server that takes nothing of what waits to be written for ``limit`` seconds
+    drops the connection: once the socket's buffer is full, websockets' keepalive pings wait behind the unread
+    frames too, and would never tell. A slow link that drains, however slowly, is waited for."""
+    sending = asyncio.ensure_future(ws.send(text))
+    try:
+        loop = asyncio.get_running_loop()
+        transport = ws.transport
+        waiting = _unsent(transport)
+        progress = loop.time()
+        while not (await asyncio.wait({sending}, timeout=limit / 4))[0]:
+            now = _unsent(transport)
+            if now < waiting:
+                progress = loop.time()
+            waiting = now
+            if loop.time() - progress >= limit:
+                transport.abort()
+                raise ClientError(f"the connection dropped: the server read nothing for {limit} s")
+        sending.result()
+    finally:
+        if not sending.done():
+            sending.cancel()
+        elif not sending.cancelled():
+            sending.exception()  # raised above, or replaced by the drop
+
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    def _unsent(transport: Any) -> int:
+        """Bytes written and not yet taken by the peer: the transport's buffer and the kernel's send queue (on
+        a slow link the kernel holds seconds of data, and the transport's buffer moves only now and then)."""
+        size: int = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return size
+
+else:
+
+    def _unsent(transport: Any) -> int:
+        return transport.get_write_buffer_size()  # type: ignore[no-any-return]
 
 
 def _check_timeout(timeout: float | None) -> None:

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -864,6 +866,53 @@ async def test_sending_to_a_server_that_stopped_reading_ends_as_a_dropped_connec
         with pytest.raises(ClientError, match=r"the connection dropped: the server read nothing for 0.6 s"):
             await asyncio.wait_for(send_until_it_fails(), 20)
         assert client.status == "closed"
+
+
+async def test_a_send_over_a_slow_link_that_drains_is_waited_for(tmp_path):
+    """The server reads all along, slowly (a proxy that passes 256 KiB/s): a 1 MiB message takes longer
+    than twice the ping interval to go, and is sent, not taken for a server that stopped reading."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    got: list[int] = []
+    server.on("message", lambda username, message: got.append(len(message["payload"])))
+    await server.start()
+    rate = 256 * 1024
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(4096 if slow else 65536):
+                writer.write(data)
+                await writer.drain()
+                if slow:
+                    await asyncio.sleep(len(data) / rate)
+        writer.close()
+
+    async def proxied(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # small kernel buffers: the proxy sets the pace
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    proxy = await asyncio.start_server(proxied, sock=listening)
+    client = Client(ping_interval=1.5)
+    try:
+        await client.connect(f"ws://127.0.0.1:{listening.getsockname()[1]}")
+        client._ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        await client.link("simon")
+        started = time.monotonic()
+        await asyncio.wait_for(client.send({"type": "app/upload", "payload": "x" * 1024 * 1024}), 30)
+        assert time.monotonic() - started > 3.0  # longer than the limit: measured by progress, not in total
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.05)
+        assert got == [1024 * 1024] and client.status == "linked"
+    finally:
+        if client.status != "closed":
+            await client.disconnect(force=True)
+        proxy.close()
+        await server.close()
 
 
 async def test_a_relink_that_no_answer_comes_to_gives_up_saying_so():
