@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import inspect
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -356,6 +357,12 @@ class Server:
 
         def on_signal(signum: signal.Signals) -> None:
             received.append(signum.name)
+            if self._status == "closed":
+                # Closed, the log too: only listeners that ignore their cancellation keep the process (the
+                # loop's shutdown waits for them). A stop signal now is someone who wants it gone.
+                self._log.warning("stop signal after close: exiting without the listeners still running",
+                                  signal=signum.name)
+                os._exit(1 if self.fatal is not None else 0)
             if stop.is_set():  # a second one while closing: stop waiting for async listeners
                 self._log.warning("second stop signal: not waiting for listeners", signal=signum.name)
                 self._hurry.set()
@@ -377,6 +384,13 @@ class Server:
             return 1
         self._log.info("stopping", keep_users=keep_users_on_stop, signal=received[0] if received else None)
         await self.close(keep_users=keep_users_on_stop)
+        stuck = [_task_name(task) for task in self._listener_tasks if not task.done()]
+        if stuck:
+            self._log.error("listeners still running after close: the process exits once they end, or at the "
+                            "next stop signal", listeners=stuck)
+        else:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
         return 0
 
     # -- connections ------------------------------------------------------------------------------------

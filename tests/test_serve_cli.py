@@ -286,6 +286,48 @@ def test_a_second_stop_signal_stops_waiting_for_listeners(tmp_path):
     assert events == ["second stop signal: not waiting for listeners", "listener cancelled at close", "closed"]
 
 
+STUCK_LISTENER_APP = """
+import asyncio, sys
+import lobby.server
+from lobby import Server
+lobby.server.LISTENER_GRACE = lobby.server.LISTENER_CANCEL_GRACE = 0.2
+app = Server(port=0, db=sys.argv[1])
+
+@app.on("close")
+async def never_stops():
+    while True:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            pass  # a bug: it swallows every cancellation
+
+sys.exit(app.run())
+"""
+
+
+def test_a_stop_signal_after_close_ends_a_process_a_stuck_listener_keeps(tmp_path):
+    """close() goes on without a listener that ignores its cancellation, but the loop's shutdown waits for it
+    for ever: the process says so, and the next stop signal ends it (the log is closed by then)."""
+    db = tmp_path / "lobby.db"
+    process = subprocess.Popen([sys.executable, "-c", STUCK_LISTENER_APP, str(db)],
+                               stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        _serving(process)
+        process.send_signal(signal.SIGTERM)
+        while b"listeners still running after close" not in (line := process.stderr.readline()):
+            assert line
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=0.5)
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    assert b"stop signal after close: exiting without the listeners still running" in rest
+    with EventStore.open_readonly(db) as store:
+        assert [event.type for event in store.read()][-1] == "close"
+
+
 def test_under_nohup_sighup_is_still_ignored(tmp_path):
     """``nohup lobby serve &``: a server meant to outlive its terminal does not close on SIGHUP."""
     db = tmp_path / "lobby.db"
