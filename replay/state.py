@@ -100,13 +100,17 @@ def point_of(
 
 
 def _check_time_in(log: Log, info: SessionRange, moment: int, given: Moment) -> None:
-    """Refuse a time of ``info`` that is before it or in a later session of its lobby (as a seq is refused):
-    the state there is another session's."""
-    later = [s.start for s in log.sessions if s.lobby == info.lobby and s.first_seq > info.last_seq]
-    until = min(later) if later else None
-    if moment < info.start or (until is not None and moment >= until):
+    """Refuse a time of ``info`` that falls in another session of its lobby (as a seq there is refused): at or
+    before the last event of the session before it, or once the next one began. A time between the sessions
+    is the state this one started from (before its first event), or the one it ended with."""
+    same = [s for s in log.sessions if s.lobby == info.lobby]
+    before = [s.last_at for s in same if s.last_seq < info.first_seq]
+    after = [s.start for s in same if s.first_seq > info.last_seq]
+    since, until = (max(before) if before else None), (min(after) if after else None)
+    if (since is not None and moment <= since) or (until is not None and moment >= until):
         shown = given if isinstance(given, str) else format_time(moment)
-        span = f"{format_time(info.start)} to {format_time(until) + ', when the next began' if until else 'its end'}"
+        span = (f"after {format_time(since)}, the previous session's last event" if since is not None else "any time")
+        span += f", and before {format_time(until)}, when the next began" if until is not None else ""
         raise ReplayError(f"time {shown} is not in session {info.session} ({span})")
 
 
@@ -191,9 +195,9 @@ def step(
         if start > end:  # the range misses the session: say so, as state and diff do
             asked = " ".join(f"{name} seq {value}" for name, value in (("from", from_seq), ("to", to_seq))
                              if value is not None)
+            which = "" if session is not None else "; without -s, the last session"
             raise ReplayError(
-                f"{asked}: no event of session {info.session} (seqs {info.first_seq}..{info.last_seq}; "
-                "without -s, the last session)"
+                f"{asked}: no event of session {info.session} (seqs {info.first_seq}..{info.last_seq}{which})"
             )
         registry = registry_at(log, info.lobby, start - 1)
     except BaseException:

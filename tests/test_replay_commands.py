@@ -256,6 +256,8 @@ def test_step_over_a_range_outside_the_session_says_which_seqs_it_has(game_log, 
     code, out, err = run(capsys, "step", game_log, "--from-seq", "1000", "--no-pause")
     assert (code, out, err) == (2, "", f"lobby replay step: from seq 1000: no event of session {last.session} "
                                        f"(seqs {last.first_seq}..{last.last_seq}; without -s, the last session)\n")
+    code, out, err = run(capsys, "step", game_log, "-s", last.session, "--from-seq", "1000", "--no-pause")
+    assert err.endswith(f"(seqs {last.first_seq}..{last.last_seq})\n")
 
 
 def test_a_range_that_ends_before_it_starts_is_a_usage_error(game_log, tmp_path, capsys):

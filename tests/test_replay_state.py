@@ -127,14 +127,17 @@ def test_a_read_only_folder_keeps_checkpoints_in_memory(tmp_path, monkeypatch):
     assert not Path(replay_index.sidecar_path(str(path))).exists()
 
 
-def test_a_time_outside_the_session_given_is_refused_as_a_seq_is(game_log):
-    """A time before the session, or once the next one of its lobby began, named another session's state
-    under this one's name; after its end (and before the next) it is the state the session ended with."""
+def test_a_time_in_another_session_is_refused_as_a_seq_is(game_log):
+    """With -s, a time in another session of the lobby named that session's state under this one's name; a
+    time between two sessions is the state the later one started from or the earlier one ended with (a time
+    typed to the minute, before a session's first event, is not refused)."""
     first, second = replay.sessions(game_log)
-    for session, moment in ((first.session, "20:59"), (first.session, "22:01"), (second.session, "21:05")):
+    for session, moment in ((first.session, "22:01"), (second.session, "21:05")):
         with pytest.raises(ReplayError, match=rf"time {moment} is not in session {session}"):
             replay.state(game_log, session=session, at_time=moment)
+    assert replay.state(game_log, session=first.session, at_time="20:59").seq == 0
     assert replay.state(game_log, session=first.session, at_time="21:30").seq == first.last_seq
+    assert replay.state(game_log, session=second.session, at_time="21:30").seq == second.first_seq - 1
     assert replay.state(game_log, session=second.session, at_time="23:00").seq == second.last_seq
 
 
