@@ -757,7 +757,7 @@ class ServerProtocol:
         if problem is not None:
             raise ServerError(problem)
         try:
-            sent = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise ServerError("message holds raw JSON (an orjson.Fragment) that is not valid JSON") from None
+            sent = orjson.loads(data)  # raw JSON (an orjson.Fragment) is recorded as it reads back
+        except orjson.JSONDecodeError as error:
+            raise ServerError(f"message holds raw JSON (an orjson.Fragment) that does not read back: {error}") from None
         return sent, data
