@@ -760,4 +760,7 @@ class ServerProtocol:
             sent = orjson.loads(data)  # raw JSON (an orjson.Fragment) is recorded as it reads back
         except orjson.JSONDecodeError as error:
             raise ServerError(f"message holds raw JSON (an orjson.Fragment) that does not read back: {error}") from None
+        if type(sent) is not dict or type(sent.get("type")) is not str or sent["type"].startswith("krmx/"):
+            # Raw JSON with a "type" key of its own: the last one is what the client reads.
+            raise ServerError(f"message reads back with another type (raw JSON in it): {data[:100]!r}")
         return sent, data

@@ -1005,9 +1005,12 @@ def test_a_message_changed_after_the_call_is_recorded_as_sent(three, name):
     assert three.new_events()[-1][-2 if name == "broadcast" else -1] == sent
 
 
-def test_raw_json_that_is_not_json_is_refused(three):
+def test_raw_json_that_is_not_json_or_that_changes_the_type_is_refused(three):
     with pytest.raises(ServerError, match="raw JSON"):
         three.call("broadcast", {"type": "app/x", "payload": orjson.Fragment(b"{not json")})
+    for raw in (b'1,"type":"krmx/accepted"', b'1,"type":5'):  # a second "type": the client reads the last one
+        with pytest.raises(ServerError, match="reads back with another type"):
+            three.call("send", "alice", {"type": "app/x", "v": orjson.Fragment(raw)})
     assert three.take() == {} and three.new_events() == []
 
 
