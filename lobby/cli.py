@@ -21,7 +21,7 @@ from replay.cli import Parser, add_replay_commands
 
 from .config import parse_size
 from .logs import LOG_LEVELS, configure_logging
-from .server import Server, run_event_loop
+from .server import Server
 
 __all__ = ["main"]
 
@@ -188,7 +188,7 @@ def serve_command(args: argparse.Namespace) -> int:
         flag = next((flag for flag, name, *_ in SERVE_OPTIONS if name == field), None)
         raise UsageError(f"{flag} / {_env_name(flag)}: {error}" if flag else str(error)) from None
     try:
-        return run_event_loop(server.serve(keep_users_on_stop=on_stop == "keep"))
+        return server.run(keep_users_on_stop=on_stop == "keep")
     except LobbyError as error:  # the log cannot be used: not ours, in use, or it does not fold
         raise UsageError(str(error)) from None
     except socket.gaierror as error:  # a host name that does not resolve: a usage error, not a busy port

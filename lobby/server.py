@@ -347,17 +347,23 @@ class Server:
         configured already."""
         if not structlog.is_configured():
             configure_logging()
-        return run_event_loop(self.serve(keep_users_on_stop=keep_users_on_stop))
+        return run_event_loop(self._serve(keep_users_on_stop, owns_process=True))
 
     async def serve(self, *, keep_users_on_stop: bool = False) -> int:
         """Start, serve until SIGINT, SIGTERM or SIGHUP (or a fatal log error), close; return the exit code."""
+        return await self._serve(keep_users_on_stop, owns_process=False)
+
+    async def _serve(self, keep_users_on_stop: bool, *, owns_process: bool) -> int:
+        """:meth:`serve`; ``owns_process`` (:meth:`run`, ``lobby serve``): after a close that listeners ignoring
+        their cancellation outlive, the next stop signal ends the process (the loop's shutdown would wait for
+        them for ever). Embedded in an app's own loop, the signals are the app's again once this returns."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         received: list[str] = []
 
         def on_signal(signum: signal.Signals) -> None:
             received.append(signum.name)
-            if self._status == "closed":
+            if self._status == "closed" and owns_process:
                 # Closed, the log too: only listeners that ignore their cancellation keep the process (the
                 # loop's shutdown waits for them). A stop signal now is someone who wants it gone.
                 self._log.warning("stop signal after close: exiting without the listeners still running",
@@ -376,22 +382,28 @@ class Server:
         for signum in handled:
             loop.add_signal_handler(signum, on_signal, signum)
         self._stop_event = stop
-        await self.start()
-        self._log.info("serving until a stop signal", signals=[signum.name for signum in handled],
-                       on_stop="keep" if keep_users_on_stop else "close")
-        await stop.wait()
-        if self.fatal is not None:
-            return 1
-        self._log.info("stopping", keep_users=keep_users_on_stop, signal=received[0] if received else None)
-        await self.close(keep_users=keep_users_on_stop)
-        stuck = [_task_name(task) for task in self._listener_tasks if not task.done()]
-        if stuck:
-            self._log.error("listeners still running after close: the process exits once they end, or at the "
-                            "next stop signal", listeners=stuck)
-        else:
-            for signum in handled:
-                loop.remove_signal_handler(signum)
-        return 0
+        stuck: list[str] = []
+        try:
+            await self.start()
+            self._log.info("serving until a stop signal", signals=[signum.name for signum in handled],
+                           on_stop="keep" if keep_users_on_stop else "close")
+            await stop.wait()
+            if self.fatal is not None:
+                return 1
+            self._log.info("stopping", keep_users=keep_users_on_stop, signal=received[0] if received else None)
+            await self.close(keep_users=keep_users_on_stop)
+            stuck = [_task_name(task) for task in self._listener_tasks if not task.done()]
+            if stuck:
+                self._log.error(
+                    "listeners still running after close" + (": the process exits once they end, or at the next "
+                                                             "stop signal" if owns_process else ""),
+                    listeners=stuck,
+                )
+            return 0
+        finally:
+            if not (stuck and owns_process):
+                for signum in handled:
+                    loop.remove_signal_handler(signum)
 
     # -- connections ------------------------------------------------------------------------------------
 

@@ -130,8 +130,7 @@ def test_bad_option_values_from_the_environment_exit_2(tmp_path, capsys, monkeyp
 def test_sizes_take_binary_units(tmp_path, monkeypatch):
     """4MiB, 64k and 1GiB are sizes; the parsed values reach the server's configuration."""
     seen = {}
-    monkeypatch.setattr(Server, "serve", lambda self, **_: _record(seen, self))
-    monkeypatch.setattr("lobby.cli.run_event_loop", lambda coroutine: coroutine)
+    monkeypatch.setattr(Server, "run", lambda self, **_: _record(seen, self))
     args = ["serve", "--port", "0", "--db", str(tmp_path / "x.db"), "--max-frame-size", "64k", "--max-buffer", "1GiB"]
     assert main(args) == 0
     assert (seen["max_frame_size"], seen["max_buffer"]) == (64 * 1024, 1024**3)
@@ -146,8 +145,7 @@ def test_a_variable_set_but_empty_counts_as_unset(tmp_path, monkeypatch):
     """``LOBBY_PORT=$PORT`` without a PORT: the default, as for every variable (the port was an error, the log
     level was not)."""
     seen = {}
-    monkeypatch.setattr(Server, "serve", lambda self, **_: _record(seen, self))
-    monkeypatch.setattr("lobby.cli.run_event_loop", lambda coroutine: coroutine)
+    monkeypatch.setattr(Server, "run", lambda self, **_: _record(seen, self))
     for name in ("LOBBY_PORT", "LOBBY_MAX_BUFFER", "LOBBY_LOG_LEVEL", "LOBBY_ON_STOP", "LOBBY_DURABILITY"):
         monkeypatch.setenv(name, "")
     assert main(["serve", "--db", str(tmp_path / "x.db")]) == 0
@@ -326,6 +324,43 @@ def test_a_stop_signal_after_close_ends_a_process_a_stuck_listener_keeps(tmp_pat
     assert b"stop signal after close: exiting without the listeners still running" in rest
     with EventStore.open_readonly(db) as store:
         assert [event.type for event in store.read()][-1] == "close"
+
+
+EMBEDDED_APP = """
+import asyncio, os, signal, sys
+from lobby import Server
+
+async def main():
+    server = Server(port=0, db=sys.argv[1])
+    serving = asyncio.ensure_future(server.serve())
+    while server.status != "listening":
+        await asyncio.sleep(0.05)
+
+    def broken(*args, **kwargs):
+        raise OSError("the disk went away")
+
+    server.store.append = broken  # the log fails: the server stops by itself
+    try:
+        server.join("zed")
+    except Exception:
+        pass
+    print("serve returned", await serving, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.sleep(5)
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("the app handled its own Ctrl-C", flush=True)
+"""
+
+
+def test_once_serve_returns_an_embedding_apps_signals_are_its_own_again(tmp_path):
+    """serve() in an app's own loop: after it returned (here after a failure of the log), a Ctrl-C is the
+    app's: not swallowed by a stale handler, and never a process exit of the server's."""
+    result = subprocess.run([sys.executable, "-c", EMBEDDED_APP, str(tmp_path / "lobby.db")], capture_output=True,
+                            timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.decode().endswith("serve returned 1\nthe app handled its own Ctrl-C\n"), result
 
 
 def test_under_nohup_sighup_is_still_ignored(tmp_path):
