@@ -71,6 +71,8 @@ class _Lobby:
         self.last_seq = 0
         #: The fold went on past a problem as if the event had happened (a guess): snapshots are not compared.
         self.guessed = False
+        #: The session whose events after its close were reported (once).
+        self.after_close: str | None = None
 
 
 def _kind(registry: Registry, event: Event) -> str:
@@ -213,7 +215,10 @@ class _Verifier:
             template = _MESSAGES.get(kind)
             if template is not None:
                 text = template.format(user=getattr(event, "username", None))
-            self.problem(event.seq or 0, kind, text, event)
+            if kind != "after-close" or lobby.after_close != event.session:  # a session going on: said once
+                self.problem(event.seq or 0, kind, text, event)
+            if kind == "after-close":
+                lobby.after_close = event.session
             lobby.guessed = True
             _force(registry, event, self.ranges.get((event.lobby, registry.session or "")))
 
