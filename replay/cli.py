@@ -405,7 +405,18 @@ def _nonnegative(text: str) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit code 2), not the whole usage."""
+    """argparse, but a usage error is one line on stderr (exit code 2), not the whole usage, and it points to the
+    help of the command it is about (argparse reports unknown arguments from the top-level parser)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(_parser=self)  # a subcommand's parser sets its own: the innermost one wins
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            getattr(parsed, "_parser", self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

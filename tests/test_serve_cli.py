@@ -86,6 +86,18 @@ def test_usage_errors_are_one_line_not_the_whole_usage(capsys, args):
     assert exit_.value.code == 2 and err.count("\n") == 1 and "error: " in err and "--help)" in err, err
 
 
+@pytest.mark.parametrize(
+    ("args", "help_of"),
+    [(["serve", "--bogus"], "lobby serve"), (["replay", "timeline", "x.db", "--bogus"], "lobby replay timeline"),
+     (["--bogus"], "lobby")],
+)
+def test_an_unknown_argument_points_to_the_help_of_its_command(capsys, args, help_of):
+    """argparse reports unknown arguments from the top-level parser: it pointed to `lobby --help` for all."""
+    with pytest.raises(SystemExit):
+        main(args)
+    assert capsys.readouterr().err == f"{help_of}: error: unrecognized arguments: --bogus (see {help_of} --help)\n"
+
+
 def test_no_command_is_a_usage_error(capsys):
     assert main([]) == 2
     out, err = capsys.readouterr()
