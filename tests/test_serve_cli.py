@@ -98,6 +98,30 @@ def test_an_unknown_argument_points_to_the_help_of_its_command(capsys, args, hel
     assert capsys.readouterr().err == f"{help_of}: error: unrecognized arguments: --bogus (see {help_of} --help)\n"
 
 
+def test_the_command_starts_light_and_ctrl_c_while_it_imports_is_quiet(monkeypatch):
+    """Ctrl-C in the first half second of `lobby serve` (while websockets, sqlite-utils, structlog, ... were
+    imported, before main() could catch it) printed a KeyboardInterrupt traceback."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, lobby.__main__; print(sorted({'lobby.server', 'websockets', "
+         "'sqlite_utils', 'events'} & set(sys.modules)))"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent, check=True,
+    )
+    assert loaded.stdout == "[]\n"
+    import builtins
+
+    import lobby.__main__ as entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "cli" and level == 1:
+            raise KeyboardInterrupt
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert entry.main() == 130
+
+
 def test_no_command_is_a_usage_error(capsys):
     assert main([]) == 2
     out, err = capsys.readouterr()
