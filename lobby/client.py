@@ -602,23 +602,16 @@ async def _send_watched(ws: ClientConnection, text: str, limit: float) -> None:
             sending.exception()  # raised above, or replaced by the drop
 
 
-if sys.platform == "linux":
-
-    def _progress(transport: Any) -> int:
-        """A number that grows as the peer takes what was written: the bytes its TCP acknowledged (TCP_INFO's
-        tcpi_bytes_acked), which counts every buffer on the way, TLS's and the kernel's included; where that is
-        not available, what waits in the transport's buffer, negated."""
-        sock = transport.get_extra_info("socket")
+def _progress(transport: Any) -> int:
+    """A number that grows as the peer takes what was written: on Linux the bytes its TCP acknowledged
+    (TCP_INFO's tcpi_bytes_acked), which counts every buffer on the way, TLS's and the kernel's included;
+    elsewhere, or where that cannot be read, what waits in the transport's buffer, negated."""
+    if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError, ValueError):
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)
+            info = transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)
             if len(info) >= 128:
                 return struct.unpack_from("Q", info, 120)[0]  # type: ignore[no-any-return]
-        return -transport.get_write_buffer_size()  # type: ignore[no-any-return]
-
-else:
-
-    def _progress(transport: Any) -> int:
-        return -transport.get_write_buffer_size()  # type: ignore[no-any-return]
+    return -transport.get_write_buffer_size()  # type: ignore[no-any-return]
 
 
 def _check_timeout(timeout: float | None) -> None:

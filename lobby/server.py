@@ -292,7 +292,7 @@ class Server:
         if not tasks:
             return
         # Up to LISTENER_GRACE, or until a second stop signal (someone pressing Ctrl-C again); then the rest is
-        # cancelled and has LISTENER_CANCEL_GRACE to end (a third signal cuts that short too).
+        # cancelled and has LISTENER_CANCEL_GRACE to end (a further stop signal cuts that short too).
         loop = asyncio.get_running_loop()
         started = loop.time()
         pending = await self._wait_until(set(tasks), LISTENER_GRACE)

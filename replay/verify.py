@@ -156,11 +156,7 @@ class _Verifier:
             self.report.events += 1
             lobby = self.lobbies.setdefault(event.lobby, _Lobby())
             self.event(lobby, event)
-            span = spans.get((event.lobby, event.session))
-            if span is None:
-                spans[(event.lobby, event.session)] = [seq, seq]
-            else:
-                span[1] = seq
+            spans.setdefault((event.lobby, event.session), [seq, seq])[1] = seq
             if (event.lobby, seq) in snapshots:
                 self.check_snapshot(lobby, event)
         self.check_sessions(spans)

@@ -333,7 +333,7 @@ async def never_stops():
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
-            pass  # a bug: it swallows every cancellation
+            continue  # the bug under test: every cancellation is swallowed
 
 sys.exit(app.run())
 """
