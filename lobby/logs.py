@@ -4,6 +4,7 @@ username where they apply. Configure once, at the entry point."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import IO, Any, Literal
 
@@ -25,20 +26,22 @@ def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "in
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # With stderr closed (``2>&-``: some init scripts start daemons so), Python has no sys.stderr: the lobby
+    # serves on without its log lines, as it does when stderr goes away later.
+    stream = sys.stderr if sys.stderr is not None else open(os.devnull, "w")  # noqa: SIM115
     # Tracebacks without their frames' local variables: those hold auth strings and players' messages.
     if fmt == "json":
-        processors = [
-            *shared,
-            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ]
-        factory: object = lambda *args: _LineLogger(sys.stderr.buffer, b"\n")  # noqa: E731
+        exceptions = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        processors = [*shared, exceptions, structlog.processors.JSONRenderer(serializer=_dumps)]
+        factory: object = lambda *args: _LineLogger(stream.buffer, b"\n")  # noqa: E731
+        foreign = [exceptions, structlog.processors.JSONRenderer(serializer=_dumps_text)]
     elif fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(
-            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
         processors = [*shared, renderer]
-        factory = lambda *args: _LineLogger(sys.stderr, "\n")  # noqa: E731
+        factory = lambda *args: _LineLogger(stream, "\n")  # noqa: E731
+        foreign = [renderer]
     else:
         raise ValueError(f"log format must be 'json' or 'console', not {fmt!r}")
     structlog.configure(
@@ -47,8 +50,16 @@ def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "in
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    # websockets logs through the standard library: keep its warnings and errors, in the same stream.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # websockets and asyncio log through the standard library: their warnings and errors go to the same
+    # stream, rendered as the lobby's own lines (JSON lines stay JSON lines for jq and log shippers).
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *foreign],
+        )
+    )
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # unless the app configured logging itself
 
 
 def _dumps(line: dict[str, Any], **_: Any) -> bytes:
@@ -58,6 +69,10 @@ def _dumps(line: dict[str, Any], **_: Any) -> bytes:
         return orjson.dumps(line, default=repr)
     except TypeError:
         return orjson.dumps({key: _plain(value) for key, value in line.items()}, default=repr)
+
+
+def _dumps_text(line: dict[str, Any], **_: Any) -> str:
+    return _dumps(line).decode()
 
 
 def _plain(value: Any) -> Any:

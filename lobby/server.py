@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
@@ -410,19 +410,25 @@ class Server:
     def _check_request(self, connection: ServerConnection, request: Any) -> Any:
         """Before the upgrade: health and metrics, the path, the connection limit and the required query
         parameters (otherwise no websocket at all)."""
-        url = urlsplit(request.path)
-        head = request.method == "HEAD"  # the headers a GET would get, no body
-        if url.path == "/health":
-            return respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json", head=head)
-        if url.path == "/metrics":
+        # The request target is a path and a query (RFC 9112 3.2.1), not a URL: urlsplit would read one that
+        # starts with // as a host ("//[x" raising ValueError, "//x/health" as /health).
+        path, _, query = request.path.partition("?")
+        if path in ("/health", "/metrics"):
+            if request.method not in ("GET", "HEAD"):
+                response = connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n")
+                response.headers["Allow"] = "GET, HEAD"
+                return response
+            head = request.method == "HEAD"  # the headers a GET would get, no body
+            if path == "/health":
+                return respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json", head=head)
             return respond(connection, HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE, head=head)
-        if url.path != self.config.path:
+        if path != self.config.path:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         if len(self._ws_server.connections) >= self.config.max_connections:
             self._cut_off(None, None, "too many connections", peer=connection)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self.config.query_params:
-            query = {key: values[-1] for key, values in parse_qs(url.query, keep_blank_values=True).items()}
+            query = {key: values[-1] for key, values in parse_qs(query, keep_blank_values=True).items()}
             for name, rule in self.config.query_params.items():
                 value = query.get(name)
                 if rule is True:

@@ -331,6 +331,34 @@ async def test_head_requests_get_the_headers_without_the_body(tmp_path):
         await server.close()
 
 
+async def test_odd_request_targets_and_methods_get_plain_http_answers(tmp_path):
+    """The request target is a path, not a URL: one that starts with // is no host; health and metrics are
+    read-only."""
+
+    def request(method: str, target: str) -> tuple[int, str | None]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        with contextlib.closing(connection):
+            connection.request(method, target)
+            response = connection.getresponse()
+            response.read()
+            return response.status, response.getheader("Allow")
+
+    server = await started(tmp_path)
+    try:
+        with capture_logs() as logs:
+            assert await asyncio.to_thread(request, "GET", "//[x") == (404, None)
+            assert await asyncio.to_thread(request, "GET", "//elsewhere/health") == (404, None)
+            assert await asyncio.to_thread(request, "GET", "/health?probe=1") == (200, None)
+            for method in ("POST", "DELETE", "OPTIONS"):
+                for path in ("/health", "/metrics"):
+                    assert await asyncio.to_thread(request, method, path) == (405, "GET, HEAD")
+        assert [line for line in logs if line["log_level"] in ("warning", "error", "critical")] == []
+        alice = await Raw.open(url(server))
+        assert (await alice.link("alice"))[0] == {"type": "krmx/accepted"}  # still serving
+    finally:
+        await server.close()
+
+
 async def test_metrics_in_the_prometheus_text_format(tmp_path):
     server = await started(tmp_path)
     try:

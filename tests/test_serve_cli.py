@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -445,6 +446,53 @@ def test_a_server_whose_stderr_went_away_serves_on(tmp_path):
         process.kill()
     with EventStore.open_readonly(db) as store:
         assert [event.type for event in store.read()][-5:] == ["unlink", "leave", "unlink", "leave", "close"]
+
+
+def test_a_server_started_with_stderr_closed_serves(tmp_path):
+    """``lobby serve 2>&-`` (some init scripts start daemons so): Python has no sys.stderr; the server serves
+    without its log lines."""
+    db = tmp_path / "lobby.db"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = f'exec "$0" -m lobby serve --port {port} --db "$1" 2>&-'
+    process = subprocess.Popen(["sh", "-c", command, sys.executable, str(db)], cwd=Path(__file__).resolve().parent.parent)
+    try:
+        for _ in range(300):
+            assert process.poll() is None
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    assert orjson.loads(response.read())["status"] == "listening"
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("not serving")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    with EventStore.open_readonly(db) as store:
+        assert [event.type for event in store.read()] == ["listen", "close"]
+
+
+def test_standard_library_log_records_are_json_lines_too():
+    """websockets and asyncio log through the standard library: their lines, tracebacks included, are JSON
+    lines like the lobby's (a plain-text traceback in the stream breaks jq and log shippers)."""
+    script = (
+        "import logging; from lobby import configure_logging; configure_logging()\n"
+        "try:\n    {}['missing']\n"
+        "except KeyError:\n    logging.getLogger('websockets.server').exception('process_request failed')\n"
+        "logging.getLogger('asyncio').warning('slow %s', 'callback')\n"
+        "logging.getLogger('asyncio').info('not shown')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    lines = [orjson.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["event"], line["logger"], line["level"]) for line in lines] == [
+        ("process_request failed", "websockets.server", "error"), ("slow callback", "asyncio", "warning"),
+    ]
+    assert lines[0]["exception"][0]["exc_type"] == "KeyError" and all("timestamp" in line for line in lines)
 
 
 def test_logged_tracebacks_hold_no_local_variables(capsys):
