@@ -269,25 +269,10 @@ class EventStore:
         self.readonly = False
         self.durability = durability
         if self.path != MEMORY:
-            target = Path(self.path)
-            if target.is_dir():
-                raise EventLogError(f"{self.path}: is a directory, not an event log")
-            if not target.parent.exists():
-                raise EventLogError(f"{self.path}: folder {str(target.parent)!r} does not exist")
-            links = target.stat().st_nlink if target.exists() else 1
-            if links > 1:
-                # SQLite keeps the WAL beside each name: two servers (or a server and a reader) through two
-                # names would not see each other's writes, and the lobby lock is beside the name too.
-                raise EventLogError(
-                    f"{self.path}: has {links} hard links; SQLite does not support a database "
-                    "with several names (writes through each would corrupt it): keep one, copy instead of linking"
-                )
-            if target.exists() and not os.access(target, os.W_OK):
-                # SQLite would open it read-only and fail at the first append, after a server is listening.
-                raise EventLogError(
-                    f"{self.path}: is read-only for this user; writing the log needs write access to it "
-                    "(to read it, `lobby replay` opens it read-only)"
-                )
+            try:
+                self._check_path(Path(self.path))
+            except OSError as error:  # a folder this user may not enter, a name too long, ...
+                raise EventLogError(f"{self.path}: cannot be used: {error.strerror or error}") from None
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False)
         except sqlite3.Error as error:
@@ -318,6 +303,35 @@ class EventStore:
         except EventLogError:
             self.db.close()
             raise
+
+    def _check_path(self, target: Path) -> None:
+        """Refuse, with a reason, a path SQLite would open wrongly or fail on later."""
+        if target.is_dir():
+            raise EventLogError(f"{self.path}: is a directory, not an event log")
+        if not target.parent.exists():
+            raise EventLogError(f"{self.path}: folder {str(target.parent)!r} does not exist")
+        links = target.stat().st_nlink if target.exists() else 1
+        if links > 1:
+            # SQLite keeps the WAL beside each name: two servers (or a server and a reader) through two
+            # names would not see each other's writes, and the lobby lock is beside the name too.
+            raise EventLogError(
+                f"{self.path}: has {links} hard links; SQLite does not support a database "
+                "with several names (writes through each would corrupt it): keep one, copy instead of linking"
+            )
+        if not target.exists() and not os.access(target.parent, os.W_OK | os.X_OK):
+            raise EventLogError(
+                f"{self.path}: cannot be created: folder {str(target.parent)!r} is not writable for this user"
+            )
+        for companion in (f"{os.path.realpath(target)}-wal", f"{os.path.realpath(target)}-shm"):
+            if os.path.exists(companion) and not os.access(companion, os.W_OK):
+                # Left by another user's server (root's, killed): SQLite would fail at the first write.
+                raise EventLogError(f"{self.path}: its {companion!r} is read-only for this user")
+        if target.exists() and not os.access(target, os.W_OK):
+            # SQLite would open it read-only and fail at the first append, after a server is listening.
+            raise EventLogError(
+                f"{self.path}: is read-only for this user; writing the log needs write access to it "
+                "(to read it, `lobby replay` opens it read-only)"
+            )
 
     @classmethod
     def open_readonly(cls, path: str | os.PathLike[str]) -> EventStore:

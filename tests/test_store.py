@@ -590,6 +590,33 @@ def test_a_log_the_user_cannot_write_is_refused_when_opened_for_writing(shared_f
     assert sorted(p.name for p in shared_folder.iterdir()) == ["lobby.db"]
 
 
+def test_a_path_the_user_cannot_use_is_refused_with_what_is_wrong(shared_folder, tmp_path):
+    """The usual deploy mistakes, each named at the open (not as a port that cannot be listened on, nor as
+    SQLite's 'unable to open database file'), leaving nothing behind."""
+    hidden = shared_folder / "private"
+    hidden.mkdir(mode=0o700)  # root's: the service user cannot enter it
+    assert _in_a_child(lambda: repr(EventStore(hidden / "lobby.db"))) == (
+        f"EventLogError: {hidden}/lobby.db: cannot be used: Permission denied"
+    )
+    closed = shared_folder / "closed"
+    closed.mkdir(mode=0o755)  # it may enter, not create files
+    assert _in_a_child(lambda: repr(EventStore(closed / "lobby.db"))) == (
+        f"EventLogError: {closed}/lobby.db: cannot be created: folder {str(closed)!r} is not writable for this user"
+    )
+    path = shared_folder / "lobby.db"
+    with EventStore(path) as writer:
+        writer.append([Events().listen()])
+        Path(f"{path}-wal").chmod(0o644)  # a server killed while it ran as root left these behind
+        path.chmod(0o666)
+        shared_folder.chmod(0o777)
+        assert _in_a_child(lambda: repr(EventStore(path))) == (
+            f"EventLogError: {path}: its {str(path) + '-wal'!r} is read-only for this user"
+        )
+    long_name = tmp_path / ("a" * 300 + ".db")
+    with pytest.raises(EventLogError, match="cannot be used: File name too long"):
+        EventStore(long_name)
+
+
 def test_readonly_open_of_a_missing_file_or_a_folder_fails_clearly(tmp_path):
     with pytest.raises(EventLogError, match="no such file"):
         EventStore.open_readonly(tmp_path / "missing.db")
