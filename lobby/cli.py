@@ -11,6 +11,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable
@@ -183,10 +184,11 @@ def serve_command(args: argparse.Namespace) -> int:
     server = load_app(args.app) if args.app else Server()
     try:
         server.configure(**overrides)
-    except ValueError as error:  # "max_buffer must be ...": said with the flag and variable that set it
-        field = str(error).split(" ", 1)[0]
-        flag = next((flag for flag, name, *_ in SERVE_OPTIONS if name == field), None)
-        raise UsageError(f"{flag} / {_env_name(flag)}: {error}" if flag else str(error)) from None
+    except ValueError as error:  # "max_buffer must be ...": said with the flags and variables that set it
+        named = set(re.findall(r"\w+", str(error)))
+        flags = [flag for flag, field, *_ in SERVE_OPTIONS if field in named and field in overrides]
+        raise UsageError(" and ".join(f"{flag} / {_env_name(flag)}" for flag in flags) + f": {error}" if flags
+                         else str(error)) from None
     try:
         return server.run(keep_users_on_stop=on_stop == "keep")
     except LobbyError as error:  # the log cannot be used: not ours, in use, or it does not fold

@@ -69,6 +69,8 @@ class ServerConfig:
             raise ValueError(f"port must be an integer 0..65535, not {self.port!r}")
         if not self.path.startswith("/"):
             object.__setattr__(self, "path", "/" + self.path)
+        if "?" in self.path or "#" in self.path:
+            raise ValueError(f"path must be a path, without a query or fragment (see query_params), not {self.path!r}")
         if self.path in ("/health", "/metrics"):
             raise ValueError(f"path {self.path} is taken by the health and metrics endpoints")
         if self.durability not in ("full", "normal"):
@@ -106,7 +108,10 @@ class ServerConfig:
                 f"a function: a predicate), not {self.query_params!r}"
             )
         if self.max_buffer < self.max_frame_size:
-            raise ValueError("max_buffer must be at least max_frame_size (a reply may be that large)")
+            raise ValueError(
+                f"max_buffer ({self.max_buffer} bytes) must be at least max_frame_size ({self.max_frame_size} bytes): "
+                "a reply may be that large"
+            )
         if isinstance(self.versions, str) or not self.versions or not all(
             isinstance(v, str) and _VERSION_LINE.fullmatch(v) for v in self.versions
         ):

@@ -64,7 +64,10 @@ def test_bad_option_values_exit_2_with_one_line(tmp_path, capsys, flag, value):
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
     [
-        ("--max-buffer", "1KiB", "max_buffer must be at least max_frame_size"),
+        ("--max-buffer", "1KiB", "max_buffer (1024 bytes) must be at least max_frame_size (4194304 bytes)"),
+        # The flag the operator set is named, not the other one of the pair (a max-buffer never given).
+        ("--max-frame-size", "32MiB", "max_buffer (16777216 bytes) must be at least max_frame_size (33554432 bytes)"),
+        ("--path", "/game?v=1", "path must be a path, without a query or fragment"),
         ("--snapshot-every", "0", "snapshot_every must be"),
         ("--max-connections", "0", "max_connections must be"),
         ("--lobby", "", "lobby must be"),
