@@ -92,6 +92,11 @@ SELECT e.seq, s.lobby, s.session, e.at, t.name AS type, e.username, e.data
 FROM events e JOIN sessions s USING (sid) JOIN types t ON t.code = e.type"""
 
 
+def _identity(path: str) -> tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
 def _path(path: object) -> str:
     if not isinstance(path, (str, os.PathLike)) or not os.fsdecode(path):
         raise TypeError(f"an event log's path is a non-empty str or path, not {path!r}")
@@ -297,6 +302,7 @@ class EventStore:
                 # the reader sees; once the reader is done, the next checkpoint cuts it back to this size.
                 self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self.db.execute("PRAGMA synchronous=NORMAL")  # FULL's fsync of the WAL: see append and sync
+            self._identity = _identity(self.path) if self.path != MEMORY else (0, 0)
         except sqlite3.Error as error:
             self.db.close()
             raise EventLogError(f"{self.path}: {error}") from None
@@ -489,6 +495,18 @@ class EventStore:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fds.append(fd)
+
+    def check_file(self) -> None:
+        """Raise :class:`EventLogError` if the log's file is no longer the one at its path (deleted, or replaced
+        by another file, under a running server): what is appended would go where no one can open it again."""
+        if self.path == MEMORY or self.readonly:
+            return
+        try:
+            identity = _identity(self.path)
+        except FileNotFoundError:
+            raise EventLogError(f"{self.path}: was deleted while the log was open") from None
+        if identity != self._identity:
+            raise EventLogError(f"{self.path}: was replaced by another file while the log was open")
 
     def close(self) -> None:
         if getattr(self, "_wal_fd", None) is not None:

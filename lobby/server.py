@@ -81,6 +81,8 @@ TURN_SHARE = 32
 LISTENER_GRACE = 10.0
 #: Seconds a listener cancelled at close has to end (its own clean-up on the way out) before close goes on without it.
 LISTENER_CANCEL_GRACE = 2.0
+#: Seconds between checks that the log's file is still at its path (see Server._check_log_file).
+LOG_FILE_CHECK_INTERVAL = 1.0
 #: The options the start-up line shows, so that the log tells which limits a session ran with.
 _LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "max_connections",
            "ping_interval", "auth_timeout", "accept_new_users", "compression", "snapshot_every")
@@ -259,12 +261,25 @@ class Server:
             self._log.info("event log schema", db=str(config.db), applied=self.store.migrated,
                            version=SCHEMA_VERSION)
         self._log.info(
-            "listening", host=config.host, port=self.port, db=str(config.db), users=len(registry.users),
+            "listening", host=config.host, port=self.port, path=config.path, db=str(config.db), users=len(registry.users),
             recovering=registry.needs_recovery, version=VERSION, durability=config.durability,
             limits={name: getattr(config, name) for name in _LIMITS},
         )
         self._call(self.core.listen, self.session, self.port)
+        self._loop.call_later(LOG_FILE_CHECK_INTERVAL, self._check_log_file)
         return self.port
+
+    def _check_log_file(self) -> None:
+        """The log's file must still be at its path: deleted (a "reset" by hand) or replaced under a running
+        server, every event from then on would go where no one can read it again, unnoticed."""
+        if self.store is None or self.fatal is not None:
+            return
+        try:
+            self.store.check_file()
+        except EventLogError as error:
+            self._die(error, "event log file gone; stopping")
+            return
+        self._loop.call_later(LOG_FILE_CHECK_INTERVAL, self._check_log_file)
 
     async def close(self, *, keep_users: bool = False) -> None:
         """Krmx close: every user kicked, connections closed, ``close`` logged. With ``keep_users`` (a
@@ -391,7 +406,12 @@ class Server:
             if self.fatal is not None:
                 return 1
             self._log.info("stopping", keep_users=keep_users_on_stop, signal=received[0] if received else None)
-            await self.close(keep_users=keep_users_on_stop)
+            try:
+                await self.close(keep_users=keep_users_on_stop)
+            except ServerError:
+                if self.fatal is None:
+                    raise
+                return 1  # the log failed at the close: logged, as any failure of the log while serving
             stuck = [_task_name(task) for task in self._listener_tasks if not task.done()]
             if stuck:
                 self._log.error(
@@ -709,10 +729,10 @@ class Server:
             _stamp(event, "seq", seq)
         return events
 
-    def _die(self, error: BaseException) -> None:
+    def _die(self, error: BaseException, what: str = "event log append failed; stopping without sending this turn") -> None:
         """The log cannot be written: nothing of this turn may be seen, and serving on would lose events."""
         self.fatal = error
-        self._log.critical("event log append failed; stopping without sending this turn", error=str(error))
+        self._log.critical(what, error=str(error))
         for connection in list(getattr(self._ws_server, "connections", ())):
             connection.transport.abort()
         if self._ws_server is not None:

@@ -25,6 +25,7 @@ from events import EventStore, rebuild
 from lobby import Server, ServerError
 from lobby import server as server_module
 
+from .factories import Events
 from .wsclient import ACCEPTED, Raw, joined, left, linked, raw_linked, rejected, unlinked
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +164,49 @@ async def test_a_failed_commit_sends_nothing_and_stops_the_server(server):
     assert isinstance(server.fatal, OSError)
     await asyncio.wait_for(server.wait_closed(), 5)  # a program that started the server learns of it
     assert server.status == "closed"
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_log_file_deleted_or_replaced_under_the_server_stops_it(tmp_path, monkeypatch, how):
+    """`rm lobby.db` under a running server: it wrote on to the deleted file, healthy and unnoticed, and every
+    event since was gone at the exit. Now it stops, as for a disk that is full, and says why."""
+    monkeypatch.setattr(server_module, "LOG_FILE_CHECK_INTERVAL", 0.02)
+    db = tmp_path / "lobby.db"
+    server = echo_app(Server(port=0, db=str(db), ping_interval=None))
+    with capture_logs() as logs:
+        await server.start()
+        alice = await Raw.open(url(server))
+        await alice.link("alice")
+        if how == "deleted":
+            db.unlink()
+        else:
+            with EventStore(tmp_path / "other.db") as other:
+                other.append([Events().listen()])
+            os.replace(tmp_path / "other.db", db)
+        await asyncio.wait_for(server.wait_closed(), 5)
+        assert await alice.closed()
+    assert server.status == "closed" and f"was {how}" in str(server.fatal)
+    assert [(line["event"], line["error"]) for line in logs if line["log_level"] == "critical"] == [
+        ("event log file gone; stopping", f"{db}: was {how}{' by another file' * (how == 'replaced')} while the log was open")
+    ]
+
+
+async def test_a_log_failing_at_the_close_exits_1_not_as_a_usage_error(tmp_path, monkeypatch):
+    """A log that fails while the server runs ends the process with 1, however late: at the close too (the
+    disk filled up meanwhile), not with 2, which tells of a bad flag or a log that cannot be used."""
+    db = tmp_path / "lobby.db"
+    server = Server(port=0, db=str(db), ping_interval=None)
+    serving = asyncio.ensure_future(server.serve())
+    while server.status != "listening":
+        await asyncio.sleep(0.01)
+
+    def disk_full(events, **options):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(server.store, "append", disk_full)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(serving, 5) == 1
+    assert server.status == "closed" and isinstance(server.fatal, OSError)
 
 
 async def test_the_conformance_app_exits_1_when_its_log_fails(tmp_path, monkeypatch):
