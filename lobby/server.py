@@ -287,6 +287,9 @@ class Server:
         if self._status != "listening":
             raise ServerError(f"cannot close when the server is {self._status}")
         self._status = "closing"
+        stop = getattr(self, "_stop_event", None)
+        if stop is not None:  # serve() returns once this close is done
+            stop.set()
         for task in self._auth_tasks:
             task.cancel()
         core = self._require_core()
@@ -365,13 +368,15 @@ class Server:
         return run_event_loop(self._serve(keep_users_on_stop, owns_process=True))
 
     async def serve(self, *, keep_users_on_stop: bool = False) -> int:
-        """Start, serve until SIGINT, SIGTERM or SIGHUP (or a fatal log error), close; return the exit code."""
+        """Start, serve until SIGINT, SIGTERM or SIGHUP, the app's own :meth:`close` or a fatal log error, close;
+        return the exit code. Cancelled, it closes the server on the way out. While it serves, its handlers of
+        those signals replace the app's; once it returns, the signals have their default actions."""
         return await self._serve(keep_users_on_stop, owns_process=False)
 
     async def _serve(self, keep_users_on_stop: bool, *, owns_process: bool) -> int:
         """:meth:`serve`; ``owns_process`` (:meth:`run`, ``lobby serve``): after a close that listeners ignoring
         their cancellation outlive, the next stop signal ends the process (the loop's shutdown would wait for
-        them for ever). Embedded in an app's own loop, the signals are the app's again once this returns."""
+        them for ever)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         received: list[str] = []
@@ -405,6 +410,9 @@ class Server:
             await stop.wait()
             if self.fatal is not None:
                 return 1
+            if self._status != "listening":  # the app closed the server itself
+                await self._closed.wait()
+                return 1 if self.fatal is not None else 0
             self._log.info("stopping", keep_users=keep_users_on_stop, signal=received[0] if received else None)
             try:
                 await self.close(keep_users=keep_users_on_stop)
@@ -420,6 +428,13 @@ class Server:
                     listeners=stuck,
                 )
             return 0
+        except asyncio.CancelledError:
+            # The app's task was cancelled (a TaskGroup whose other task failed, a timeout): close on the way
+            # out, as asyncio's serve_forever does, rather than leave the lobby listening, locked and unclosed.
+            if self._status == "listening":
+                self._log.info("stopping", keep_users=keep_users_on_stop, cancelled=True)
+                await self.close(keep_users=keep_users_on_stop)
+            raise
         finally:
             if not (stuck and owns_process):
                 for signum in handled:

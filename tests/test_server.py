@@ -209,6 +209,42 @@ async def test_a_log_failing_at_the_close_exits_1_not_as_a_usage_error(tmp_path,
     assert server.status == "closed" and isinstance(server.fatal, OSError)
 
 
+async def test_serve_returns_once_the_app_closes_the_server_itself(tmp_path):
+    """Game over: the app awaits close() and serve() returns 0 (it waited for a stop signal for ever)."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    serving = asyncio.ensure_future(server.serve())
+    while server.status != "listening":
+        await asyncio.sleep(0.01)
+    await server.close()
+    assert await asyncio.wait_for(serving, 5) == 0
+
+
+@pytest.mark.parametrize("keep_users", [False, True])
+async def test_a_cancelled_serve_closes_the_server_on_the_way_out(tmp_path, keep_users):
+    """A TaskGroup whose other task failed cancels serve(): the server closes (as asyncio's serve_forever
+    does), rather than stay listening with its users linked, its lobby locked and no close in the log."""
+    db = str(tmp_path / "lobby.db")
+    server = Server(port=0, db=db, ping_interval=None)
+    serving = asyncio.ensure_future(server.serve(keep_users_on_stop=keep_users))
+    while server.status != "listening":
+        await asyncio.sleep(0.01)
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    await asyncio.wait_for(alice.ws.wait_closed(), 5)
+    assert server.status == "closed"
+    with EventStore.open_readonly(db) as store:
+        assert [(e.type, getattr(e, "reason", None)) for e in store.read()][-1] == (
+            "close", "server restart" if keep_users else "close"
+        )
+    again = Server(port=0, db=db, ping_interval=None)  # the lobby is not locked any more
+    await again.start()
+    assert [user["isLinked"] for user in again.users] == ([False] if keep_users else [])
+    await again.close()
+
+
 async def test_the_conformance_app_exits_1_when_its_log_fails(tmp_path, monkeypatch):
     """It waited for SIGTERM alone, so it hung with its port closed; then SIGTERM gave a traceback."""
     import argparse
