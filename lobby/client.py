@@ -123,7 +123,7 @@ class Client:
             relink = RelinkPolicy()
         self.relink_policy: RelinkPolicy | None = relink or None
         self._log = logger or logging.getLogger("lobby.client")
-        self.core = ClientProtocol(self._dispatch, warn=self._log.warning)
+        self.core = ClientProtocol(self._dispatch, warn=self._log.warning, note=self._log.debug)
         self._ping_interval = ping_interval
         self._open_timeout = open_timeout
         self._max_frame_size = max_frame_size

@@ -148,10 +148,14 @@ class ClientProtocol:
         *,
         version: str = PROTOCOL_VERSION,
         warn: Callable[[str], None] | None = None,
+        note: Callable[[str], None] | None = None,
     ) -> None:
         self._emit_to = emit
         self.version = version
         self._warn = warn if warn is not None else logging.getLogger("lobby.client").warning
+        #: For what is dropped because of the client's own request (an answer that crossed its unlink or its
+        #: disconnect): a usual race, not a problem to warn about.
+        self._note = note if note is not None else logging.getLogger("lobby.client").debug
         self.status = "initializing"
         #: The user this client links or is linked to (set by :meth:`link`, cleared on reject, own unlink,
         #: disconnect and close).
@@ -294,12 +298,14 @@ class ClientProtocol:
             if self.status == "linked":
                 self._emit("message", message)
             else:
-                self._warn(f"unexpectedly received a custom message {type_}, while the client is {self.status}")
+                report = self._note if self.status in ("unlinking", "closing") else self._warn
+                report(f"unexpectedly received a custom message {type_}, while the client is {self.status}")
             return
         payload = message.get("payload")
         if type_ == "krmx/accepted":
             if self.status != "linking":
-                self._warn(f"ignored krmx/accepted while the client is {self.status} (no link request is pending)")
+                report = self._note if self.status == "closing" else self._warn
+                report(f"ignored krmx/accepted while the client is {self.status} (no link request is pending)")
                 return
             self.status = "linked"
             self._users = {self.username: True} if self.username is not None else {}
