@@ -53,6 +53,9 @@ _END = object()
 #: server's own limit on an application's authentication (``auth_timeout``, 10 s by default), after which it
 #: answers a link itself.
 ANSWER_TIMEOUT = 30.0
+#: Seconds a closing handshake may take (``connect_options={"close_timeout": ...}`` changes it): a network
+#: that went silent counts as dropped twice ``ping_interval`` and this long after its last answer.
+CLOSE_TIMEOUT = 2.0
 
 
 class EventStream:
@@ -103,8 +106,8 @@ class Client:
 
     ``relink``: ``None``/``False`` (default, like the official client), ``True`` (a default
     :class:`RelinkPolicy`) or a :class:`RelinkPolicy`. ``ping_interval``: seconds between the client's own
-    pings (a server that stops answering counts as a dropped connection; ``None`` disables them; the client
-    always answers the server's pings). ``open_timeout``: seconds to open a connection. ``connect_options``:
+    pings (a server that stops answering counts as a dropped connection, within twice ``ping_interval`` and
+    :data:`CLOSE_TIMEOUT`; ``None`` disables them; the client always answers the server's pings). ``open_timeout``: seconds to open a connection. ``connect_options``:
     more keyword arguments for :func:`websockets.asyncio.client.connect` (``additional_headers``, ``ssl``,
     ``proxy``, ...).
     """
@@ -342,6 +345,9 @@ class Client:
 
     async def _open(self, url: str) -> ClientConnection:
         try:
+            # websockets waits close_timeout (10 s by default) for the closing handshake: of a silent network
+            # after a missed pong, and of disconnect(). The server's is 2 s too.
+            options = {"close_timeout": CLOSE_TIMEOUT, **self._connect_options}
             return await ws_connect(
                 url,
                 ping_interval=self._ping_interval,
@@ -349,7 +355,7 @@ class Client:
                 open_timeout=self._open_timeout,
                 max_size=self._max_frame_size,
                 compression=None,
-                **self._connect_options,
+                **options,
             )
         except InvalidURI as error:
             raise ValueError(str(error)) from error

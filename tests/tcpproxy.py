@@ -3,7 +3,7 @@
 The client connects to the proxy, the proxy to the server. :meth:`Proxy.cut` aborts every open pair (both
 sockets, no close frame, no FIN handshake: each side sees its connection reset, as in a network failure);
 while :attr:`Proxy.refusing` is set, new connections are aborted as soon as they arrive, as if the server
-were unreachable. Works in front of any server (ours in-process, or the reference in its own process).
+were unreachable; while :attr:`Proxy.silent` is set, nothing gets through, and no one is told. Works in front of any server (ours in-process, or the reference in its own process).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ class Proxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         self.refusing = False
+        #: While set, what either side sends is dropped: a network that went silent (no reset, no FIN).
+        self.silent = False
         #: Connections accepted (including refused ones), for tests that count attempts.
         self.accepted = 0
         self.refused = 0
@@ -59,10 +61,11 @@ class Proxy:
             for w in pair:
                 w.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self.silent:
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -868,6 +868,32 @@ async def test_sending_to_a_server_that_stopped_reading_ends_as_a_dropped_connec
         assert client.status == "closed"
 
 
+async def test_a_network_that_went_silent_is_a_dropped_connection_within_the_ping_and_close_timeouts(tmp_path):
+    """No reset, no FIN: the pings go unanswered. The drop came 10 s later than the pings told (websockets'
+    close timeout for a handshake that could not happen), and a disconnect() then took as long."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    await server.start()
+    proxy = Proxy(server.port)
+    await proxy.start()
+    try:
+        client = Client(ping_interval=0.3)
+        await client.connect(proxy.url)
+        await client.link("simon")
+        proxy.silent = True
+        # 2 x 0.3 s of pings, then CLOSE_TIMEOUT (2 s) for the closing handshake: well before 10 s.
+        await client.wait_for("close", timeout=5)
+        proxy.silent = False
+        quitter = Client(ping_interval=None)
+        await quitter.connect(proxy.url)
+        await quitter.link("ann")
+        proxy.silent = True
+        await asyncio.wait_for(quitter.disconnect(force=True), 5)
+        assert quitter.status == "closed"
+    finally:
+        await proxy.close()
+        await server.close()
+
+
 async def test_a_send_over_a_slow_link_that_drains_is_waited_for(tmp_path):
     """The server reads all along, slowly (a proxy that passes 256 KiB/s): a 1 MiB message takes longer
     than twice the ping interval to go, and is sent, not taken for a server that stopped reading."""
