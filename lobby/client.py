@@ -373,6 +373,17 @@ class Client:
         except asyncio.CancelledError:  # the application is ending (its loop cancels tasks): not a drop
             dropped = False
             ws.transport.abort()
+            if self._ws is ws:
+                before = set(self._tasks)
+                self._on_closed(relink=False)
+                # The loop cancels the tasks it knows of and then closes: it would destroy, pending, the tasks
+                # of async close listeners started now. They get CLOSE_TIMEOUT to end, as a closing handshake.
+                if spawned := self._tasks - before:
+                    _, pending = await asyncio.wait(spawned, timeout=CLOSE_TIMEOUT)
+                    for task in pending:
+                        task.cancel()
+                    if pending:
+                        await asyncio.wait(pending, timeout=CLOSE_TIMEOUT)
             raise
         except Exception:  # never let a reader die silently
             self._log.exception("client reader failed")

@@ -17,6 +17,7 @@ import contextlib
 import json
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -892,6 +893,42 @@ async def test_a_network_that_went_silent_is_a_dropped_connection_within_the_pin
     finally:
         await proxy.close()
         await server.close()
+
+
+ENDING_APP = """
+import asyncio, sys
+from lobby import Client
+
+async def main():
+    client = Client(ping_interval=None)
+
+    @client.on("close")
+    async def save():
+        print("saving", flush=True)
+        await asyncio.sleep(0.1)
+        print("saved", flush=True)
+
+    await client.connect(sys.argv[1])
+    await client.link("simon")
+
+asyncio.run(main())  # returns linked: the loop's shutdown cancels the client's reader
+"""
+
+
+async def test_an_app_that_ends_connected_lets_its_async_close_listeners_end(tmp_path):
+    """The reader, cancelled as the app's loop ends, emits close: its async listener became a task the loop
+    did not know of, destroyed pending ('Task was destroyed but it is pending!'), never finished."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    await server.start()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-X", "dev", "-c", ENDING_APP, f"ws://127.0.0.1:{server.port}/",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        await server.close()
+    assert (process.returncode, out, err) == (0, b"saving\nsaved\n", b"")
 
 
 async def test_a_send_over_a_slow_link_that_drains_is_waited_for(tmp_path):
