@@ -614,6 +614,12 @@ class Server:
                         held[connection].append(action)
                     elif effects := action():
                         stage.append(effects)
+                        if not _CONTINUATIONS.isdisjoint(map(type, effects)):
+                            # It goes on in later stages (a leave's second step, a new user's link, an
+                            # authentication, ...): it ends before the next input is handled, so that no other
+                            # frame's messages come between its own, and the next input meets the state it left.
+                            self._stages(stage, out)
+                            stage = []
                 if stage:
                     self._stages(stage, out)
             self._send(out)
@@ -916,6 +922,8 @@ class Server:
 
 
 _stamp = object.__setattr__
+#: Effects that continue an input in a later stage of its turn.
+_CONTINUATIONS = frozenset({Authenticate, Resume, Drain, FinishLeave, CloseNext})
 def run_event_loop(main: Any) -> Any:
     """Run ``main`` on uvloop where it is installed (Linux, macOS: its C transports cut the per-frame cost
     of reading and writing sockets), else on asyncio's own loop.

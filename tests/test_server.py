@@ -646,6 +646,48 @@ async def ordered(server):
     return server
 
 
+async def _linked_wires(server: Server, *names: str) -> list[Wire]:
+    wires = []
+    for name in names:
+        wire = await Wire.open(server)
+        wire.send(link_frame(name))
+        await wire.expect(ACCEPTED, *[frame for other in names[: len(wires) + 1] for frame in (joined(other), linked(other))])
+        for earlier in wires:
+            await earlier.expect(joined(name), linked(name))
+        wires.append(wire)
+    return wires
+
+
+async def test_a_leave_and_another_connections_unlink_in_one_turn_are_not_interleaved(server):
+    """One frame's messages are sent before those of anything handled later (the conformance processing
+    model): a leave's unlinked and left came apart, the other connection's unlinked between them, and bob,
+    unlinked by then, never heard that alice left."""
+    alice, bob, obs = await _linked_wires(server, "alice", "bob", "obs")
+    alice.send({"type": "krmx/leave"})
+    bob.send({"type": "krmx/unlink"})  # written before the server's loop reads either: one turn
+    await obs.expect(unlinked("alice"), left("alice"), unlinked("bob"))
+    await bob.expect(unlinked("alice"), left("alice"), unlinked("bob"))
+
+
+async def test_a_link_to_a_user_whose_leave_came_first_in_the_turn_is_accepted(server):
+    """The link came after the leave: the user had left, so the name is free (it was refused as 'already
+    linked' while the leave's second step waited for the next stage of the turn)."""
+    alice, obs = await _linked_wires(server, "alice", "obs")
+    newcomer = await Wire.open(server)
+    alice.send({"type": "krmx/leave"})
+    newcomer.send(link_frame("alice"))
+    await newcomer.expect(ACCEPTED, joined("obs"), linked("obs"), joined("alice"), linked("alice"))
+    await obs.expect(unlinked("alice"), left("alice"), joined("alice"), linked("alice"))
+
+
+async def test_a_new_users_join_and_link_are_not_split_by_another_frame_of_the_turn(server):
+    dave, obs = await _linked_wires(server, "dave", "obs")
+    carol = await Wire.open(server)
+    carol.send(link_frame("carol"))
+    dave.send({"type": "krmx/unlink"})
+    await obs.expect(joined("carol"), linked("carol"), unlinked("dave"))
+
+
 @pytest.mark.parametrize(
     ("burst", "answers"),
     [
@@ -1409,8 +1451,8 @@ def as_frames(events) -> list:
 
 
 async def test_two_new_users_linking_in_one_turn_reach_others_in_log_order(server):
-    """Both joins are committed before both links (join listeners run between): a bystander gets the
-    frames in that order too, not each user's join and link together."""
+    """Each link is handled whole before the next frame (the conformance processing model: one frame's
+    messages are never split by another's), and a bystander gets the frames in the log's order."""
     alice = await Raw.open(url(server))
     await alice.link("alice")
     carol, bob = await Raw.open(url(server)), await Raw.open(url(server))
@@ -1422,7 +1464,7 @@ async def test_two_new_users_linking_in_one_turn_reach_others_in_log_order(serve
     received = [await alice.next() for _ in range(4)]
     with EventStore.open_readonly(server.config.db) as store:
         logged = list(store.read(before + 1))
-    assert [(e.type, e.username) for e in logged] == [("join", "carol"), ("join", "bob"), ("link", "carol"), ("link", "bob")]
+    assert [(e.type, e.username) for e in logged] == [("join", "carol"), ("link", "carol"), ("join", "bob"), ("link", "bob")]
     assert received == as_frames(logged)
     await carol.close()
     await bob.close()
