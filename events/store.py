@@ -25,7 +25,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import orjson
@@ -90,6 +90,15 @@ _M001_EVENTS_TABLE = """CREATE TABLE events (
 _M001_LOG_VIEW = """CREATE VIEW log AS
 SELECT e.seq, s.lobby, s.session, e.at, t.name AS type, e.username, e.data
 FROM events e JOIN sessions s USING (sid) JOIN types t ON t.code = e.type"""
+
+
+def _file_state(path: str) -> tuple[Any, ...]:
+    """What changes when a writer opens or writes a log: its file, its size and time, its -wal file."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return ()
+    return status.st_ino, status.st_size, status.st_mtime_ns, os.path.exists(os.path.realpath(path) + "-wal")
 
 
 def _identity(path: str) -> tuple[int, int]:
@@ -360,6 +369,9 @@ class EventStore:
                 # open and all of it is in the file: read it as immutable, which needs neither.
                 conn.close()
                 conn = sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
+                # Immutable is a promise that the file does not change while it is read: a server that starts
+                # on the log meanwhile breaks it, and SQLite would read on, silently short (check_unchanged).
+                self._immutable = _file_state(self.path)
         except sqlite3.Error as error:
             raise EventLogError(f"{self.path}: cannot open: {error}") from None
         self.db = Database(conn, execute_plugins=False)
@@ -495,6 +507,17 @@ class EventStore:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fds.append(fd)
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`EventLogError` if a log opened read-only as immutable (from a folder the reader cannot
+        write to, with no server on it) changed since: what was read from it may be incomplete."""
+        opened = getattr(self, "_immutable", None)
+        if opened is not None and _file_state(self.path) != opened:
+            raise EventLogError(
+                f"{self.path}: changed while it was read (a server opened it meanwhile): what was read may be "
+                "incomplete, so no answer is given; run the command again as a user who may write to the log's "
+                "folder (a running server's log is read so), or once the server stopped"
+            )
 
     def check_file(self) -> None:
         """Raise :class:`EventLogError` if the log's file is no longer the one at its path (deleted, or replaced

@@ -80,6 +80,7 @@ class Log:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+        self.store.check_unchanged()  # an answer from a log that changed under an immutable read is not given
 
     # -- sessions -----------------------------------------------------------------------------------------
 

@@ -14,8 +14,9 @@ import orjson
 import pytest
 
 import replay
-from events import EventStore, rebuild
+from events import EventLogError, EventStore, rebuild
 from lobby.cli import main
+from replay.reader import open_log
 
 from .factories import Events, garbled_log
 from .replay_logs import START, crash_log, game_log, us  # noqa: F401 - fixtures
@@ -193,6 +194,25 @@ def test_commands_work_while_a_server_writes_the_log(tmp_path):
         stop.set()
         writer.join(10)
     assert not errors
+
+
+def test_a_log_read_as_immutable_that_a_server_opens_meanwhile_gives_no_answer(tmp_path, capsys, monkeypatch):
+    """A stopped server's log, read from a folder the reader may not write to, is opened immutable (SQLite's
+    promise that the file does not change): a server started on it meanwhile made an export silently short."""
+    import events.store
+
+    ev = Events()
+    path = tmp_path / "lobby.db"
+    with EventStore(path) as store:
+        store.append([ev.listen(), ev.join("alice"), ev.close()])
+    monkeypatch.setattr(events.store, "_readable", lambda conn: False)  # as for a reader without write access
+    with pytest.raises(EventLogError, match="changed while it was read"):
+        with open_log(path) as log:
+            assert log.store._immutable
+            with EventStore(path) as server:  # a server starts on the log: its -wal file, its writes
+                server.append([Events(session="s2", at=1_700_000_000_000_100).listen()])
+    with open_log(path) as log:  # the server gone again: read whole
+        assert log.upto == 4
 
 
 def test_replay_never_writes_over_the_log_it_reads(game_log, capsys):
