@@ -421,8 +421,10 @@ class EventStore:
             raise EventLogError(
                 f"{self.path}: cannot be read: {error} (`sqlite3 {self.path} .recover` copies out what can be)"
             ) from None
-        if app_id == APPLICATION_ID and not tables:
-            return False  # its first open stopped between marking it ours and creating the tables: still new
+        if app_id == APPLICATION_ID and set(tables) <= {"_sqlite_migrations"} and not migrations.applied(self.db):
+            # Its first open stopped between marking it ours and creating the tables (sqlite-utils commits its
+            # migrations table before the first migration): still new.
+            return False
         if app_id == APPLICATION_ID:
             applied = [m.name for m in migrations.applied(self.db)]
             unknown = [name for name in applied if name not in _KNOWN_MIGRATIONS]

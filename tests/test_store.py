@@ -17,6 +17,7 @@ import pytest
 from freezegun import freeze_time
 from sqlite_utils import Database
 
+from events.store import migrations as store_migrations
 from events import APPLICATION_ID, Cutoff, Event, EventLogError, EventStore, Join, now_us, rebuild
 from events.store import SCHEMA_VERSION, migrations
 
@@ -501,13 +502,18 @@ def test_a_log_with_two_hard_links_is_not_opened_for_writing(db_path):
     EventStore(db_path).close()
 
 
-def test_a_log_whose_first_open_stopped_before_its_tables_is_still_new(db_path):
-    """The first open marks the file as ours, then creates the tables: stopped in between (a full disk), the
-    next open finishes the job instead of refusing the file for ever."""
+@pytest.mark.parametrize("stopped", ["before the migrations table", "after the migrations table"])
+def test_a_log_whose_first_open_stopped_before_its_tables_is_still_new(db_path, stopped):
+    """The first open marks the file as ours, then creates the tables: stopped in between (a full disk, a
+    kill during a first deploy), the next open finishes the job instead of refusing the file for ever."""
     half = sqlite3.connect(db_path)
     half.execute(f"PRAGMA application_id={APPLICATION_ID}")
     half.commit()
     half.close()
+    if stopped == "after the migrations table":  # sqlite-utils commits it before the first migration
+        db = Database(db_path)
+        store_migrations.ensure_migrations_table(db)
+        db.close()
     with EventStore(db_path) as store:
         assert store.migrated == ["m001_events", "m002_snapshots"]
         assert store.append([Events().listen()]) == [1]
