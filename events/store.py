@@ -846,6 +846,29 @@ class EventStore:
                 [registry.lobby, registry.seq, registry.session, int(registry.closed), users],
             )
 
+    def read_snapshot(self, lobby: str, seq: int) -> Registry | None:
+        """The registry snapshot of ``lobby`` at ``seq`` as it was saved, ``None`` if there is none; raises
+        :class:`EventLogError` if it does not read."""
+        row = self.db.execute(
+            "SELECT session, closed, users FROM snapshots WHERE lobby = ? AND seq = ?", [lobby, seq]
+        ).fetchone()
+        if row is None:
+            return None
+        session, closed, users = row
+        try:
+            pairs = orjson.loads(users)
+            if type(pairs) is not list or not all(
+                type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is bool
+                for pair in pairs
+            ) or not isinstance(session, str):
+                raise ValueError("not a list of [username, linked] pairs with a session")
+        except (ValueError, TypeError) as error:  # orjson.JSONDecodeError is a ValueError
+            raise EventLogError(f"{self.path}: the registry snapshot of {lobby!r} at seq {seq} does not read: {error}") from None
+        registry = Registry()
+        registry.lobby, registry.seq, registry.session, registry.closed = lobby, seq, session, bool(closed)
+        registry.users = dict(pairs)
+        return registry
+
     def load_registry(self, lobby: str, to_seq: int | None = None) -> Registry:
         """The registry of ``lobby`` after ``to_seq`` (default: the whole log): the latest snapshot at or
         before that point, then a fold of the events after it. Equal to a full fold of the log.
@@ -856,17 +879,21 @@ class EventStore:
         registry = Registry()
         bound = to_seq if to_seq is not None else self.last_seq  # fixed first: a writer may append meanwhile
         from_seq = 1
+        #: The snapshots this call passed over because they do not read (derived data: an earlier one, or the
+        #: log from its start, gives the same registry), as ``(seq, reason)``.
+        self.unreadable_snapshots: list[tuple[int, str]] = []
         if "snapshots" in self.db.table_names():
-            row = self.db.execute(
-                "SELECT seq, session, closed, users FROM snapshots WHERE lobby = ? AND seq <= ? "
-                "ORDER BY seq DESC LIMIT 1",
-                [lobby, bound],
-            ).fetchone()
-            if row is not None:
-                seq, session, closed, users = row
-                registry.lobby, registry.seq, registry.session, registry.closed = lobby, seq, session, bool(closed)
-                registry.users = dict(orjson.loads(users))
-                from_seq = seq + 1
+            for (seq,) in self.db.execute(
+                "SELECT seq FROM snapshots WHERE lobby = ? AND seq <= ? ORDER BY seq DESC", [lobby, bound]
+            ).fetchall():
+                try:
+                    snapshot = self.read_snapshot(lobby, seq)
+                except EventLogError as error:
+                    self.unreadable_snapshots.append((seq, str(error)))
+                    continue
+                if snapshot is not None:
+                    registry, from_seq = snapshot, seq + 1
+                    break
         events = self.read(from_seq, bound, lobby=lobby, types=LIFECYCLE_TYPES)
         try:
             rebuild(events, registry)

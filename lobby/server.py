@@ -257,6 +257,8 @@ class Server:
         self._thread = threading.get_ident()
         self._log = structlog.get_logger("lobby").bind(lobby=config.lobby, session=self.session)
         self._log_debug = _debug_enabled(self._log)
+        for seq, error in self.store.unreadable_snapshots:
+            self._log.warning("registry snapshot passed over", seq=seq, error=error)
         if self.store.migrated:
             self._log.info("event log schema", db=str(config.db), applied=self.store.migrated,
                            version=SCHEMA_VERSION)

@@ -231,9 +231,11 @@ class _Verifier:
             return
         seq = event.seq or 0
         try:
-            saved = self.log.store.load_registry(event.lobby, seq)
-        except (ValueError, TypeError, EventLogError) as error:
-            self.problem(seq, "bad-snapshot", f"the registry snapshot at seq {seq} cannot be read: {error}", event)
+            saved = self.log.store.read_snapshot(event.lobby, seq)
+        except EventLogError as error:
+            self.problem(seq, "bad-snapshot", str(error).removeprefix(f"{self.log.store.path}: "), event)
+            return
+        if saved is None:
             return
         folded = lobby.registry
         if (list(saved.users.items()), saved.session, saved.closed) != (

@@ -186,7 +186,37 @@ def test_snapshots_after_a_crash_are_checked_and_one_that_does_not_read_is_repor
     with sqlite3.connect(path) as damage:
         damage.execute("UPDATE snapshots SET users = 'not json'")
     assert main(["replay", "verify", str(path)]) == 1
-    assert "seq       6  bad-snapshot" in capsys.readouterr().out
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "bad-snapshot" in line]
+    assert line.startswith("seq       6") and "the registry snapshot of 'main' at seq 6 does not read: " in line
+    # Derived data: state and a server's start pass over it (to an earlier snapshot, or the log's start).
+    assert replay.state(path, at_seq=6).registry.users == {"al": False, "bob": False}
+    assert main(["replay", "state", str(path), "--at-seq", "6"]) == 0
+
+
+async def test_a_server_starts_past_a_snapshot_that_does_not_read(tmp_path):
+    """A traceback and exit 1 before: the snapshot is derived data, the log holds the same registry."""
+    from structlog.testing import capture_logs
+
+    from lobby import Server
+
+    a = Events()
+    path = tmp_path / "lobby.db"
+    with EventStore(path) as store:
+        store.append([a.listen(), a.join("al"), a.link("al"), a.join("bob")])
+        store.save_snapshot(rebuild(store.read()))
+        store.append([a.unlink("al", "requested")])
+        store.save_snapshot(rebuild(store.read()))
+    with sqlite3.connect(path) as damage:
+        damage.execute("UPDATE snapshots SET users = x'00ff' WHERE seq = 5")
+    server = Server(port=0, db=str(path), ping_interval=None)
+    with capture_logs() as logs:
+        await server.start()
+    try:
+        assert server.users == [{"username": "al", "isLinked": False}, {"username": "bob", "isLinked": False}]
+        [warning] = [line for line in logs if line["log_level"] == "warning"]
+        assert (warning["event"], warning["seq"]) == ("registry snapshot passed over", 5)
+    finally:
+        await server.close()
 
 
 def test_a_session_the_sessions_table_no_longer_covers_is_reported(tmp_path):
