@@ -305,6 +305,14 @@ class EventStore:
             self._migrate()
             self._check_end()
             self._load_types()
+            unknown = sorted(name for name in self._codes if name not in EVENT_TYPES)
+            if unknown:
+                # A newer krmx-lobby adds types without a migration: a fold without its events (a user its new
+                # event took out, say) would be wrong, and what this one appends after them would not fold.
+                raise EventLogError(
+                    f"{self.path}: holds events of types this krmx-lobby does not know ({', '.join(unknown)}), "
+                    "written by a newer krmx-lobby; upgrade krmx-lobby to write to it"
+                )
             if self.path != MEMORY:
                 self.db.enable_wal()
                 # A reader that runs long (an export of a big log) makes the WAL grow, as it must keep what

@@ -297,6 +297,21 @@ def test_a_schema_newer_than_this_code_is_refused(db_path):
     assert Database(db_path)["events"].count == 1
 
 
+def test_a_log_with_event_types_of_a_newer_version_is_not_written_to(db_path):
+    """New types need no migration: a server started on such a log after a rollback folded without their
+    events and appended after them, with no warning (every replay command refuses the log)."""
+    with EventStore(db_path) as store:
+        store.append([Events().listen()])
+        with store.db.conn:
+            code = store.db.conn.execute("INSERT INTO types (name) VALUES ('kickall')").lastrowid
+            store.db.conn.execute("INSERT INTO events (at, type, sid) VALUES (1700000000000002, ?, 1)", [code])
+            store.db.conn.execute("UPDATE sessions SET last_seq = 2")
+    with pytest.raises(EventLogError, match=r"holds events of types this krmx-lobby does not know \(kickall\), "
+                                            r"written by a newer krmx-lobby; upgrade krmx-lobby to write to it"):
+        EventStore(db_path)
+    assert Database(db_path)["events"].count == 2
+
+
 @pytest.mark.parametrize(
     ("sql", "missing"),
     [
