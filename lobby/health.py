@@ -40,7 +40,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.commit_seconds = Histogram(
             "krmx_commit_seconds",
-            "Time to append one group commit to the event log",
+            "Time to commit one turn's events to the event log: its transactions and their fsync",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )

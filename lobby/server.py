@@ -123,6 +123,8 @@ class Server:
         self._held: dict[Any, list[Callable[[], list[Effect]]]] = {}
         self._ws_server: Any = None
         self._since_snapshot = 0
+        #: Seconds the current turn's transactions took so far (the commit metric adds their fsync).
+        self._appending = 0.0
         self._connections_opened = 0
         self.metrics = Metrics(self)
         self._log_debug = True
@@ -718,11 +720,15 @@ class Server:
     def _send(self, out: list[SendFrame | CloseConnection]) -> None:
         """End a turn: one fsync for all of its commits, then its frames."""
         if self.store is not None:
+            started = time.perf_counter()
             try:
                 self.store.sync()  # one fsync per turn: every event of the turn is durable before a frame leaves
             except OSError as error:
                 self._die(error)
                 raise ServerError(f"the event log could not be synced: {error}") from error
+            if self._appending:  # the turn's commit latency: its transactions and their fsync
+                self.metrics.commit_seconds.observe(self._appending + time.perf_counter() - started)
+                self._appending = 0.0
         self._flush(out)
 
     def _commit(self, events: list[Event]) -> list[Event]:
@@ -732,7 +738,7 @@ class Server:
         try:
             started = time.perf_counter()
             seqs = self.store.append(events, sync=False)  # synced once per turn, before its frames
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self._appending += time.perf_counter() - started
             self.metrics.events_appended += len(seqs)
         except Exception as error:
             self._die(error)
