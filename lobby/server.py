@@ -298,6 +298,7 @@ class Server:
             task.cancel()
         core = self._require_core()
         self._call(core.close, keep_users=keep_users)
+        self._close_log = self._log.bind(seq=core.registry.seq)  # the close event's: for what its listeners do
         core.closed()
         self._ws_server.close()
         # websockets waits out the handshake timeout (10 s) of connections still in their opening handshake
@@ -319,13 +320,14 @@ class Server:
         started = loop.time()
         pending = await self._wait_until(set(tasks), LISTENER_GRACE)
         waited = round(loop.time() - started, 3)
+        log = getattr(self, "_close_log", self._log)
         for task in pending:
-            self._log.warning("listener cancelled at close", listener=_task_name(task), waited=waited)
+            log.warning("listener cancelled at close", listener=_task_name(task), waited=waited)
             task.cancel()
         self._hurry.clear()
         for task in await self._wait_until(pending, LISTENER_CANCEL_GRACE):
             # It is left to the loop's shutdown, which cancels it again; the log is closed meanwhile.
-            self._log.error("listener still running after its cancellation: closing without it", listener=_task_name(task))
+            log.error("listener still running after its cancellation: closing without it", listener=_task_name(task))
 
     async def _wait_until(self, pending: set[asyncio.Future[Any]], timeout: float) -> set[asyncio.Future[Any]]:
         """Wait until ``pending`` are done, ``timeout`` passed or a stop signal hurries the close; return the rest."""
@@ -549,7 +551,8 @@ class Server:
                 ws.lobby_cut = True
             return
         self.metrics.cutoffs[reason] += 1
-        self._log.warning("cut off", reason=reason, **_whom(ws or peer, label))
+        username = self.core.username_of(ws) if ws is not None and self.core is not None else None
+        self._log.warning("cut off", reason=reason, **_whom(ws or peer, label), **({"username": username} if username else {}))
         if ws is not None:
             ws.lobby_cut = True
             if reason == "slow consumer":
@@ -792,7 +795,10 @@ class Server:
                 self._event_log(event).debug(event.type)
         else:
             reason = getattr(event, "reason", None)
-            self._event_log(event).info(event.type, **({"reason": reason} if reason else {}))
+            if event.type == "cutoff":  # which connection: its "cut off" warning names it too
+                self._event_log(event).info(event.type, reason=reason, connection=event.connection)  # type: ignore[attr-defined]
+            else:
+                self._event_log(event).info(event.type, **({"reason": reason} if reason else {}))
         if not listeners and not catch_all:
             return
         args: tuple[Any, ...]

@@ -390,6 +390,29 @@ async def test_metrics_in_the_prometheus_text_format(tmp_path):
         await server.close()
 
 
+async def test_a_cut_off_of_a_linked_user_is_logged_with_its_username_and_connection(tmp_path):
+    """The warning (with the peer's address) had no username, and the cutoff event's line no connection: no
+    line tied the user to the address, and `replay logs -u` missed the warning."""
+    server = await started(tmp_path, message_rate=5, message_burst=5)
+    try:
+        flood = await Raw.open(url(server))
+        with capture_logs() as logs:
+            await flood.link("flood")
+            for index in range(50):
+                await flood.send({"type": "game/spam", "payload": index})
+            assert await flood.closed()
+        [warning] = [line for line in logs if line["event"] == "cut off"]
+        [event] = [line for line in logs if line["event"] == "cutoff"]
+        assert (warning["username"], warning["reason"], warning["remote"].startswith("127.0.0.1:")) == (
+            "flood", "rate limit", True
+        )
+        assert (event["username"], event["connection"], event["seq"]) == (
+            "flood", warning["connection"], server.core.registry.seq - 1  # its unlink follows
+        )
+    finally:
+        await server.close()
+
+
 async def test_the_commit_metric_holds_the_fsync(tmp_path):
     """A slow disk is the usual cause of slow commits: the histogram timed the transactions alone, and a 50 ms
     fsync showed as commits under a millisecond."""

@@ -1174,6 +1174,9 @@ async def test_close_waits_for_async_listeners_and_cancels_them_after_the_grace(
     assert [entry["listener"] for entry in cancelled] == [
         "leave listener test_close_waits_for_async_listeners_and_cancels_them_after_the_grace.<locals>.never_done"
     ]
+    # Tied to the close event (replay logs --around-seq shows it there).
+    [close] = [entry for entry in logs if entry["event"] == "close"]
+    assert cancelled[0]["seq"] == close["seq"]
 
 
 async def test_close_goes_on_without_a_cancelled_listener_that_does_not_end(tmp_path, monkeypatch):
