@@ -88,12 +88,11 @@ def read_log_lines(path: str | os.PathLike[str]) -> Iterator[LogLine]:
     target = Path(path)
     if target.is_dir():
         raise ReplayError(f"{path}: is a directory, not a server log file")
-    if not target.is_file():
+    if not target.exists():  # a pipe or a FIFO is fine: <(zcat server.log.1.gz), /dev/stdin
         raise ReplayError(f"{path}: no such log file")
     with open(target, "rb") as handle:
-        if handle.read(16) == b"SQLite format 3\x00":  # the arguments swapped, most likely
+        if handle.peek(16)[:16] == b"SQLite format 3\x00":  # the arguments swapped, most likely
             raise ReplayError(f"{path}: is an SQLite database, not a server log file (the event log goes in --db)")
-        handle.seek(0)
         for number, raw in enumerate(progress(handle, total=None, description="reading log lines", unit="line"), 1):
             line = raw.rstrip(b"\r\n")
             if not line.strip():
@@ -233,41 +232,59 @@ def _around(log: Log, lines: Iterator[LogLine], seq: int, window: int, level: st
     sessions = {event.session for event in events.values()}
     first = min(event.at for event in events.values())
     last = max(event.at for event in events.values())
-    # Sorted by (time, seq, events before lines, line number). A line without seq between two lines of the
-    # window was written meanwhile: it goes after the event of the line before it, whatever its own time
-    # (event times hold while the clock is stepped back; the log's do not). Other lines without seq go by
-    # their time.
+    # Sorted by (time, seq, events before lines, line number). A line without seq goes with the lines around
+    # it in the file, whatever its own time (event times hold while the clock is stepped back; the log's do not):
+    # between two lines of the window, after the event of the line before it; next to the window (no line of
+    # another event in between: a cut-off's warning, logged before its event is committed; what a close logs
+    # after its event), before the window's first event or after its last. Other lines without seq go by time.
     keyed = [((event.at, event.seq, 0, 0), Entry("event", event.at, event.seq, event=event))
              for event in events.values()]
     anchor: tuple[int, int] | None = None  # (at, seq) of the last line of the window so far
-    pending: list[LogLine] = []  # lines without seq since that line
+    before: list[LogLine] = []  # lines without seq since the last line of an event, before the window's
+    pending: list[LogLine] = []  # lines without seq since the window's last line so far
+    ended = False  # a line of an event after the window came: lines without seq from then on go by time
 
     def by_time(line: LogLine) -> None:
         if line.at is not None and first <= line.at <= last:
             keyed.append(((line.at, high + 1, 1, line.number), Entry("log", line.at, None, line=line)))
 
+    def at_anchor(waiting: list[LogLine]) -> None:
+        for line in waiting:
+            keyed.append(((*anchor, 1, line.number), Entry("log", anchor[0], None, line=line)))  # type: ignore[misc]
+        waiting.clear()
+
     for line in lines:
         line_seq = line.seq
         if line_seq is not None and low <= line_seq <= high and (info is None or line_seq in events):
-            for waiting in pending:
-                keyed.append(((*anchor, 1, waiting.number), Entry("log", anchor[0], None, line=waiting)))  # type: ignore[misc]
-            pending.clear()
+            at_anchor(pending)
             event = events.get(line_seq)
             at = event.at if event is not None else (line.at or 0)
+            if anchor is None:  # the window's first line: what was logged right before it comes first
+                for waiting in before:
+                    keyed.append(((at, line_seq, -1, waiting.number), Entry("log", at, None, line=waiting)))
+                before.clear()
             anchor = (at, line_seq)
             if _shown(line, level, username):
                 keyed.append(((at, line_seq, 1, line.number),
                               Entry("log", at, line_seq, event=event, line=line, note=_mismatch(line, event))))
-        elif line_seq is None and _shown(line, level, username):
+        elif line_seq is not None:  # a line of an event outside the window
+            if anchor is None:
+                before.clear()  # they belong with that event
+            elif not ended:
+                at_anchor(pending)
+                ended = True
+        elif _shown(line, level, username):
             line_session = (line.record or {}).get("session")
             if line_session is not None and line_session not in sessions:
                 continue
-            if anchor is not None:
+            if anchor is None:
+                before.append(line)
+            elif not ended:
                 pending.append(line)
             else:
                 by_time(line)
-    for line in pending:  # after the window's last line: by time
-        by_time(line)
+    if anchor is not None:
+        at_anchor(pending)  # the log ends after the window
     keyed.sort(key=lambda pair: pair[0])
     entries = [entry for _, entry in keyed]
     return entries
@@ -314,8 +331,9 @@ def log_summary(logfile: str | os.PathLike[str], db: str | os.PathLike[str] | No
     try:
         for line in read_log_lines(logfile):
             summary.lines += 1
-            if line.record is None:
+            if line.record is None:  # a failed start's one line, a traceback printed by hand, ...
                 summary.not_json += 1
+                summary.add_problem(line, f"not JSON: {line.text[:100]}")
                 continue
             summary.levels[line.level] += 1
             summary.messages[line.message] += 1

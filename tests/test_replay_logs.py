@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import threading
 
 import orjson
 
@@ -28,7 +30,9 @@ def test_what_the_server_logged_around_a_seq(crash_log, capsys):
         assert following.kind == "log" and following.seq == event.seq and following.note is None
         assert following.line.message == event.event.type
     listening = [e for e in lines if e.seq is None]
-    assert [e.line.message for e in listening] == ["listening"]
+    # and what it logged right after the window's last event (its recovery), before any other event
+    assert [e.line.message for e in listening] == ["listening", "serving until a stop signal"]
+    assert entries.index(listening[1]) == len(entries) - 1
     assert listening[0].line.record["recovering"] is True
     assert entries.index(listening[0]) < entries.index(events[2])  # logged before the listen event
     recovered = [e for e in lines if e.line.record.get("reason") == "recovered"]
@@ -73,11 +77,27 @@ def test_a_summary_counts_lines_and_flags_those_that_do_not_fit(crash_log, tmp_p
     notes = [(line.seq, note) for line, note in summary.problems]
     assert summary.not_json == 1
     assert notes[0][0] == 3 and "is of session" in notes[0][1]
-    assert notes[1] == (4, "error: listener failed (RuntimeError: the app broke)")
-    assert notes[2] == (999, "seq 999 is not in the event log (another log file, or a log cut short)")
+    # A line that is not JSON (a failed start's line in a JSON log, say) is listed, not only counted.
+    assert notes[1] == (None, "not JSON: WARNING websockets.server: something in plain text")
+    assert notes[2] == (4, "error: listener failed (RuntimeError: the app broke)")
+    assert notes[3] == (999, "seq 999 is not in the event log (another log file, or a log cut short)")
     assert main(["replay", "logs", str(foreign), "--db", str(db), "--summary"]) == 0
     out = capsys.readouterr().out
-    assert "1 not JSON" in out and "RuntimeError: the app broke" in out
+    assert "1 not JSON" in out and "RuntimeError: the app broke" in out and "something in plain text" in out
+    # Read through a pipe too (a rotated, compressed log: <(zcat server.log.1.gz)).
+    reader, writer = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(writer, "wb") as pipe:
+            pipe.write(foreign.read_bytes())
+
+    feeding = threading.Thread(target=feed)
+    feeding.start()
+    try:
+        assert replay.log_summary(f"/dev/fd/{reader}", db).lines == summary.lines
+    finally:
+        feeding.join()
+        os.close(reader)
 
 
 def test_odd_lines_and_a_swapped_database_argument(crash_log, tmp_path, capsys):
@@ -135,3 +155,33 @@ def test_a_line_without_seq_between_lines_of_the_window_is_shown_whatever_its_ti
         ("event", 2, None), ("log", 2, "join"), ("event", 3, None), ("log", 3, "link"),
         ("log", None, "link rejected"), ("event", 4, None), ("log", 4, "unlink"),
     ]
+
+
+def test_lines_without_seq_next_to_the_window_are_shown_with_it(tmp_path):
+    """A cut-off's warning is logged before its event is committed, and a close logs after its event: with
+    --window 0 (or any window, for a rate limit) they were left out, their times outside the window's."""
+    ev = Events()
+    db = tmp_path / "edges.db"
+    with EventStore(db) as store:
+        store.append([ev.listen(), ev.join("al"), ev.link("al"), ev.unlink("al", "rate limit"), ev.close()])
+    earlier, later = "2023-11-14T22:13:20Z", "2030-01-01T00:00:00Z"  # both outside the events' times
+
+    def line(event: str, seq: int | None = None, timestamp: str = later) -> dict:
+        return {"event": event, "session": "s1", "level": "info", "timestamp": timestamp,
+                **({"seq": seq} if seq is not None else {})}
+
+    logfile = tmp_path / "server.log"
+    logfile.write_bytes(b"".join(orjson.dumps(entry) + b"\n" for entry in [
+        line("listening", timestamp=earlier), line("listen", 1), line("join", 2), line("link", 3),
+        line("cut off", timestamp=earlier), line("unlink", 4), line("close", 5), line("closed"),
+    ]))
+
+    def around(seq: int) -> list:
+        return [(e.kind, e.seq, e.line.message if e.line else None) for e in replay.logs(logfile, db, around_seq=seq, window=0)]
+
+    assert around(4) == [("log", None, "cut off"), ("event", 4, None), ("log", 4, "unlink")]
+    assert around(5) == [("event", 5, None), ("log", 5, "close"), ("log", None, "closed")]
+    # Between the lines of two events, it is next to both windows.
+    assert around(3) == [("event", 3, None), ("log", 3, "link"), ("log", None, "cut off")]
+    assert around(2) == [("event", 2, None), ("log", 2, "join")]
+    assert around(1) == [("log", None, "listening"), ("event", 1, None), ("log", 1, "listen")]
