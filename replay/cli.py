@@ -68,7 +68,16 @@ def _fail(name: str, message: str) -> int:
 
 
 def _out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
+    """A line for people: control and direction characters (in a username an app's own rule allows, a
+    reason, a message) are shown escaped, so that no value can start a line or a row of its own."""
+    sys.stdout.write(line.translate(_ESCAPED) + "\n")
+
+
+#: C0 and C1 controls, DEL, line and paragraph separators, bidirectional overrides and isolates.
+_ESCAPED = {
+    code: repr(chr(code))[1:-1] if code < 0x100 else f"\\u{code:04x}"
+    for code in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+}
 
 
 def _json_line(value: Any) -> None:

@@ -372,3 +372,22 @@ def test_stats_of_every_session_needs_one_lobby(tmp_path, capsys):
     code, _, err = run(capsys, "stats", path)
     assert code == 2 and "several lobbies" in err
     assert [s.summary.lobby for s in replay.stats(path, lobby="b").sessions] == ["b"]
+
+
+def test_tables_show_control_characters_in_names_escaped(tmp_path, capsys):
+    """An app may allow any username: one holding a newline forged a table row (a leave of admin that never
+    happened); the JSON outputs were right already."""
+    ev = Events()
+    path = tmp_path / "odd.db"
+    forged = "mallory\n     3  2026-11-28 09:00:00.000  leave      admin"
+    with EventStore(path) as store:
+        store.append([ev.listen(), ev.join(forged), ev.link("bidi\u202eevil"), ev.close()])
+    code, out, _ = run(capsys, "timeline", path)
+    assert code == 0 and len(out.splitlines()) == 5  # the header and four events
+    assert "mallory\\n     3" in out and "bidi\\u202eevil" in out
+    code, out, _ = run(capsys, "state", path, "--at-seq", 2)
+    assert code == 0 and [line for line in out.splitlines() if "leave" in line] == [
+        "  ○ mallory\\n     3  2026-11-28 09:00:00.000  leave      admin unlinked"
+    ]
+    code, out, _ = run(capsys, "timeline", path, "--json")
+    assert orjson.loads(out.splitlines()[1])["username"] == forged
