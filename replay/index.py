@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import orjson
 
-from events import Registry, apply
+from events import InconsistentEvent, Registry, apply
 
 from .reader import Log, progress
 
@@ -44,9 +44,15 @@ class _Checkpoint:
     users: bytes
 
     def registry(self, lobby: str) -> Registry:
+        """Raises ``ValueError`` for a checkpoint that does not read (a damaged sidecar)."""
+        pairs = orjson.loads(self.users)
+        if type(pairs) is not list or not all(
+            type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is bool for pair in pairs
+        ):
+            raise ValueError("not a list of [username, linked] pairs")
         registry = Registry()
         registry.lobby, registry.seq, registry.session, registry.closed = lobby, self.seq, self.session, self.closed
-        registry.users = dict(orjson.loads(self.users))
+        registry.users = dict(pairs)
         return registry
 
 
@@ -83,10 +89,13 @@ class _Sidecar:
             conn = _connect(sidecar_path(self.log.path), create)
             conn.execute("PRAGMA busy_timeout = 2000")
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS checkpoints (lobby TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER "
-                "NOT NULL, session TEXT, closed INTEGER NOT NULL, users BLOB NOT NULL, PRIMARY KEY (lobby, seq))"
-            )
+            conn.execute(_CHECKPOINTS_TABLE)
+            try:
+                conn.execute("SELECT lobby, seq, at, session, closed, users FROM checkpoints LIMIT 0")
+            except sqlite3.OperationalError:  # a damaged sidecar (derived data): made again from the log
+                with conn:
+                    conn.execute("DROP TABLE checkpoints")
+                    conn.execute(_CHECKPOINTS_TABLE)
             row = conn.execute("SELECT value FROM meta WHERE key = 'log'").fetchone()
             if row is None or row[0] != self.fingerprint:
                 with conn:
@@ -106,12 +115,15 @@ class _Sidecar:
         candidates: list[_Checkpoint] = []
         conn = self._open(create=False)
         if conn is not None:
-            row = conn.execute(
-                "SELECT seq, at, session, closed, users FROM checkpoints WHERE lobby = ? AND seq <= ? "
-                "ORDER BY seq DESC LIMIT 1",
-                [lobby, seq],
-            ).fetchone()
-            if row is not None:
+            try:
+                row = conn.execute(
+                    "SELECT seq, at, session, closed, users FROM checkpoints WHERE lobby = ? AND seq <= ? "
+                    "ORDER BY seq DESC LIMIT 1",
+                    [lobby, seq],
+                ).fetchone()
+            except sqlite3.Error:  # a damaged sidecar: the log answers alone
+                row = None
+            if row is not None and type(row[0]) is int and type(row[1]) is int and type(row[4]) is bytes:
                 candidates.append(_Checkpoint(row[0], row[1], row[2], bool(row[3]), row[4]))
         memory = [c for c in self._memory.get((*self._file, self.fingerprint, lobby), []) if c.seq <= seq]
         if memory:
@@ -138,9 +150,26 @@ class _Sidecar:
                 pass  # a read-only folder or file: keep them in memory instead
         self._memory.setdefault((*self._file, self.fingerprint, lobby), []).extend(checkpoints)
 
+    def forget(self, lobby: str) -> None:
+        """Drop the checkpoints of ``lobby`` (one did not read, or the log did not fold from it): made again."""
+        self._memory.pop((*self._file, self.fingerprint, lobby), None)
+        conn = self._open(create=False)
+        if conn is not None:
+            try:
+                with conn:
+                    conn.execute("DELETE FROM checkpoints WHERE lobby = ?", [lobby])
+            except sqlite3.Error:
+                pass  # read-only: it is not read again in this process (the checkpoints made now go to memory)
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+_CHECKPOINTS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS checkpoints (lobby TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, "
+    "session TEXT, closed INTEGER NOT NULL, users BLOB NOT NULL, PRIMARY KEY (lobby, seq))"
+)
 
 
 def _connect(path: str, create: bool) -> sqlite3.Connection:
@@ -180,15 +209,22 @@ def registry_at(log: Log, lobby: str, seq: int) -> Registry:
     try:
         checkpoint = sidecar.latest(lobby, seq)
         if checkpoint is not None and checkpoint.seq >= snapshot:
-            registry = checkpoint.registry(lobby)
-        else:
-            registry = _snapshot(log, lobby, snapshot)
-        start = (registry.seq or 0) + 1
-        if seq - start < CHECKPOINT_EVERY:
-            return _fold(log, registry, lobby, start, seq)
-        return _fold_keeping_checkpoints(log, sidecar, lobby, registry, start, seq)
+            try:
+                return _fold_from(log, sidecar, lobby, checkpoint.registry(lobby), seq)
+            except (ValueError, InconsistentEvent):
+                # Derived data that does not read or does not fold on: the log answers from its snapshot (and
+                # says so, if the log itself does not fold), and the checkpoints are made again.
+                sidecar.forget(lobby)
+        return _fold_from(log, sidecar, lobby, _snapshot(log, lobby, snapshot), seq)
     finally:
         sidecar.close()
+
+
+def _fold_from(log: Log, sidecar: _Sidecar, lobby: str, registry: Registry, seq: int) -> Registry:
+    start = (registry.seq or 0) + 1
+    if seq - start < CHECKPOINT_EVERY:
+        return _fold(log, registry, lobby, start, seq)
+    return _fold_keeping_checkpoints(log, sidecar, lobby, registry, start, seq)
 
 
 def _fold(log: Log, registry: Registry, lobby: str, start: int, seq: int) -> Registry:

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import replay
+from lobby.cli import main
 from events import EventStore, rebuild
 from replay import index as replay_index
 from replay.reader import ReplayError, open_log, parse_time
@@ -111,6 +112,27 @@ def test_a_sidecar_of_another_log_is_ignored(tmp_path, monkeypatch):
     with EventStore(path) as store:
         store.append(other)
     assert replay.state(path, at_seq=60).registry == rebuild([e.with_seq(i) for i, e in enumerate(other, 1)])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE checkpoints SET users = 'garbage'",  # does not read: was a traceback
+        "UPDATE checkpoints SET users = '[]'",  # does not fold on: was 'the log does not fold', blaming the log
+        "DROP TABLE checkpoints; CREATE TABLE checkpoints (x)",  # another shape: was 'sqlite3 LOG .recover'
+    ],
+)
+def test_a_damaged_sidecar_is_made_again_and_the_log_never_blamed(tmp_path, monkeypatch, damage, capsys):
+    monkeypatch.setattr(replay_index, "CHECKPOINT_EVERY", 10)
+    path = tmp_path / "lobby.db"
+    events = _log_without_snapshots(path, 80)
+    assert replay.state(path, at_seq=75).registry == rebuild(events[:75])  # the sidecar is made
+    with sqlite3.connect(replay_index.sidecar_path(str(path))) as conn:
+        conn.executescript(damage)
+    assert replay.state(path, at_seq=78).registry == rebuild(events[:78])
+    assert replay.state(path, at_seq=79).registry == rebuild(events[:79])  # from checkpoints made again
+    assert main(["replay", "state", str(path), "--at-seq", "77"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_a_read_only_folder_keeps_checkpoints_in_memory(tmp_path, monkeypatch):
