@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from html import escape
 
 import orjson
@@ -70,13 +71,34 @@ class Mark:
     reason: str
 
 
+class Ticks:
+    """Messages binned as they are read, one tick per pixel column and direction ("in": from the user, "out":
+    to it): a session of millions of messages keeps a few thousand ticks, not every message."""
+
+    def __init__(self, scale: _Scale) -> None:
+        self.scale = scale
+        #: (x, direction) -> [first seq, count, message types]
+        self.columns: dict[tuple[int, str], list[Any]] = {}
+
+    def add(self, seq: int, at: int, direction: str, message_type: str) -> None:
+        key = (int(self.scale.x(seq, at)), direction)
+        column = self.columns.get(key)
+        if column is None:
+            self.columns[key] = [seq, 1, {message_type}]
+        else:
+            column[1] += 1
+            column[2].add(message_type)
+
+    def __bool__(self) -> bool:
+        return bool(self.columns)
+
+
 @dataclass
 class Lane:
     username: str
+    ticks: Ticks
     segments: list[Segment] = field(default_factory=list)
     marks: list[Mark] = field(default_factory=list)
-    #: (seq, at, direction "in" (from the user) or "out" (to the user), message type)
-    messages: list[tuple[int, int, str, str]] = field(default_factory=list)
 
     def open_segment(self) -> Segment | None:
         last = self.segments[-1] if self.segments else None
@@ -89,16 +111,16 @@ def _message_type(event: Event) -> str:
 
 
 def build_lanes(
-    events: Iterable[Event], initial: dict[str, bool], summary: SessionSummary
-) -> tuple[dict[str, Lane], list[tuple[int, int, str]]]:
-    """The lanes of a session (users in order of appearance) and its broadcasts ``(seq, at, type)``."""
+    events: Iterable[Event], initial: dict[str, bool], summary: SessionSummary, scale: _Scale
+) -> tuple[dict[str, Lane], Ticks]:
+    """The lanes of a session (users in order of appearance) and its broadcasts' ticks."""
     lanes: dict[str, Lane] = {}
-    broadcasts: list[tuple[int, int, str]] = []
+    broadcasts = Ticks(scale)
 
     def lane(name: str) -> Lane:
         found = lanes.get(name)
         if found is None:
-            found = lanes[name] = Lane(name)
+            found = lanes[name] = Lane(name, Ticks(scale))
         return found
 
     def end(name: str, event: Event, reason: str) -> None:
@@ -128,9 +150,9 @@ def build_lanes(
             end(name, event, "left: " + reason)  # type: ignore[arg-type]
             lane(name).marks.append(Mark("leave", seq, at, reason))  # type: ignore[arg-type]
         elif event.type in ("message", "send"):
-            lane(name).messages.append((seq, at, "in" if event.type == "message" else "out", _message_type(event)))  # type: ignore[arg-type]
+            lane(name).ticks.add(seq, at, "in" if event.type == "message" else "out", _message_type(event))  # type: ignore[arg-type]
         elif event.type == "broadcast":
-            broadcasts.append((seq, at, _message_type(event)))
+            broadcasts.add(seq, at, "out", _message_type(event))
         elif event.type == "close":
             for other in lanes.values():
                 segment = other.open_segment()
@@ -177,7 +199,7 @@ def _colour(reason: str) -> str:
     return REASON_COLOURS.get(reason, OTHER_COLOUR)
 
 
-def _svg(lanes: dict[str, Lane], broadcasts: list[tuple[int, int, str]], scale: _Scale) -> str:
+def _svg(lanes: dict[str, Lane], broadcasts: Ticks, scale: _Scale) -> str:
     rows = len(lanes) + (1 if broadcasts else 0)
     height = TOP + rows * LANE + 10
     out = [
@@ -191,7 +213,7 @@ def _svg(lanes: dict[str, Lane], broadcasts: list[tuple[int, int, str]], scale: 
     if broadcasts:
         y = TOP + LANE / 2
         out.append(f'<g class="lane broadcasts"><text class="name" x="4" y="{y + 4:.1f}">(broadcasts)</text>')
-        out.extend(_ticks([(s, a, "out", t) for s, a, t in broadcasts], scale, y, "broadcast"))
+        out.extend(_ticks(broadcasts, y, "broadcast"))
         out.append("</g>")
         row = 1
     for name, lane in lanes.items():
@@ -215,7 +237,7 @@ def _svg(lanes: dict[str, Lane], broadcasts: list[tuple[int, int, str]], scale: 
                 f'data-to-seq="{segment.end_seq}" data-start-reason="{escape(segment.start_reason)}" '
                 f'data-end-reason="{escape(segment.end_reason or "")}"><title>{escape(title)}</title></rect>'
             )
-        out.extend(_ticks(lane.messages, scale, y, "message"))
+        out.extend(_ticks(lane.ticks, y, "message"))
         last_label = -1e9
         for mark in lane.marks:
             x = scale.x(mark.seq, mark.at)
@@ -243,22 +265,19 @@ def _svg(lanes: dict[str, Lane], broadcasts: list[tuple[int, int, str]], scale: 
     return "\n".join(out)
 
 
-def _ticks(messages: list[tuple[int, int, str, str]], scale: _Scale, y: float, kind: str) -> list[str]:
+def _ticks(ticks: Ticks, y: float, kind: str) -> list[str]:
     """Message ticks, one per pixel column and direction (a busy lane stays small): up from the user, down to it."""
-    columns: dict[tuple[int, str], list[tuple[int, str]]] = {}
-    for seq, at, direction, message_type in messages:
-        columns.setdefault((int(scale.x(seq, at)), direction), []).append((seq, message_type))
     out = []
-    for (x, direction), found in columns.items():
+    for (x, direction), (first, count, found_types) in ticks.columns.items():
         top, bottom = (y - 15, y - 8) if direction == "in" else (y + 8, y + 15)
         if kind == "broadcast":
             top, bottom = y - 7, y + 7
-        types = sorted({t for _, t in found})
+        types = sorted(found_types)
         what = {"message": "from the user" if direction == "in" else "to the user", "broadcast": "broadcast"}[kind]
-        title = f"{len(found)} message{'s' if len(found) > 1 else ''} {what} ({', '.join(types[:5])}) at seq {found[0][0]}"
+        title = f"{count} message{'s' if count > 1 else ''} {what} ({', '.join(types[:5])}) at seq {first}"
         out.append(
             f'<line class="msg {direction} {kind}" x1="{x}.5" y1="{top:.1f}" x2="{x}.5" y2="{bottom:.1f}" '
-            f'data-seq="{found[0][0]}" data-count="{len(found)}"><title>{escape(title)}</title></line>'
+            f'data-seq="{first}" data-count="{count}"><title>{escape(title)}</title></line>'
         )
     return out
 
@@ -381,8 +400,8 @@ def render_html(
             total += 1
             yield event
 
-    lanes, broadcasts = build_lanes(keeping(events), initial, summary)
     scale = _Scale(summary, axis)
+    lanes, broadcasts = build_lanes(keeping(events), initial, summary, scale)
     rows = [
         {
             "seq": event.seq, "time": format_time(event.at), "type": event.type,
