@@ -10,13 +10,25 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .client import Client, EventStream
-    from .client_protocol import CLIENT_EVENTS, ClientEvent, ClientProtocol, RelinkPolicy
-    from .errors import ClientError, LinkRejected, LobbyError, ServerError
-    from .logs import configure_logging
-    from .protocol import DEFAULT_VERSIONS, PROTOCOL_VERSION, ServerProtocol, is_valid_username
-    from .server import AuthInfo, Server, ServerConfig
+if TYPE_CHECKING:  # each name as itself: re-exported for type checkers (mypy --strict)
+    from .client import Client as Client
+    from .client import EventStream as EventStream
+    from .client_protocol import CLIENT_EVENTS as CLIENT_EVENTS
+    from .client_protocol import ClientEvent as ClientEvent
+    from .client_protocol import ClientProtocol as ClientProtocol
+    from .client_protocol import RelinkPolicy as RelinkPolicy
+    from .errors import ClientError as ClientError
+    from .errors import LinkRejected as LinkRejected
+    from .errors import LobbyError as LobbyError
+    from .errors import ServerError as ServerError
+    from .logs import configure_logging as configure_logging
+    from .protocol import DEFAULT_VERSIONS as DEFAULT_VERSIONS
+    from .protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
+    from .protocol import ServerProtocol as ServerProtocol
+    from .protocol import is_valid_username as is_valid_username
+    from .server import AuthInfo as AuthInfo
+    from .server import Server as Server
+    from .server import ServerConfig as ServerConfig
 
 #: Each public name and the module that defines it.
 _HOMES = {
@@ -40,7 +52,11 @@ _HOMES = {
     "ServerConfig": "server",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [  # a literal list, as type checkers read it: the names of _HOMES (a test keeps them equal)
+    "AuthInfo", "CLIENT_EVENTS", "Client", "ClientError", "ClientEvent", "ClientProtocol", "DEFAULT_VERSIONS",
+    "EventStream", "LinkRejected", "LobbyError", "PROTOCOL_VERSION", "RelinkPolicy", "Server", "ServerConfig",
+    "ServerError", "ServerProtocol", "configure_logging", "is_valid_username",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -33,8 +33,8 @@ import socket
 import struct
 import sys
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, overload
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -170,6 +170,12 @@ class Client:
         return self._relink_task is not None and not self._relink_task.done()
 
     # -- listeners --------------------------------------------------------------------------------------
+
+    @overload
+    def on(self, event: str) -> Callable[[Listener], Callable[[], None]]: ...
+
+    @overload
+    def on(self, event: str, listener: Listener) -> Callable[[], None]: ...
 
     def on(self, event: str, listener: Listener | None = None) -> Any:
         """Register ``listener`` for ``event`` (one of :data:`CLIENT_EVENTS`, or ``"*"`` for every event,
@@ -528,7 +534,7 @@ class Client:
         own = self.core.username
         await self._request(frame, lambda e: e.name == "unlink" and e.args[0] == own, "leave", timeout)
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: Mapping[str, Any]) -> None:
         """Send an application message (a dict with a string ``type``, not ``krmx/...``); only when linked."""
         await self._write(self.core.send(message))
 

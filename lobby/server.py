@@ -26,10 +26,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar, overload
 from urllib.parse import parse_qs
 
 import structlog
@@ -73,6 +73,7 @@ class AuthInfo:
 
 
 Listener = Callable[..., Any]
+_L = TypeVar("_L", bound=Listener)
 LISTENER_EVENTS = ("listen", "authenticate", "join", "link", "message", "unlink", "leave", "close", "event")
 #: Inputs of one connection handled in one turn at most (see Server._take_inputs).
 TURN_SHARE = 32
@@ -140,6 +141,12 @@ class Server:
             raise ServerError(f"cannot configure when the server is {self._status}")
         self.config = dataclasses.replace(self.config, **options)
 
+    @overload
+    def on(self, event: str) -> Callable[[_L], _L]: ...
+
+    @overload
+    def on(self, event: str, listener: _L) -> _L: ...
+
     def on(self, event: str, listener: Listener | None = None) -> Any:
         """Register ``listener`` for ``event``; without a listener, return a decorator.
 
@@ -182,10 +189,10 @@ class Server:
     def unlink(self, username: str) -> None:
         self._call(self._require_core().unlink, username)
 
-    def send(self, username: str, message: dict[str, Any]) -> None:
+    def send(self, username: str, message: Mapping[str, Any]) -> None:
         self._call(self._require_core().send, username, message)
 
-    def broadcast(self, message: dict[str, Any], skip: str | None = None) -> None:
+    def broadcast(self, message: Mapping[str, Any], skip: str | None = None) -> None:
         self._call(self._require_core().broadcast, message, skip)
 
     def _require_core(self) -> ServerProtocol:

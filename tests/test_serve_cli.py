@@ -102,6 +102,18 @@ def test_an_unknown_argument_points_to_the_help_of_its_command(capsys, args, hel
     assert capsys.readouterr().err == f"{help_of}: error: unrecognized arguments: --bogus (see {help_of} --help)\n"
 
 
+def test_the_public_names_are_exported_for_type_checkers_too():
+    """A game type-checked with mypy --strict: the packages are marked typed (PEP 561), and lobby's names, loaded
+    when first used, are listed in a literal __all__ (a computed one reads as no export at all)."""
+    import importlib.resources
+
+    import lobby
+
+    assert lobby.__all__ == sorted(lobby._HOMES)
+    assert all(getattr(lobby, name) is not None for name in lobby.__all__)
+    assert all(importlib.resources.files(package).joinpath("py.typed").is_file() for package in ("lobby", "events", "replay"))
+
+
 def test_the_command_starts_light_and_ctrl_c_while_it_imports_is_quiet(monkeypatch):
     """Ctrl-C in the first half second of `lobby serve` (while websockets, sqlite-utils, structlog, ... were
     imported, before main() could catch it) printed a KeyboardInterrupt traceback."""
