@@ -191,17 +191,19 @@ def test_reader_sees_whole_batches_never_part_of_one(db_path):
     batch_size = 50
     with EventStore(db_path, durability="normal") as writer:
         writer.append([ev.listen()] + [ev.join(f"warm{i}") for i in range(batch_size - 1)])
-        done = threading.Event()
+        done, reading = threading.Event(), threading.Event()
         seen: list[int] = []
 
         def read_repeatedly() -> None:
             with EventStore.open_readonly(db_path) as reader:
                 while not done.is_set():
                     seen.append(sum(1 for _ in reader.read()))
+                    reading.set()
 
         thread = threading.Thread(target=read_repeatedly)
         thread.start()
         try:
+            assert reading.wait(30)  # on a busy machine the writer could finish before the first read
             for batch in range(40):
                 writer.append([ev.join(f"u{batch}-{i}") for i in range(batch_size)])
         finally:
