@@ -685,17 +685,35 @@ class Server:
     def _stages(self, stage: list[list[Effect]], out: list[SendFrame | CloseConnection]) -> None:
         """Commit stage by stage (a stage's listeners run after its commit; what they do is the next stage),
         collecting the frames in ``out`` in the order they were made: the order of the seqs, stage by stage,
-        and within a stage in the order of its events."""
-        while stage:
-            committed = iter(self._commit([e.event for effects in stage for e in effects if type(e) is Record]))
-            next_stage: list[list[Effect]] = []
-            for effects in stage:
+        and within a stage in the order of its events.
+
+        A group of effects that goes on in later steps (a leave's second step, a link, ...) is finished, its
+        listeners' calls included, before the groups after it are committed or sent, and before what the
+        listeners of the groups before it did: no other group's messages come between its own (the reference
+        handles each frame whole), and the log's order stays the order the frames went out in."""
+        waiting: list[tuple[list[list[Effect]], list[list[Effect]]]] = []  # (rest of a stage, its next stage)
+        next_stage: list[list[Effect]] = []
+        while True:
+            if not stage:
+                if next_stage:
+                    stage, next_stage = next_stage, []
+                elif waiting:
+                    stage, next_stage = waiting.pop()
+                else:
+                    return
+                continue
+            cut = next((index for index, effects in enumerate(stage) if not _CONTINUATIONS.isdisjoint(map(type, effects))), None)
+            part = stage if cut is None else stage[: cut + 1]
+            committed = iter(self._commit([e.event for effects in part for e in effects if type(e) is Record]))
+            chain: list[list[Effect]] = []
+            for index, effects in enumerate(part):
+                target = chain if index == cut else next_stage
                 for effect in effects:
                     kind = type(effect)
                     if kind is SendFrame or kind is CloseConnection:
                         out.append(effect)  # type: ignore[arg-type]
                     elif kind is Record:
-                        self._emit(next(committed), next_stage)
+                        self._emit(next(committed), target)
                     elif kind is Rejection:
                         out.append(effect)  # type: ignore[arg-type]
                         self._log.info(
@@ -703,16 +721,24 @@ class Server:
                             **_whom(effect.connection),
                         )
                     elif kind is Resume:
-                        next_stage.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
+                        target.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
                     elif kind is Drain:
-                        self._drain(effect.connection, next_stage)  # type: ignore[attr-defined]
+                        self._drain(effect.connection, target)  # type: ignore[attr-defined]
                     elif kind is FinishLeave:
-                        next_stage.append(self._require_core().finish_leave(effect.username))  # type: ignore[attr-defined]
+                        target.append(self._require_core().finish_leave(effect.username))  # type: ignore[attr-defined]
                     elif kind is CloseNext:
-                        next_stage.append(self._require_core().close_next())
+                        target.append(self._require_core().close_next())
                     else:
-                        self._authenticate(effect, next_stage)  # type: ignore[arg-type]
-            stage = next_stage
+                        self._authenticate(effect, target)  # type: ignore[arg-type]
+            if cut is None:
+                stage = []
+                continue
+            # Its chain now; then the rest of this stage, then this stage's next one (a loop, not recursion:
+            # a close chains every user's leave).
+            rest = stage[cut + 1 :]
+            if rest or next_stage:
+                waiting.append((rest, next_stage))
+            stage, next_stage = chain, []
 
     def _drain(self, connection: Any, next_stage: list[list[Effect]]) -> None:
         """Handle the next frame that waited behind a link, in the next stage; past TURN_SHARE of them in one
