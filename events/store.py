@@ -319,7 +319,9 @@ class EventStore:
                 # the reader sees; once the reader is done, the next checkpoint cuts it back to this size.
                 self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self.db.execute("PRAGMA synchronous=NORMAL")  # FULL's fsync of the WAL: see append and sync
-            self._identity = _identity(self.path) if self.path != MEMORY else (0, 0)
+            # Where the file is, whatever the working directory becomes (an app may chdir after its start).
+            self._where = os.path.abspath(self.path) if self.path != MEMORY else MEMORY
+            self._identity = _identity(self._where) if self.path != MEMORY else (0, 0)
         except sqlite3.Error as error:
             self.db.close()
             raise EventLogError(f"{self.path}: {error}") from None
@@ -379,7 +381,8 @@ class EventStore:
                 conn = sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
                 # Immutable is a promise that the file does not change while it is read: a server that starts
                 # on the log meanwhile breaks it, and SQLite would read on, silently short (check_unchanged).
-                self._immutable = _file_state(self.path)
+                self._where = os.path.abspath(self.path)
+                self._immutable = _file_state(self._where)
         except sqlite3.Error as error:
             raise EventLogError(f"{self.path}: cannot open: {error}") from None
         self.db = Database(conn, execute_plugins=False)
@@ -522,7 +525,7 @@ class EventStore:
         """Raise :class:`EventLogError` if a log opened read-only as immutable (from a folder the reader cannot
         write to, with no server on it) changed since: what was read from it may be incomplete."""
         opened = getattr(self, "_immutable", None)
-        if opened is not None and _file_state(self.path) != opened:
+        if opened is not None and _file_state(self._where) != opened:
             raise EventLogError(
                 f"{self.path}: changed while it was read (a server opened it meanwhile): what was read may be "
                 "incomplete, so no answer is given; run the command again as a user who may write to the log's "
@@ -535,7 +538,7 @@ class EventStore:
         if self.path == MEMORY or self.readonly:
             return
         try:
-            identity = _identity(self.path)
+            identity = _identity(self._where)
         except FileNotFoundError:
             raise EventLogError(f"{self.path}: was deleted while the log was open") from None
         if identity != self._identity:

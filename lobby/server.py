@@ -354,6 +354,8 @@ class Server:
         return pending
 
     def _finish(self) -> None:
+        if self._status == "closed":  # finished already: by a failure of the log (_die), or a cancelled serve()
+            return
         if self.store is not None:
             try:
                 if self.core is not None and self.core.registry.seq is not None:
@@ -432,7 +434,8 @@ class Server:
             except ServerError:
                 if self.fatal is None:
                     raise
-                return 1  # the log failed at the close: logged, as any failure of the log while serving
+            if self.fatal is not None:
+                return 1  # the log failed during the close: logged, as any failure of the log while serving
             stuck = [_task_name(task) for task in self._listener_tasks if not task.done()]
             if stuck:
                 self._log.error(
@@ -447,6 +450,8 @@ class Server:
             if self._status == "listening":
                 self._log.info("stopping", keep_users=keep_users_on_stop, cancelled=True)
                 await self.close(keep_users=keep_users_on_stop)
+            elif self._status == "closing":  # cancelled in the middle of a close: the rest of it, without waiting
+                self._finish()
             raise
         finally:
             if not (stuck and owns_process):

@@ -191,6 +191,71 @@ async def test_a_log_file_deleted_or_replaced_under_the_server_stops_it(tmp_path
     ]
 
 
+async def test_a_relative_log_path_stays_the_same_file_after_the_app_changes_directory(tmp_path, monkeypatch):
+    """`lobby serve`'s default ./lobby.db: the file check looked for the path in the new working directory and
+    stopped a healthy server as if its log had been deleted."""
+    monkeypatch.setattr(server_module, "LOG_FILE_CHECK_INTERVAL", 0.02)
+    monkeypatch.chdir(tmp_path)
+    server = echo_app(Server(port=0, db="lobby.db", ping_interval=None))
+    await server.start()
+    try:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        os.chdir(elsewhere)
+        await asyncio.sleep(0.2)
+        assert server.status == "listening" and server.fatal is None
+        alice = await Raw.open(url(server))
+        assert (await alice.link("alice"))[0] == ACCEPTED
+    finally:
+        await server.close()
+
+
+async def test_a_log_gone_while_serve_closes_ends_with_1_and_no_closed_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(server_module, "LOG_FILE_CHECK_INTERVAL", 0.02)
+    db = tmp_path / "lobby.db"
+    server = Server(port=0, db=str(db), ping_interval=None)
+
+    @server.on("close")
+    async def save_game() -> None:
+        db.unlink()  # while the close waits for this listener
+        await asyncio.sleep(0.3)
+
+    with capture_logs() as logs:
+        serving = asyncio.ensure_future(server.serve())
+        while server.status != "listening":
+            await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 10) == 1
+    events = [line["event"] for line in logs]
+    assert "event log file gone; stopping" in events and "closed" not in events
+
+
+async def test_serve_cancelled_in_the_middle_of_its_close_finishes_it(tmp_path):
+    """Cancelled while its close waited for a listener, the server stayed closing, its log open and its lobby
+    locked."""
+    db = str(tmp_path / "lobby.db")
+    server = Server(port=0, db=db, ping_interval=None)
+
+    @server.on("close")
+    async def save_game() -> None:
+        await asyncio.sleep(3)
+
+    serving = asyncio.ensure_future(server.serve())
+    while server.status != "listening":
+        await asyncio.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+    while server.status != "closing":
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert server.status == "closed" and server.store is None
+    again = Server(port=0, db=db, ping_interval=None)
+    await again.start()  # the lobby is free
+    await again.close()
+
+
 async def test_a_log_failing_at_the_close_exits_1_not_as_a_usage_error(tmp_path, monkeypatch):
     """A log that fails while the server runs ends the process with 1, however late: at the close too (the
     disk filled up meanwhile), not with 2, which tells of a bad flag or a log that cannot be used."""
