@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -81,6 +81,10 @@ class LogLine:
     def fields(self) -> dict[str, Any]:
         """What the line says beyond the common keys."""
         return {k: v for k, v in (self.record or {}).items() if k not in COMMON_KEYS}
+
+
+#: Lines without seq kept to show right before a window's first event, at most.
+MAX_BEFORE = 1000
 
 
 def read_log_lines(path: str | os.PathLike[str]) -> Iterator[LogLine]:
@@ -240,7 +244,7 @@ def _around(log: Log, lines: Iterator[LogLine], seq: int, window: int, level: st
     keyed = [((event.at, event.seq, 0, 0), Entry("event", event.at, event.seq, event=event))
              for event in events.values()]
     anchor: tuple[int, int] | None = None  # (at, seq) of the last line of the window so far
-    before: list[LogLine] = []  # lines without seq since the last line of an event, before the window's
+    before: deque[LogLine] = deque()  # lines without seq since the last line of an event, before the window's
     pending: list[LogLine] = []  # lines without seq since the window's last line so far
     ended = False  # a line of an event after the window came: lines without seq from then on go by time
 
@@ -268,8 +272,10 @@ def _around(log: Log, lines: Iterator[LogLine], seq: int, window: int, level: st
                 keyed.append(((at, line_seq, 1, line.number),
                               Entry("log", at, line_seq, event=event, line=line, note=_mismatch(line, event))))
         elif line_seq is not None:  # a line of an event outside the window
-            if anchor is None:
-                before.clear()  # they belong with that event
+            if anchor is None:  # they belong with that event: inside the window's times (its events may have
+                for waiting in before:  # no lines, at --log-level info say), they go by time
+                    by_time(waiting)
+                before.clear()
             elif not ended:
                 at_anchor(pending)
                 ended = True
@@ -278,6 +284,8 @@ def _around(log: Log, lines: Iterator[LogLine], seq: int, window: int, level: st
             if line_session is not None and line_session not in sessions:
                 continue
             if anchor is None:
+                if len(before) == MAX_BEFORE:  # a flood of them (rejected links): the oldest go by time
+                    by_time(before.popleft())
                 before.append(line)
             elif not ended:
                 pending.append(line)
@@ -285,6 +293,8 @@ def _around(log: Log, lines: Iterator[LogLine], seq: int, window: int, level: st
                 by_time(line)
     if anchor is not None:
         at_anchor(pending)  # the log ends after the window
+    for line in before:  # no line of the window's events at all
+        by_time(line)
     keyed.sort(key=lambda pair: pair[0])
     entries = [entry for _, entry in keyed]
     return entries

@@ -74,13 +74,14 @@ class Log:
         for events in list(self._reading):
             events.close()
         self.store.close()
+        if sys.exc_info()[0] is None:  # a whole answer: it must come from a log that did not change meanwhile
+            self.store.check_unchanged()
 
     def __enter__(self) -> Log:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-        self.store.check_unchanged()  # an answer from a log that changed under an immutable read is not given
 
     # -- sessions -----------------------------------------------------------------------------------------
 

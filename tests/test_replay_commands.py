@@ -213,6 +213,14 @@ def test_a_log_read_as_immutable_that_a_server_opens_meanwhile_gives_no_answer(t
                 server.append([Events(session="s2", at=1_700_000_000_000_100).listen()])
     with open_log(path) as log:  # the server gone again: read whole
         assert log.upto == 4
+    # The commands that stream their answer (timeline, step) check at their end too.
+    for command in (replay.timeline, replay.step):
+        streamed = command(path)
+        next(streamed)
+        with EventStore(path) as server:
+            server.append([Events(session="s3", at=1_700_000_000_000_200).listen()])
+        with pytest.raises(EventLogError, match="changed while it was read"):
+            list(streamed)
 
 
 def test_replay_never_writes_over_the_log_it_reads(game_log, capsys):

@@ -185,3 +185,28 @@ def test_lines_without_seq_next_to_the_window_are_shown_with_it(tmp_path):
     assert around(3) == [("event", 3, None), ("log", 3, "link"), ("log", None, "cut off")]
     assert around(2) == [("event", 2, None), ("log", 2, "join")]
     assert around(1) == [("log", None, "listening"), ("event", 1, None), ("log", 1, "listen")]
+
+
+def test_a_line_without_seq_in_a_window_whose_events_have_no_lines_is_shown_by_its_time(tmp_path):
+    """An info log has no lines for custom messages: around one, a rejected link logged meanwhile was shown by
+    its time, then dropped for a while (no line of the window to stand next to)."""
+    import datetime
+
+    ev = Events()
+    events = [ev.listen(), ev.join("al"), ev.link("al"), *(ev.message("al", {"type": "chat"}) for _ in range(3)),
+              ev.unlink("al"), ev.close()]
+    db = tmp_path / "quiet.db"
+    with EventStore(db) as store:
+        store.append(events)
+
+    def line(event: str, seq: int | None, at: int) -> dict:
+        stamp = datetime.datetime.fromtimestamp(at / 1e6, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {"event": event, "session": "s1", "level": "info", "timestamp": stamp, **({"seq": seq} if seq else {})}
+
+    logfile = tmp_path / "server.log"
+    logfile.write_bytes(b"".join(orjson.dumps(entry) + b"\n" for entry in [
+        line("link", 3, events[2].at), line("link rejected", None, events[4].at), line("unlink", 7, events[6].at),
+    ]))
+    assert [(e.kind, e.seq, e.line.message if e.line else None) for e in replay.logs(logfile, db, around_seq=5, window=1)] == [
+        ("event", 4, None), ("event", 5, None), ("log", None, "link rejected"), ("event", 6, None),
+    ]
