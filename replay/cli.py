@@ -394,7 +394,8 @@ def _redrive(args: argparse.Namespace) -> int:
         if report.divergence is None:
             _out("no difference: the new server recorded the same events")
         else:
-            _out(report.divergence.describe())
+            for line in report.divergence.lines():
+                _out(line)
         if report.new_db:
             _out(f"the new server's event log: {report.new_db}")
     return 0 if report.ok else 1

@@ -154,13 +154,17 @@ class Divergence:
     before: list[Event] = field(default_factory=list)
 
     def describe(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """The report's lines, each one line whatever its events hold (the CLI escapes what is in them)."""
         lines = [f"first difference at event #{self.index + 1} of the session:"]
         lines.append("  old: " + (event_row(self.old) if self.old is not None else "(nothing: the old session ended here)"))
         lines.append("  new: " + (event_row(self.new) if self.new is not None else "(nothing recorded)"))
         if self.before:
             lines.append("  after these events, equal in both:")
             lines.extend("    " + event_row(event) for event in self.before)
-        return "\n".join(lines)
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         return {

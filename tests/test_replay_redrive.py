@@ -96,6 +96,10 @@ def test_the_command_reports_and_exits_1_on_a_difference(game_log, tmp_path, cap
     out = capsys.readouterr().out
     assert "no difference" in out and "15 client inputs" in out
     assert [s.events for s in replay.sessions(tmp_path / "new.db")][-1] == first.events
+    assert main([*args, "--app", "regressed:app"]) == 1
+    lines = capsys.readouterr().out.splitlines()  # the report's lines, one per line (not one escaped line)
+    assert any(line.startswith("first difference at event #7") for line in lines)
+    assert any(line.startswith("  old: ") for line in lines) and any(line.startswith("  new: ") for line in lines)
     assert main([*args, "--app", "regressed:app", "--json"]) == 1
     report = orjson.loads(capsys.readouterr().out)
     assert report["divergence"]["old"]["seq"] == 7 and report["divergence"]["new"]["message"]["payload"]["text"] == "HI BOB"
