@@ -34,7 +34,7 @@ import struct
 import sys
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -47,6 +47,7 @@ from .protocol import SERVER_CLOSED
 __all__ = ["Client", "EventStream", "RelinkPolicy", "ClientEvent", "CLIENT_EVENTS"]
 
 Listener = Callable[..., Any]
+_L = TypeVar("_L", bound=Listener)
 
 _END = object()
 #: Seconds ``link()``, ``unlink()`` and ``leave()`` wait for the server's answer by default: more than a
@@ -172,7 +173,7 @@ class Client:
     # -- listeners --------------------------------------------------------------------------------------
 
     @overload
-    def on(self, event: str) -> Callable[[Listener], Callable[[], None]]: ...
+    def on(self, event: str) -> Callable[[_L], _L]: ...
 
     @overload
     def on(self, event: str, listener: Listener) -> Callable[[], None]: ...
@@ -536,7 +537,9 @@ class Client:
 
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send an application message (a dict with a string ``type``, not ``krmx/...``); only when linked."""
-        await self._write(self.core.send(message))
+        if type(message) is not dict and isinstance(message, Mapping):  # an OrderedDict, a MappingProxyType
+            message = dict(message)
+        await self._write(self.core.send(message))  # type: ignore[arg-type]
 
     # -- automatic relink -------------------------------------------------------------------------------
 

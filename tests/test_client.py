@@ -895,6 +895,28 @@ async def test_a_network_that_went_silent_is_a_dropped_connection_within_the_pin
         await server.close()
 
 
+async def test_send_takes_any_mapping(tmp_path):
+    import types
+
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    got: list[dict] = []
+    server.on("message", lambda username, message: got.append(message))
+    await server.start()
+    client = Client(ping_interval=None)
+    try:
+        await client.connect(f"ws://127.0.0.1:{server.port}/")
+        await client.link("simon")
+        await client.send(types.MappingProxyType({"type": "app/x", "payload": 1}))
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.02)
+        assert got == [{"type": "app/x", "payload": 1}]
+    finally:
+        await client.disconnect(force=True)
+        await server.close()
+
+
 ENDING_APP = """
 import asyncio, sys
 from lobby import Client

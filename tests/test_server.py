@@ -274,6 +274,19 @@ async def test_a_log_failing_at_the_close_exits_1_not_as_a_usage_error(tmp_path,
     assert server.status == "closed" and isinstance(server.fatal, OSError)
 
 
+async def test_send_and_broadcast_take_any_mapping(server):
+    """They are typed Mapping (a TypedDict message type-checks): an OrderedDict or a MappingProxyType was
+    refused at run time as 'not a dict'."""
+    import collections
+    import types
+
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    server.send("alice", collections.OrderedDict(type="app/one", payload=1))
+    server.broadcast(types.MappingProxyType({"type": "app/two", "payload": 2}))
+    assert [await alice.next(), await alice.next()] == [{"type": "app/one", "payload": 1}, {"type": "app/two", "payload": 2}]
+
+
 async def test_serve_returns_once_the_app_closes_the_server_itself(tmp_path):
     """Game over: the app awaits close() and serve() returns 0 (it waited for a stop signal for ever)."""
     server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
