@@ -405,7 +405,7 @@ class Server:
                                   signal=signum.name)
                 os._exit(1 if self.fatal is not None else 0)
             if stop.is_set():  # a second one while closing: stop waiting for async listeners
-                self._log.warning("second stop signal: not waiting for listeners", signal=signum.name)
+                self._log.warning("stop signal while closing: not waiting for listeners", signal=signum.name)
                 self._hurry.set()
             stop.set()
 

@@ -333,7 +333,7 @@ def test_a_second_stop_signal_stops_waiting_for_listeners(tmp_path):
         process.kill()
     assert process.returncode == 0 and time.monotonic() - started < 5  # the grace is 10 s
     events = [orjson.loads(line)["event"] for line in rest.splitlines()]
-    assert events == ["second stop signal: not waiting for listeners", "listener cancelled at close", "closed"]
+    assert events == ["stop signal while closing: not waiting for listeners", "listener cancelled at close", "closed"]
 
 
 STUCK_LISTENER_APP = """
