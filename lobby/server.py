@@ -553,7 +553,11 @@ class Server:
             if ws.lobby_queued > self.config.max_buffer:
                 self._cut_off(ws, ws.lobby_label, "flood during authentication")
                 return
-        self._submit(ws, lambda: self._require_core().receive(ws, data))
+        action = lambda: self._require_core().receive(ws, data)  # noqa: E731
+        if (b"krmx/l" if type(data) is bytes else "krmx/l") in data:  # a link or a leave, most likely (an escaped
+            # type, "krmx\/link", is only ordered less strictly)
+            action.continues = True  # type: ignore[attr-defined]
+        self._submit(ws, action)
 
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str, peer: Any = None) -> None:
         """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
@@ -631,7 +635,16 @@ class Server:
                 for connection, action in actions:
                     if connection in held:  # its drain waits for the next turn: so do its later inputs
                         held[connection].append(action)
-                    elif effects := action():
+                    else:
+                        if stage and getattr(action, "continues", False):
+                            # An input that may go on in later stages (a link, a leave): the inputs before it
+                            # end first, their listeners' calls included, so that none of theirs comes between
+                            # its own messages (the log's order is always the order the calls were made in).
+                            self._stages(stage, out)
+                            stage = []
+                        effects = action()
+                        if not effects:
+                            continue
                         stage.append(effects)
                         if not _CONTINUATIONS.isdisjoint(map(type, effects)):
                             # It goes on in later stages (a leave's second step, a new user's link, an
@@ -690,35 +703,17 @@ class Server:
     def _stages(self, stage: list[list[Effect]], out: list[SendFrame | CloseConnection]) -> None:
         """Commit stage by stage (a stage's listeners run after its commit; what they do is the next stage),
         collecting the frames in ``out`` in the order they were made: the order of the seqs, stage by stage,
-        and within a stage in the order of its events.
-
-        A group of effects that goes on in later steps (a leave's second step, a link, ...) is finished, its
-        listeners' calls included, before the groups after it are committed or sent, and before what the
-        listeners of the groups before it did: no other group's messages come between its own (the reference
-        handles each frame whole), and the log's order stays the order the frames went out in."""
-        waiting: list[tuple[list[list[Effect]], list[list[Effect]]]] = []  # (rest of a stage, its next stage)
-        next_stage: list[list[Effect]] = []
-        while True:
-            if not stage:
-                if next_stage:
-                    stage, next_stage = next_stage, []
-                elif waiting:
-                    stage, next_stage = waiting.pop()
-                else:
-                    return
-                continue
-            cut = next((index for index, effects in enumerate(stage) if not _CONTINUATIONS.isdisjoint(map(type, effects))), None)
-            part = stage if cut is None else stage[: cut + 1]
-            committed = iter(self._commit([e.event for effects in part for e in effects if type(e) is Record]))
-            chain: list[list[Effect]] = []
-            for index, effects in enumerate(part):
-                target = chain if index == cut else next_stage
+        and within a stage in the order of its events."""
+        while stage:
+            committed = iter(self._commit([e.event for effects in stage for e in effects if type(e) is Record]))
+            next_stage: list[list[Effect]] = []
+            for effects in stage:
                 for effect in effects:
                     kind = type(effect)
                     if kind is SendFrame or kind is CloseConnection:
                         out.append(effect)  # type: ignore[arg-type]
                     elif kind is Record:
-                        self._emit(next(committed), target)
+                        self._emit(next(committed), next_stage)
                     elif kind is Rejection:
                         out.append(effect)  # type: ignore[arg-type]
                         self._log.info(
@@ -726,24 +721,16 @@ class Server:
                             **_whom(effect.connection),
                         )
                     elif kind is Resume:
-                        target.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
+                        next_stage.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
                     elif kind is Drain:
-                        self._drain(effect.connection, target)  # type: ignore[attr-defined]
+                        self._drain(effect.connection, next_stage)  # type: ignore[attr-defined]
                     elif kind is FinishLeave:
-                        target.append(self._require_core().finish_leave(effect.username))  # type: ignore[attr-defined]
+                        next_stage.append(self._require_core().finish_leave(effect.username))  # type: ignore[attr-defined]
                     elif kind is CloseNext:
-                        target.append(self._require_core().close_next())
+                        next_stage.append(self._require_core().close_next())
                     else:
-                        self._authenticate(effect, target)  # type: ignore[arg-type]
-            if cut is None:
-                stage = []
-                continue
-            # Its chain now; then the rest of this stage, then this stage's next one (a loop, not recursion:
-            # a close chains every user's leave).
-            rest = stage[cut + 1 :]
-            if rest or next_stage:
-                waiting.append((rest, next_stage))
-            stage, next_stage = chain, []
+                        self._authenticate(effect, next_stage)  # type: ignore[arg-type]
+            stage = next_stage
 
     def _drain(self, connection: Any, next_stage: list[list[Effect]]) -> None:
         """Handle the next frame that waited behind a link, in the next stage; past TURN_SHARE of them in one
@@ -919,10 +906,9 @@ class Server:
         except Exception as error:
             reason = _raised(error, log)
         request.connection.lobby_authenticating = False  # type: ignore[attr-defined]
-        self._submit(
-            request.connection,
-            lambda: self._require_core().authenticated(request.connection, request.ticket, reason),
-        )
+        action = lambda: self._require_core().authenticated(request.connection, request.ticket, reason)  # noqa: E731
+        action.continues = True  # type: ignore[attr-defined]  # the link it decides
+        self._submit(request.connection, action)
 
     def _flush(self, out: list[SendFrame | CloseConnection]) -> None:
         """Write the turn's frames, each connection's in order, with one socket write per connection."""
