@@ -1567,6 +1567,39 @@ async def test_two_new_users_linking_in_one_turn_reach_others_in_log_order(serve
     await bob.close()
 
 
+async def test_a_listeners_join_and_a_sync_authenticated_link_of_that_user_in_one_turn_stay_in_order(tmp_path):
+    """Found by a fuzzer: alice's listener joins carol while carol's link (sync authenticate) is in the same
+    turn. Committing what the listener did after the link's steps logged link before join: a log that did
+    not fold, and bystanders got linked before joined."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    server.on("authenticate", lambda username, info: None)
+
+    @server.on("message")
+    def add(username, message):
+        server.join(message["payload"])
+
+    await server.start()
+    try:
+        alice = await Raw.open(url(server))
+        await alice.link("alice")
+        carol = await Raw.open(url(server))
+        alice_ws, carol_ws = await server_side(server, 2)
+        before = server.core.registry.seq
+        server._frame(alice_ws, frame_text({"type": "app/add", "payload": "carol"}))
+        server._frame(carol_ws, frame_text({"type": "krmx/link", "payload": {"username": "carol", "version": "0.5.4"}}))
+        received = [await alice.next() for _ in range(2)]
+        with EventStore.open_readonly(server.config.db) as store:
+            logged = list(store.read(before + 1))
+            assert rebuild(store.read()).users == server.core.registry.users
+        assert [(e.type, getattr(e, "username", None)) for e in logged] == [
+            ("message", "alice"), ("join", "carol"), ("link", "carol"),
+        ]
+        assert received == as_frames(logged) == [joined("carol"), linked("carol")]
+        await carol.close()
+    finally:
+        await server.close()
+
+
 async def test_calls_of_a_sync_authenticate_listener_join_its_turn(tmp_path):
     """A broadcast made while authenticating is committed and sent in the turn's order, after what the
     turn recorded before it."""
