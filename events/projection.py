@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from .errors import InconsistentEvent
 from .model import Event, Unlink
 
@@ -45,6 +47,20 @@ class Registry:
     def as_list(self) -> list[dict[str, Any]]:
         """The Krmx view: ``[{"username": ..., "isLinked": ...}]`` in join order."""
         return [{"username": name, "isLinked": linked} for name, linked in self.users.items()]
+
+    @classmethod
+    def saved(cls, lobby: str, seq: int, session: str | None, closed: object, users: bytes | str) -> Registry:
+        """A registry as saved (a snapshot, a checkpoint): ``users`` the JSON of its ``[username, linked]``
+        pairs. Raises ``ValueError`` for one that does not read."""
+        pairs = orjson.loads(users)  # orjson.JSONDecodeError is a ValueError
+        if type(pairs) is not list or not all(
+            type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is bool for pair in pairs
+        ):
+            raise ValueError("not a list of [username, linked] pairs")
+        registry = cls()
+        registry.lobby, registry.seq, registry.session, registry.closed = lobby, seq, session, bool(closed)
+        registry.users = dict(pairs)
+        return registry
 
     def copy(self) -> Registry:
         other = Registry()

@@ -867,18 +867,11 @@ class EventStore:
             return None
         session, closed, users = row
         try:
-            pairs = orjson.loads(users)
-            if type(pairs) is not list or not all(
-                type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is bool
-                for pair in pairs
-            ) or not isinstance(session, str):
-                raise ValueError("not a list of [username, linked] pairs with a session")
-        except (ValueError, TypeError) as error:  # orjson.JSONDecodeError is a ValueError
+            if not isinstance(session, str):
+                raise ValueError("no session")
+            return Registry.saved(lobby, seq, session, closed, users)
+        except (ValueError, TypeError) as error:
             raise EventLogError(f"{self.path}: the registry snapshot of {lobby!r} at seq {seq} does not read: {error}") from None
-        registry = Registry()
-        registry.lobby, registry.seq, registry.session, registry.closed = lobby, seq, session, bool(closed)
-        registry.users = dict(pairs)
-        return registry
 
     def load_registry(self, lobby: str, to_seq: int | None = None) -> Registry:
         """The registry of ``lobby`` after ``to_seq`` (default: the whole log): the latest snapshot at or

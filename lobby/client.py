@@ -42,7 +42,7 @@ from websockets.exceptions import ConnectionClosed, InvalidURI
 
 from .client_protocol import CLIENT_EVENTS, ClientEvent, ClientProtocol, RelinkPolicy
 from .errors import ClientError, LinkRejected
-from .protocol import SERVER_CLOSED
+from .protocol import SERVER_CLOSED, as_dict
 
 __all__ = ["Client", "EventStream", "RelinkPolicy", "ClientEvent", "CLIENT_EVENTS"]
 
@@ -537,9 +537,7 @@ class Client:
 
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send an application message (a dict with a string ``type``, not ``krmx/...``); only when linked."""
-        if type(message) is not dict and isinstance(message, Mapping):  # an OrderedDict, a MappingProxyType
-            message = dict(message)
-        await self._write(self.core.send(message))  # type: ignore[arg-type]
+        await self._write(self.core.send(as_dict(message)))
 
     # -- automatic relink -------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,6 +270,11 @@ def _reason_kind(reason: str) -> str:
     if reason.endswith("left before the link completed"):
         return "user left"
     return "authenticate"  # the application's own reasons
+
+
+def as_dict(message: Any) -> Any:
+    """A message is a dict on the wire: another mapping (an OrderedDict, a MappingProxyType) is taken as one."""
+    return message if type(message) is dict or not isinstance(message, Mapping) else dict(message)
 
 
 def rejected(reason: str) -> bytes:

@@ -45,6 +45,7 @@ from .errors import ServerError
 from .health import METRICS_CONTENT_TYPE, VERSION, Metrics
 from .logs import configure_logging
 from .protocol import (
+    as_dict,
     Authenticate,
     CloseConnection,
     CloseNext,
@@ -190,10 +191,10 @@ class Server:
         self._call(self._require_core().unlink, username)
 
     def send(self, username: str, message: Mapping[str, Any]) -> None:
-        self._call(self._require_core().send, username, _as_dict(message))
+        self._call(self._require_core().send, username, as_dict(message))
 
     def broadcast(self, message: Mapping[str, Any], skip: str | None = None) -> None:
-        self._call(self._require_core().broadcast, _as_dict(message), skip)
+        self._call(self._require_core().broadcast, as_dict(message), skip)
 
     def _require_core(self) -> ServerProtocol:
         if self.core is None:
@@ -977,11 +978,6 @@ def run_event_loop(main: Any) -> Any:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
-
-
-def _as_dict(message: Any) -> Any:
-    """A message is a dict on the wire: another mapping (an OrderedDict, a MappingProxyType) is taken as one."""
-    return message if type(message) is dict or not isinstance(message, Mapping) else dict(message)
 
 
 def _task_name(task: asyncio.Future[Any]) -> str:

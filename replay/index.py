@@ -45,15 +45,7 @@ class _Checkpoint:
 
     def registry(self, lobby: str) -> Registry:
         """Raises ``ValueError`` for a checkpoint that does not read (a damaged sidecar)."""
-        pairs = orjson.loads(self.users)
-        if type(pairs) is not list or not all(
-            type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is bool for pair in pairs
-        ):
-            raise ValueError("not a list of [username, linked] pairs")
-        registry = Registry()
-        registry.lobby, registry.seq, registry.session, registry.closed = lobby, self.seq, self.session, self.closed
-        registry.users = dict(pairs)
-        return registry
+        return Registry.saved(lobby, self.seq, self.session, self.closed, self.users)
 
 
 class _Sidecar:
@@ -158,8 +150,8 @@ class _Sidecar:
             try:
                 with conn:
                     conn.execute("DELETE FROM checkpoints WHERE lobby = ?", [lobby])
-            except sqlite3.Error:
-                pass  # read-only: it is not read again in this process (the checkpoints made now go to memory)
+            except sqlite3.Error:  # a read-only sidecar keeps its damage: every query passes over it the same way
+                return
 
     def close(self) -> None:
         if self.conn is not None:
