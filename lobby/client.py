@@ -215,7 +215,7 @@ class Client:
             self.off(event, wrapper)
             return listener(*args)
 
-        return self.on(event, wrapper)  # type: ignore[no-any-return]
+        return self.on(event, wrapper)
 
     def events(self) -> EventStream:
         """An async iterator of every event from now on (:class:`ClientEvent`), ending when the connection
@@ -483,9 +483,11 @@ class Client:
             # A timer on the answer itself, not asyncio.wait_for around the call: no task between the answer
             # and the caller, so the frames read with the answer are handled before the caller goes on.
             error = ClientError(f"no answer to the {what} within {timeout} s (is {self.url} a Krmx server?)")
-            timer = asyncio.get_running_loop().call_later(
-                timeout, lambda: outcome.done() or outcome.set_exception(error)
-            )
+            def expire() -> None:
+                if not outcome.done():
+                    outcome.set_exception(error)
+
+            timer = asyncio.get_running_loop().call_later(timeout, expire)
         try:
             await self._write(frame)
             event = await outcome
@@ -553,6 +555,12 @@ class Client:
                 self._dispatch(ClientEvent("relinking", (attempt, delay)))
                 await asyncio.sleep(delay)
                 try:
+                    if policy.auth is not None:
+                        fresh = await self._fresh_auth(policy.auth, username)
+                        if fresh is not None and not isinstance(fresh, str):  # a bug, not a moment's failure
+                            await self._give_up(f"the relink policy's auth function must return a string or None, not {fresh!r}")
+                            return
+                        auth = fresh
                     if self.status == "closed":
                         await self._connect(url)
                     await self._link(username, auth, policy.link_timeout)
@@ -576,6 +584,17 @@ class Client:
             self._relink_task = None
             self._dispatch(ClientEvent("relink_failed", (f"cancelled: {self._relink_stop or 'task cancelled'}",)))
             raise
+
+    async def _fresh_auth(self, auth: Callable[[str], Any], username: str) -> object:
+        """The relink policy's auth for the next attempt; a failure of it is a failed attempt (an auth service
+        down for a moment should not end the relink)."""
+        try:
+            fresh = auth(username)
+            if inspect.isawaitable(fresh):
+                fresh = await fresh
+        except Exception as error:
+            raise ClientError(f"the relink policy's auth function failed: {error!r}") from error
+        return fresh
 
     async def _reset(self) -> None:
         """After a failed attempt, get back to ``connected`` or ``closed`` for the next one."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import random as _random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +97,8 @@ class RelinkPolicy:
 
     Attempt ``n`` (1-based) waits a random time in ``[0, min(max_delay, base_delay * factor ** (n - 1)))``
     ("full jitter": many clients cut off at once do not come back at once), then connects and links to the
-    same user with the same auth. After ``max_attempts`` failed attempts, or when the server rejects the link
+    same user with the same auth, or with what ``auth(username)`` returns (sync or async: a fresh token for each
+    attempt; one that raises counts as a failed attempt). After ``max_attempts`` failed attempts, or when the server rejects the link
     for a reason other than a transient one (``retry_rejected``), the client gives up (``relink_failed``).
     One attempt's link waits at most ``link_timeout`` seconds for the server's answer.
     """
@@ -113,6 +114,8 @@ class RelinkPolicy:
     retry_rejected: Callable[[str], bool] = is_transient_rejection
     #: Where the jitter comes from: a function returning a float in [0, 1).
     random: Callable[[], float] = field(default=_random.random, compare=False, repr=False)
+    #: The auth of each attempt, from the username (``None``: the auth of the link that dropped). Tokens expire.
+    auth: Callable[[str], str | None | Awaitable[str | None]] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -123,6 +126,8 @@ class RelinkPolicy:
             raise ValueError("factor must be at least 1")
         if self.link_timeout <= 0:
             raise ValueError("link_timeout must be positive")
+        if self.auth is not None and not callable(self.auth):
+            raise ValueError(f"auth must be a function of the username (or None), not {self.auth!r}")
 
     def cap(self, attempt: int) -> float:
         """The longest wait before attempt ``attempt`` (1-based): exponential, bounded by ``max_delay``."""

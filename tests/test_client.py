@@ -56,7 +56,7 @@ def build_test_app(server: Server) -> Server:
 
     @server.on("authenticate")
     def authenticate(username: str, info: Any) -> None:
-        if username.startswith("deny") or username in denied:
+        if username.startswith("deny") or username in denied or info.auth in denied:
             raise PermissionError("denied by app")
 
     def fail(username: str, request: str, error: str) -> None:
@@ -653,6 +653,46 @@ async def test_relink_stops_when_the_server_rejects_it(krmx):
     ]
     assert simon.client.status == "connected" and not simon.client.relinking
     await observer.users_become([u("observer", True), u("simon", False)])
+
+
+async def test_relink_takes_a_fresh_auth_for_each_attempt(krmx):
+    """A relink policy's ``auth`` gives each attempt its auth (an expired token is not sent again); one that
+    raises counts as a failed attempt, and the next attempt calls it again."""
+    calls: list[str] = []
+
+    async def fresh_token(username: str) -> str:
+        calls.append(username)
+        if len(calls) == 1:
+            raise ConnectionError("auth service unreachable")
+        return f"token-{len(calls)}"
+
+    observer = await krmx.linked("observer")
+    simon = await krmx.client("simon", via_proxy=True, relink=RelinkPolicy(**FAST, auth=fresh_token))
+    await simon.link_fully("simon", "token-1")
+    await observer.client.send({"type": "test/deny", "payload": {"username": "token-1"}})  # it expired
+    await observer.sync()
+    mark = simon.mark()
+    krmx.proxy.cut()
+    done = await simon.next_event("relinked", after=mark)
+    assert done["args"] == ["simon", 2]
+    assert calls == ["simon", "simon"]
+    assert simon.events_since(mark)[:3] == [["close"], ["relinking", 1, 0.01], ["relinking", 2, 0.02]]
+    assert ["reject", "denied by app"] not in simon.events_since(mark)
+    assert simon.client.status == "linked"
+
+
+async def test_relink_gives_up_when_its_auth_function_returns_no_string(our_krmx):
+    """An auth function that returns something other than a string or None is a bug: the relink ends at once
+    and says so, instead of retrying it."""
+    simon = await our_krmx.linked("simon", via_proxy=True, relink=RelinkPolicy(**FAST, auth=lambda username: 42))
+    mark = simon.mark()
+    our_krmx.proxy.cut()
+    failed = await simon.next_event("relink_failed", after=mark)
+    assert failed["args"] == ["the relink policy's auth function must return a string or None, not 42"]
+    assert simon.events_since(mark) == [["close"], ["relinking", 1, 0.01], ["relink_failed", *failed["args"]]]
+    assert simon.client.status == "closed" and not simon.client.relinking
+    with pytest.raises(ValueError, match="auth must be a function of the username"):
+        RelinkPolicy(auth="token")  # type: ignore[arg-type]
 
 
 async def test_disconnect_stops_a_relink_in_progress(krmx):

@@ -9,12 +9,13 @@
 // Krmx way (every user leaves) and exits 0. KRMX_REF_VERBOSE=1 logs Krmx's own lines on stderr.
 //
 // The app (the same as the in-process one of tests/test_client.py):
-//   authenticate: a username starting with 'deny', or named by test/deny, is rejected with 'denied by app'.
+//   authenticate: a username starting with 'deny', or a username or auth named by test/deny, is rejected with
+//                 'denied by app'.
 //   test/echo            -> the sender gets {type: 'test/echoed', payload} (no payload key when none was sent)
 //   test/broadcast       -> every linked user gets {type: 'test/broadcasted', payload: {from, data}}
 //   test/send {to, data} -> user `to` gets {type: 'test/sent', payload: {from, data}}
 //   test/kick|join|unlink {username} -> server.kick / join / unlink of that user
-//   test/deny {username} -> later link requests for that user are rejected ('denied by app')
+//   test/deny {username} -> later link requests for that user, or with that auth, are rejected ('denied by app')
 //   test/get-users       -> the sender gets {type: 'test/users', payload: server.getUsers()}
 //   an error             -> the sender gets {type: 'test/error', payload: {request, error}}
 'use strict';
@@ -52,7 +53,7 @@ const server = createServer({
 
 const denied = new Set();
 server.on('authenticate', (username, info, reject) => {
-  if (username.startsWith('deny') || denied.has(username)) {
+  if (username.startsWith('deny') || denied.has(username) || (info.auth !== undefined && denied.has(info.auth))) {
     reject('denied by app');
   }
 });
