@@ -64,6 +64,13 @@ def _versions(text: str) -> tuple[str, ...]:
     return versions
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not origins:
+        raise ValueError("must name at least one origin, like https://game.example.com")
+    return origins
+
+
 # (flag, config field, parser, help)
 SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--host", "host", str, "interface to listen on (default 127.0.0.1)"),
@@ -89,6 +96,8 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-buffer", "max_buffer", parse_size, "bytes waiting for one slow reader at most before it is cut off "
      "(default 16MiB)"),
     ("--link-deadline", "link_deadline", _positive_float, "seconds a new connection has to link (default 60)"),
+    ("--origins", "origins", _origins, "web pages allowed to connect, comma separated, like "
+     "https://game.example.com (default: any); requests without an Origin header (not browsers) are let in"),
 ]
 
 
@@ -185,7 +194,8 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         server.configure(**overrides)
     except ValueError as error:  # "max_buffer must be ...": said with the flags and variables that set it
-        named = set(re.findall(r"\w+", str(error)))
+        # The option it is about comes first; another one it names is followed by its value in brackets.
+        named = {str(error).split(" ", 1)[0], *re.findall(r"(\w+) \(", str(error))}
         flags = [flag for flag, field, *_ in SERVE_OPTIONS if field in named and field in overrides]
         raise UsageError(" and ".join(f"{flag} / {_env_name(flag)}" for flag in flags) + f": {error}" if flags
                          else str(error)) from None

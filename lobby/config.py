@@ -53,6 +53,11 @@ class ServerConfig:
     max_buffer: int = 16 * 1024 * 1024
     #: Seconds a new connection has to link for the first time.
     link_deadline: float | None = 60.0
+    #: Web pages allowed to open a websocket, by their origin (``https://game.example.com``; a compiled regex
+    #: matches a whole origin); ``None``: any. Browsers send the page's origin with every upgrade, so without
+    #: this any site's page could link users from its visitors' browsers. A request without an Origin header
+    #: (a game client, a bot: not a browser) is let in.
+    origins: tuple[str | re.Pattern[str], ...] | None = None
 
     def __post_init__(self) -> None:
         # Every option is checked here, whatever set it (code, flags, variables): a bad value fails at
@@ -119,7 +124,20 @@ class ServerConfig:
                 f"versions must be a non-empty tuple of version lines, major.minor like ('0.5', '0.6'), not {self.versions!r}"
             )
         object.__setattr__(self, "versions", tuple(self.versions))
+        if self.origins is not None:
+            if isinstance(self.origins, (str, re.Pattern)) or not isinstance(self.origins, (list, tuple)) or not all(
+                isinstance(o, re.Pattern) or (isinstance(o, str) and _ORIGIN.fullmatch(o)) for o in self.origins
+            ):
+                raise ValueError(
+                    "origins must be a list of web origins, scheme://host[:port] without a path, like "
+                    f"('https://game.example.com',), or None for any, not {self.origins!r}"
+                )
+            # Browsers send the scheme and host in lower case (RFC 6454 6.1).
+            object.__setattr__(self, "origins", tuple(o if isinstance(o, re.Pattern) else o.lower() for o in self.origins))
 
+
+#: A web origin as browsers send it: a scheme, a host and maybe a port; no path, no trailing slash.
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s@]+")
 
 #: A client version line: a client's version is accepted when it starts with one (KRMX.md, rule 4).
 _VERSION_LINE = re.compile(r"[0-9]+\.[0-9]+")

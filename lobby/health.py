@@ -37,6 +37,8 @@ class Metrics:
         self.frames_out = 0
         self.events_appended = 0
         self.cutoffs: Counter[str] = Counter()
+        #: Upgrade requests refused before any websocket (a wrong path, origin or query parameter), by reason.
+        self.refused: Counter[str] = Counter()
         self.registry = CollectorRegistry(auto_describe=True)
         self.commit_seconds = Histogram(
             "krmx_commit_seconds",
@@ -94,3 +96,8 @@ class _Collector:
         for reason, count in sorted(metrics.cutoffs.items()):
             cutoffs.add_metric([reason], count)
         yield cutoffs
+        refused = CounterMetricFamily("krmx_refused_upgrades", "Upgrade requests refused before the websocket, by reason",
+                                      labels=["reason"])
+        for reason, count in sorted(metrics.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused

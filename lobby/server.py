@@ -34,6 +34,7 @@ from urllib.parse import parse_qs
 
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import InvalidHandshake
 from websockets.protocol import State
 
 from events import Event, EventLogError, EventStore, InconsistentEvent, now_us
@@ -87,7 +88,7 @@ LISTENER_CANCEL_GRACE = 2.0
 LOG_FILE_CHECK_INTERVAL = 1.0
 #: The options the start-up line shows, so that the log tells which limits a session ran with.
 _LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "max_connections",
-           "ping_interval", "auth_timeout", "accept_new_users", "compression", "snapshot_every")
+           "ping_interval", "auth_timeout", "accept_new_users", "compression", "snapshot_every", "origins")
 
 
 class Server:
@@ -253,6 +254,8 @@ class Server:
                 close_timeout=2,
                 compression="deflate" if config.compression else None,
                 server_header=None,
+                # None stands for no Origin header: not a browser, nothing to protect it from.
+                origins=None if config.origins is None else [*config.origins, None],
             )
         except BaseException:  # cannot listen, or cancelled while trying: undo the start, the claim too
             self._status = "initializing"
@@ -477,7 +480,13 @@ class Server:
                 return respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json", head=head)
             return respond(connection, HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE, head=head)
         if path != self.config.path:
+            self.metrics.refused["not found"] += 1
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        if self.config.origins is not None:
+            try:
+                connection.protocol.process_origin(request.headers)  # websockets' check, answered here to be logged
+            except InvalidHandshake:
+                return self._refuse(connection, request, "origin not allowed")
         if len(self._ws_server.connections) >= self.config.max_connections:
             self._cut_off(None, None, "too many connections", peer=connection)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
@@ -497,8 +506,17 @@ class Server:
                     except Exception:
                         ok = False
                 if not ok:
-                    return connection.respond(HTTPStatus.FORBIDDEN, f"query parameter {name!r} is not valid\n")
+                    return self._refuse(connection, request, f"query parameter {name!r} is not valid")
         return None
+
+    def _refuse(self, connection: ServerConnection, request: Any, reason: str) -> Any:
+        """An upgrade request the configuration does not allow: 403, a count by reason, and a line that says
+        who (a wrong ``origins`` or ``query_params`` setting shows here first)."""
+        self.metrics.refused[reason] += 1
+        origins = request.headers.get_all("Origin")
+        self._log.info("upgrade refused", reason=reason, remote=_whom(connection)["remote"],
+                       **({"origin": _shown(", ".join(origins))} if origins else {}))
+        return connection.respond(HTTPStatus.FORBIDDEN, reason + "\n")
 
     async def _handle_connection(self, ws: LobbyConnection) -> None:
         self._opened(ws)

@@ -447,3 +447,42 @@ async def test_the_commit_metric_holds_the_fsync(tmp_path):
 def test_bad_limits_are_refused_with_a_clear_error(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         Server(db=str(tmp_path / "lobby.db"), **options)
+
+
+async def test_only_the_configured_web_origins_may_open_a_websocket(tmp_path):
+    """Cross-site websocket hijacking: a page of another site, in a player's browser, could link in that
+    player's name. With ``origins`` set, an upgrade whose Origin is not one of them gets 403 before any
+    websocket, counted and logged with the origin; a client that sends no Origin (not a browser) is let in."""
+    import re
+
+    server = await started(tmp_path, origins=("https://Game.example.com", re.compile(r"https://[a-z0-9-]+\.preview\.example\.com")))
+    try:
+        with capture_logs() as logs:
+            for origin in ("https://evil.example.com", "http://game.example.com", "https://game.example.com.evil.com",
+                           "https://x.preview.example.com.evil.com", "null"):
+                with pytest.raises(InvalidStatus) as refused:
+                    await Raw.open(url(server), origin=origin)
+                assert refused.value.response.status_code == 403, origin
+                assert refused.value.response.body == b"origin not allowed\n"
+        assert [(line["event"], line["origin"], line["remote"].startswith("127.0.0.1:")) for line in logs] == [
+            ("upgrade refused", origin, True) for origin in (
+                "https://evil.example.com", "http://game.example.com", "https://game.example.com.evil.com",
+                "https://x.preview.example.com.evil.com", "null")
+        ]
+        for origin in ("https://game.example.com", "https://pr-12.preview.example.com", None):
+            client = await Raw.open(url(server), origin=origin)
+            assert (await client.link(f"u{len(server.users)}"))[0]["type"] == "krmx/accepted", origin
+        status, _, body = await http_get(server, "/metrics")
+        assert 'krmx_refused_upgrades_total{reason="origin not allowed"} 5.0' in body.decode()
+        assert len(server.users) == 3
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("origins", ["https://game.example.com", ("https://game.example.com/",),
+                                     ("game.example.com",), ("https://game.example.com/play",), [42]])
+def test_origins_must_be_web_origins(origins):
+    from lobby import ServerConfig
+
+    with pytest.raises(ValueError, match="origins must be a list of web origins, scheme://host"):
+        ServerConfig(origins=origins)

@@ -188,6 +188,17 @@ def test_sizes_take_binary_units(tmp_path, monkeypatch):
     assert (seen["max_frame_size"], seen["max_buffer"]) == (64 * 1024, 1024**3)
 
 
+def test_origins_are_a_comma_separated_list(tmp_path, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(Server, "run", lambda self, **_: _record(seen, self))
+    args = ["serve", "--port", "0", "--db", str(tmp_path / "x.db"), "--origins", "https://a.example, https://B.example:8443"]
+    assert main(args) == 0
+    assert seen["origins"] == ("https://a.example", "https://b.example:8443")
+    monkeypatch.setenv("LOBBY_ORIGINS", "a.example")
+    assert main(["serve", "--port", "0", "--db", str(tmp_path / "x.db")]) == 2
+    assert capsys.readouterr().err.startswith("lobby: --origins / LOBBY_ORIGINS: origins must be a list of web origins")
+
+
 def _record(seen: dict, server: Server) -> int:
     seen.update(vars(server.config))
     return 0

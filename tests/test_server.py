@@ -1461,6 +1461,9 @@ async def test_required_query_parameters_and_path_are_checked_before_the_upgrade
             with pytest.raises(InvalidStatus) as refused:
                 await Raw.open(base + bad)
             assert refused.value.response.status_code == status, bad
+        assert server.metrics.refused == {"query parameter 'debug' is not valid": 1, "query parameter 'game' is not valid": 1,
+                                          "query parameter 'token' is not valid": 1, "query parameter 'room' is not valid": 1,
+                                          "not found": 1}
         good = await Raw.open(base + "/play?game=chess&token=&room=7")
         assert (await good.link("alice"))[0] == ACCEPTED
     finally:
