@@ -57,18 +57,14 @@ def _bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _versions(text: str) -> tuple[str, ...]:
-    versions = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not versions:
-        raise ValueError("must name at least one version line, like 0.5,0.6")
-    return versions
+def _listed(example: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(part.strip() for part in text.split(",") if part.strip())
+        if not items:
+            raise ValueError(f"must name at least one, like {example}")
+        return items
 
-
-def _origins(text: str) -> tuple[str, ...]:
-    origins = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not origins:
-        raise ValueError("must name at least one origin, like https://game.example.com")
-    return origins
+    return parse
 
 
 # (flag, config field, parser, help)
@@ -86,7 +82,7 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--auth-timeout", "auth_timeout", _positive_float, "seconds an async authenticate may take (default 10)"),
     ("--max-frame-size", "max_frame_size", parse_size, "largest frame accepted, like 4MiB (default); larger ones "
      "close the connection"),
-    ("--versions", "versions", _versions, "accepted client version lines, comma separated (default 0.5,0.6)"),
+    ("--versions", "versions", _listed("0.5,0.6"), "accepted client version lines, comma separated (default 0.5,0.6)"),
     ("--compression", "compression", _bool, "permessage-deflate: false (default) or true"),
     ("--snapshot-every", "snapshot_every", _whole, "write a registry snapshot every N events (default 10000)"),
     ("--max-connections", "max_connections", _whole, "open connections at most; more get HTTP 503 (default 10000)"),
@@ -96,8 +92,10 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-buffer", "max_buffer", parse_size, "bytes waiting for one slow reader at most before it is cut off "
      "(default 16MiB)"),
     ("--link-deadline", "link_deadline", _positive_float, "seconds a new connection has to link (default 60)"),
-    ("--origins", "origins", _origins, "web pages allowed to connect, comma separated, like "
+    ("--origins", "origins", _listed("https://game.example.com"), "web pages allowed to connect, comma separated, like "
      "https://game.example.com (default: any); requests without an Origin header (not browsers) are let in"),
+    ("--trusted-proxies", "trusted_proxies", _listed("127.0.0.1,10.0.0.0/8"), "reverse proxies whose "
+     "X-Forwarded-For names the client in log lines, comma separated addresses or networks, or * (default: none)"),
 ]
 
 

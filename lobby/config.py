@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -58,6 +59,10 @@ class ServerConfig:
     #: this any site's page could link users from its visitors' browsers. A request without an Origin header
     #: (a game client, a bot: not a browser) is let in.
     origins: tuple[str | re.Pattern[str], ...] | None = None
+    #: Reverse proxies whose ``X-Forwarded-For`` is believed (addresses or networks, ``"*"`` for any peer): log
+    #: lines then show the client's address as ``remote`` and the proxy's as ``proxy``. Only list proxies
+    #: you run: anyone else can write that header.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Every option is checked here, whatever set it (code, flags, variables): a bad value fails at
@@ -124,6 +129,17 @@ class ServerConfig:
                 f"versions must be a non-empty tuple of version lines, major.minor like ('0.5', '0.6'), not {self.versions!r}"
             )
         object.__setattr__(self, "versions", tuple(self.versions))
+        if isinstance(self.trusted_proxies, str) or not isinstance(self.trusted_proxies, (list, tuple)):
+            raise ValueError(f"trusted_proxies must be a list of addresses or networks, not {self.trusted_proxies!r}")
+        for proxy in self.trusted_proxies:
+            if proxy != "*":
+                try:
+                    ipaddress.ip_network(proxy, strict=False)
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"trusted_proxies must be addresses or networks, like 10.0.0.0/8 or ::1, or '*', not {proxy!r}"
+                    ) from None
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
         if self.origins is not None:
             if isinstance(self.origins, (str, re.Pattern)) or not isinstance(self.origins, (list, tuple)) or not all(
                 isinstance(o, re.Pattern) or (isinstance(o, str) and _ORIGIN.fullmatch(o)) for o in self.origins

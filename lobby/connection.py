@@ -63,6 +63,8 @@ class LobbyConnection(ServerConnection):
     lobby_early_bytes = 0
     #: Bytes of frames the lobby wrote to the transport, so far (with its buffer, how much the peer took).
     lobby_written = 0
+    #: The client's address as a trusted reverse proxy reported it (``X-Forwarded-For``), for the log lines.
+    lobby_forwarded_for: str | None = None
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
     _close_watched = False

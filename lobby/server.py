@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import gc
 import inspect
+import ipaddress
 import logging
 import os
 import signal
@@ -239,6 +240,8 @@ class Server:
         # restored): each input takes the later of the clock and the last time recorded (see _now).
         self.core.now = self.store.last_at(config.lobby) or 0
         self._loop = asyncio.get_running_loop()
+        self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies if p != "*"]
+        self._any_proxy = "*" in config.trusted_proxies
         try:
             self._ws_server = await serve(
                 self._handle_connection,
@@ -467,6 +470,8 @@ class Server:
     def _check_request(self, connection: ServerConnection, request: Any) -> Any:
         """Before the upgrade: health and metrics, the path, the connection limit and the required query
         parameters (otherwise no websocket at all)."""
+        if self.config.trusted_proxies and self._is_proxy(connection.remote_address):
+            connection.lobby_forwarded_for = self._forwarded_for(request)
         # The request target is a path and a query (RFC 9112 3.2.1), not a URL: urlsplit would read one that
         # starts with // as a host ("//[x" raising ValueError, "//x/health" as /health).
         path, _, query = request.path.partition("?")
@@ -509,12 +514,34 @@ class Server:
                     return self._refuse(connection, request, f"query parameter {name!r} is not valid")
         return None
 
+    def _is_proxy(self, address: Any) -> bool:
+        if self._any_proxy:
+            return True
+        host = address[0] if isinstance(address, tuple) else address
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:  # a hop that is no address ("unknown", a name, a port on it): a client, not ours
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # a dual-stack socket's peer
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._proxies)
+
+    def _forwarded_for(self, request: Any) -> str | None:
+        """The client behind the trusted proxies: X-Forwarded-For's last hop that is not one of them (the hops
+        before it were written by whoever the client is, and prove nothing)."""
+        hops = [hop.strip() for value in request.headers.get_all("X-Forwarded-For") for hop in value.split(",")]
+        hops = [hop for hop in hops if hop]
+        for hop in reversed(hops):
+            if not self._is_proxy(hop):
+                return _shown(hop)
+        return _shown(hops[0]) if hops else None
+
     def _refuse(self, connection: ServerConnection, request: Any, reason: str) -> Any:
         """An upgrade request the configuration does not allow: 403, a count by reason, and a line that says
         who (a wrong ``origins`` or ``query_params`` setting shows here first)."""
         self.metrics.refused[reason] += 1
         origins = request.headers.get_all("Origin")
-        self._log.info("upgrade refused", reason=reason, remote=_whom(connection)["remote"],
+        self._log.info("upgrade refused", reason=reason, **_whom(connection),
                        **({"origin": _shown(", ".join(origins))} if origins else {}))
         return connection.respond(HTTPStatus.FORBIDDEN, reason + "\n")
 
@@ -1051,4 +1078,7 @@ def _whom(ws: Any, label: str | None = None) -> dict[str, Any]:
         return {"connection": label}
     peer = ws.remote_address
     remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
-    return {"connection": label or ws.lobby_label, "remote": remote}
+    forwarded_for = getattr(ws, "lobby_forwarded_for", None)
+    if forwarded_for is not None:  # behind a trusted proxy: the client's address, and the proxy's
+        return {"connection": label or getattr(ws, "lobby_label", None), "remote": forwarded_for, "proxy": remote}
+    return {"connection": label or getattr(ws, "lobby_label", None), "remote": remote}

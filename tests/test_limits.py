@@ -486,3 +486,43 @@ def test_origins_must_be_web_origins(origins):
 
     with pytest.raises(ValueError, match="origins must be a list of web origins, scheme://host"):
         ServerConfig(origins=origins)
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "remote"),
+    [
+        (("127.0.0.1", "10.0.0.0/8"), ["198.51.100.9, 10.1.1.1"], "198.51.100.9"),
+        (("127.0.0.1",), ["198.51.100.9, 10.1.1.1"], "10.1.1.1"),  # 10.1.1.1 is no proxy of ours: the client
+        (("127.0.0.1",), ["6.6.6.6, 198.51.100.9"], "198.51.100.9"),  # what the client wrote itself proves nothing
+        (("127.0.0.1",), ["6.6.6.6", "198.51.100.9"], "198.51.100.9"),  # two headers are one list
+        (("*",), ["203.0.113.5"], "203.0.113.5"),
+        (("10.0.0.0/8",), ["203.0.113.5"], None),  # the peer is no trusted proxy: its header is ignored
+        (("127.0.0.1",), [], None),
+    ],
+)
+async def test_behind_a_trusted_proxy_log_lines_show_the_client(tmp_path, trusted, forwarded, remote):
+    """Behind nginx every peer is the proxy: a log line that shows only its address cannot tell two players
+    apart. With ``trusted_proxies``, the client named by the proxy's X-Forwarded-For is ``remote``, the proxy
+    ``proxy``; a peer that is not a trusted proxy is shown as itself, whatever it claims."""
+    from websockets.datastructures import Headers
+
+    server = await started(tmp_path, trusted_proxies=trusted)
+    try:
+        with capture_logs() as logs:
+            client = await Raw.open(url(server), additional_headers=Headers([("X-Forwarded-For", v) for v in forwarded]))
+            await client.link("alice", version="9.9.9")
+        [line] = [line for line in logs if line["event"] == "link rejected"]
+        if remote is None:
+            assert line["remote"].startswith("127.0.0.1:") and "proxy" not in line
+        else:
+            assert line["remote"] == remote and line["proxy"].startswith("127.0.0.1:")
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("trusted", ["127.0.0.1", ("10.0.0.0/33",), ("proxy.example.com",), (None,)])
+def test_trusted_proxies_must_be_addresses_or_networks(trusted):
+    from lobby import ServerConfig
+
+    with pytest.raises(ValueError, match="trusted_proxies must be"):
+        ServerConfig(trusted_proxies=trusted)
