@@ -278,12 +278,14 @@ class Server:
         if self.store.migrated:
             self._log.info("event log schema", db=str(config.db), applied=self.store.migrated,
                            version=SCHEMA_VERSION)
+        recovering = registry.needs_recovery
+        self._call(self.core.listen, self.session, self.port)
+        # After the listen event is in the log: a start that cannot write (a full disk) never says listening.
         self._log.info(
             "listening", host=config.host, port=self.port, path=config.path, db=str(config.db), users=len(registry.users),
-            recovering=registry.needs_recovery, version=VERSION, durability=config.durability,
+            recovering=recovering, version=VERSION, durability=config.durability,
             limits={name: getattr(config, name) for name in _LIMITS},
         )
-        self._call(self.core.listen, self.session, self.port)
         self._loop.call_later(LOG_FILE_CHECK_INTERVAL, self._check_log_file)
         return self.port
 

@@ -24,7 +24,8 @@ def test_what_the_server_logged_around_a_seq(crash_log, capsys):
     events = [e for e in entries if e.kind == "event"]
     assert [e.seq for e in events] == list(range(restart - 2, restart + 3))
     lines = [e for e in entries if e.kind == "log"]
-    # every event of the window has its line, right after it; the restart's "listening" line has no seq
+    # every event of the window has its line, right after it (but the listen event's: "listening" follows the
+    # recovery's lines); the restart's "listening" line has no seq
     for event in events:
         following = entries[entries.index(event) + 1]
         assert following.kind == "log" and following.seq == event.seq and following.note is None
@@ -34,10 +35,11 @@ def test_what_the_server_logged_around_a_seq(crash_log, capsys):
     assert [e.line.message for e in listening] == ["listening", "serving until a stop signal"]
     assert entries.index(listening[1]) == len(entries) - 1
     assert listening[0].line.record["recovering"] is True
-    assert entries.index(listening[0]) < entries.index(events[2])  # logged before the listen event
     recovered = [e for e in lines if e.line.record.get("reason") == "recovered"]
     assert [e.event.username for e in recovered] == ["alice", "bob"]
-    assert main(["replay", "logs", str(logfile), "--db", str(db), "--around-seq", str(restart), "--window", "1"]) == 0
+    # logged once the listen event and the recovery are in the log
+    assert entries.index(listening[0]) > max(entries.index(events[2]), *map(entries.index, recovered))
+    assert main(["replay", "logs", str(logfile), "--db", str(db), "--around-seq", str(restart), "--window", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("  event ") and any(line.startswith("> event ") and "listen" in line for line in out)
     assert any("listening" in line and "recovering=true" in line for line in out)

@@ -166,6 +166,20 @@ async def test_a_failed_commit_sends_nothing_and_stops_the_server(server):
     assert server.status == "closed"
 
 
+async def test_a_start_that_cannot_write_its_listen_event_never_says_listening(tmp_path, monkeypatch):
+    """Monitoring keys on `listening`: a start whose first write failed (a full disk) said it, then exited."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
+
+    def broken_append(self, events, **options):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(EventStore, "append", broken_append)
+    with capture_logs() as logs, pytest.raises(ServerError, match="the event log could not be written: disk full"):
+        await server.start()
+    assert [line["event"] for line in logs] == ["event log schema", "event log append failed; stopping without sending this turn"]
+    assert server.status == "closed"
+
+
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 async def test_a_log_file_deleted_or_replaced_under_the_server_stops_it(tmp_path, monkeypatch, how):
     """`rm lobby.db` under a running server: it wrote on to the deleted file, healthy and unnoticed, and every
