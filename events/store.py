@@ -176,7 +176,32 @@ def m002_snapshots(db: Database) -> None:
     )
 
 
+@migrations()
+def m003_type_codes_only(db: Database) -> None:
+    # The first builds (type names, not codes) recognise m001 and m002 and would write on into a log of ours,
+    # type names into the type column, rows the rest of this code cannot read; they refuse a migration they do
+    # not know, so this one keeps them out. Rows such a build wrote already are converted, as a first build's
+    # log is. (A trigger refusing such rows for good would cost a third more CPU per append.)
+    conn = db.conn
+    conn.execute("INSERT INTO types (name) SELECT type FROM events WHERE typeof(type) = 'text' "
+                 "AND type NOT IN (SELECT name FROM types) GROUP BY type ORDER BY min(seq)")
+    conn.execute("UPDATE events SET type = (SELECT code FROM types WHERE name = events.type) WHERE typeof(type) = 'text'")
+    stray = conn.execute("SELECT seq, quote(type) FROM events WHERE type NOT IN (SELECT code FROM types) "
+                         "OR typeof(type) != 'integer' LIMIT 1").fetchone()
+    if stray is not None:
+        raise EventLogError(
+            f"is damaged: seq {stray[0]} has the type {stray[1]}, which is not one of the log's event types; "
+            "refusing to write to it (`lobby replay verify` lists every problem)"
+        )
+
+
 _KNOWN_MIGRATIONS = [m.name for m in migrations._migrations]
+
+
+def _how_to_convert(path: str) -> str:
+    """How a log holding type names becomes readable (a first build must not write on into it: see m003)."""
+    return ("stop the server writing it, then open it once for writing with this krmx-lobby (`lobby serve` on it, or "
+            f"`python3 -c \"import events; events.EventStore({path!r}).close()\"`), which converts it; no event is lost")
 SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
 
 #: Bytes of write-ahead log kept after a checkpoint (a long reader can grow it far beyond; see __init__).
@@ -401,8 +426,7 @@ class EventStore:
             if _has_type_names(self.db):
                 raise EventLogError(
                     f"{self.path}: was written by a first build of krmx-lobby (type names, not codes) and needs "
-                    "converting, which a read-only open cannot do: open it once for writing (a server on it, or "
-                    f"`python3 -c \"import events; events.EventStore('{self.path}').close()\"`); no event is lost"
+                    f"converting: {_how_to_convert(self.path)}"
                 )
         except sqlite3.Error as error:
             self.db.close()
@@ -486,7 +510,10 @@ class EventStore:
         if pending:
             with self.db.atomic():
                 self.db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            migrations.apply(self.db)
+            try:
+                migrations.apply(self.db)
+            except EventLogError as error:  # a migration's refusal, rolled back with it
+                raise EventLogError(f"{self.path}: {error}") from None
         #: The migrations this open applied (an older log upgraded, or a new log created), for the server's log.
         self.migrated = ["m001_events (type codes)"] * repaired + [migration.name for migration in pending]
 
@@ -832,6 +859,11 @@ class EventStore:
                         type_ = names.get(code) or type_name(code)
                         event = event_from_fields(seq, *session_of(sid), at, type_, username, data)
                     except (ValueError, TypeError, KeyError) as error:
+                        if isinstance(code, str):
+                            raise EventLogError(
+                                f"{self.path}: seq {seq}: its type is a name ({code!r}), as only the first builds "
+                                f"of krmx-lobby wrote, which needs converting: {_how_to_convert(self.path)}"
+                            ) from None
                         raise EventLogError(
                             f"{self.path}: seq {seq}: cannot read this event ({_unprefixed(error, seq)}): "
                             "a damaged row, or one written by a newer krmx-lobby"
@@ -898,6 +930,15 @@ class EventStore:
                 if snapshot is not None:
                     registry, from_seq = snapshot, seq + 1
                     break
+        # The fold reads the lifecycle types alone: a row of no known type would be passed over unseen (a
+        # registry without its user, and a server appending after it), where any other reader stops at it.
+        stray = self.db.execute(
+            "SELECT seq, quote(type) FROM events WHERE seq BETWEEN ? AND ? AND (typeof(type) != 'integer' OR type "
+            "NOT IN (SELECT code FROM types)) LIMIT 1", [from_seq, bound]
+        ).fetchone()
+        if stray is not None:
+            raise EventLogError(f"{self.path}: seq {stray[0]}: cannot read this event (unknown event type code "
+                                f"{stray[1]}): a damaged row, or one written by a newer krmx-lobby")
         events = self.read(from_seq, bound, lobby=lobby, types=LIFECYCLE_TYPES)
         try:
             rebuild(events, registry)

@@ -669,7 +669,7 @@ async def test_a_snapshot_that_cannot_be_written_does_not_cost_the_turn(tmp_path
 async def test_the_start_line_tells_the_version_durability_limits_and_a_schema_change(tmp_path):
     """Which mode and limits a session ran with, and that a log was created or migrated, is in the log."""
     db = str(tmp_path / "lobby.db")
-    for expected_schema in (["m001_events", "m002_snapshots"], None):  # a new log, then the same log again
+    for expected_schema in (["m001_events", "m002_snapshots", "m003_type_codes_only"], None):  # a new log, then the same log again
         server = Server(port=0, db=db, ping_interval=None, durability="normal", max_connections=77)
         with capture_logs() as logs:
             await server.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import itertools
 import sqlite3
 import tempfile
 import threading
@@ -532,7 +533,7 @@ def test_a_log_whose_first_open_stopped_before_its_tables_is_still_new(db_path, 
         store_migrations.ensure_migrations_table(db)
         db.close()
     with EventStore(db_path) as store:
-        assert store.migrated == ["m001_events", "m002_snapshots"]
+        assert store.migrated == ["m001_events", "m002_snapshots", "m003_type_codes_only"]
         assert store.append([Events().listen()]) == [1]
 
 
@@ -679,11 +680,72 @@ def test_a_version_1_log_stays_readable_and_is_migrated_on_write(db_path):
         assert "snapshots" not in reader.db.table_names()
     with EventStore(db_path) as store:
         assert "snapshots" in store.db.table_names()
-        assert [m.name for m in migrations.applied(store.db)] == ["m001_events", "m002_snapshots"]
-        assert store.migrated == ["m002_snapshots"]  # the server logs it
+        assert [m.name for m in migrations.applied(store.db)] == ["m001_events", "m002_snapshots", "m003_type_codes_only"]
+        assert store.migrated == ["m002_snapshots", "m003_type_codes_only"]  # the server logs it
         assert list(store.load_registry("main").users) == ["alice"]
     with EventStore(db_path) as store:
         assert store.migrated == []
+
+
+def _log_at_version_2(db_path, rows: str) -> None:
+    """A log as the second session's builds left it (m001, m002), with ``rows`` (SQL values) in session s1."""
+    db = Database(db_path)
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    migrations.apply(db, stop_before="m003_type_codes_only")
+    db.close()
+    legacy = sqlite3.connect(db_path)
+    legacy.execute(f"INSERT INTO events (seq, sid, at, type, username, data) VALUES {rows}")
+    legacy.execute("INSERT INTO sessions (sid, lobby, session, first_seq, last_seq) "
+                   "SELECT 1, 'main', 's1', min(seq), max(seq) FROM events")
+    legacy.commit()
+    legacy.close()
+
+
+def test_rows_a_first_build_wrote_into_a_log_of_ours_are_converted_and_kept_out_from_then_on(db_path):
+    """A first build (type names, not codes) took a log of ours at m002 for its own and wrote names into the
+    type column: every reader failed at those rows, blaming a newer krmx-lobby, and a server folded without
+    them. The read says what happened and how to convert; the next write open converts them; and from then on
+    a first build refuses the log, for its unknown migration."""
+    _log_at_version_2(db_path, "(1, 1, 10, 1, NULL, NULL), (2, 1, 11, 2, 'alice', NULL), "
+                               "(3, 1, 12, 'join', 'zed', NULL), (4, 1, 13, 'link', 'zed', NULL)")
+    with EventStore.open_readonly(db_path) as reader, pytest.raises(
+        EventLogError, match=r"seq 3: its type is a name \('join'\), as only the first builds of krmx-lobby wrote, "
+                             r"which needs converting: stop the server writing it"):
+        list(reader.read())
+    with EventStore(db_path) as store:
+        assert store.migrated == ["m003_type_codes_only"]
+        assert [(e.type, getattr(e, "username", None)) for e in store.read()] == [("listen", None), ("join", "alice"), ("join", "zed"),
+                                                                ("link", "zed")]
+        assert store.load_registry("main").linked() == ["zed"]
+
+
+@pytest.mark.parametrize("stray_type", ["99", "'join'"])
+def test_the_fold_stops_at_a_row_of_no_known_type(db_path, stray_type):
+    """The fold reads the lifecycle types alone: a row of an unknown type (put there by hand, after the
+    conversion) was passed over, and a server started without that row's user, appending after it."""
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen(), ev.join("alice")])
+    tampered = sqlite3.connect(db_path)
+    tampered.execute(f"INSERT INTO events (seq, sid, at, type, username, data) VALUES (3, 1, 99, {stray_type}, 'zed', NULL)")
+    tampered.execute("UPDATE sessions SET last_seq = 3")
+    tampered.commit()
+    tampered.close()
+    with EventStore(db_path) as store, pytest.raises(EventLogError, match=f"seq 3: cannot read this event \\(unknown "
+                                                                          f"event type code {stray_type}\\)"):
+        store.load_registry("main")
+
+
+def test_a_row_whose_type_is_no_type_of_the_log_is_refused_for_writing(db_path):
+    """Neither a code nor a name of the types table: damage the conversion cannot undo. Writing is refused (it
+    would fold past the row), the log stays as it was, and reading stops at the row."""
+    _log_at_version_2(db_path, "(1, 1, 10, 1, NULL, NULL), (2, 1, 11, 2, 'alice', NULL), (3, 1, 12, 99, 'zed', NULL)")
+    with pytest.raises(EventLogError, match=f"^{db_path}: is damaged: seq 3 has the type 99, which is not one of "
+                                            "the log's event types; refusing to write to it"):
+        EventStore(db_path)
+    with EventStore.open_readonly(db_path) as reader:
+        assert [m.name for m in migrations.applied(reader.db)] == ["m001_events", "m002_snapshots"]
+        assert [e.type for e in itertools.islice(reader.read(), 2)] == ["listen", "join"]
 
 
 #: The first builds' layouts, made from a current log: type names (no types table), and in the very first
@@ -720,7 +782,7 @@ def test_a_log_of_the_first_builds_is_converted_on_write_and_explained_on_read(d
     first_build = sqlite3.connect(db_path)
     first_build.executescript(_FIRST_BUILDS[layout])
     first_build.close()
-    with pytest.raises(EventLogError, match="first build of krmx-lobby .* open it once for writing"):
+    with pytest.raises(EventLogError, match="first build of krmx-lobby .* stop the server writing it, then open it once for writing"):
         EventStore.open_readonly(db_path)
     with EventStore(db_path) as store:
         assert store.migrated == ["m001_events (type codes)"]
