@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lobby import Client, RelinkPolicy
+from lobby import Client, ClientError, RelinkPolicy
 
 __all__ = ["Bot", "SessionError", "play", "main"]
 
@@ -104,9 +104,11 @@ async def play(url: str, players: int = 4, *, table: str = "main", timeout: floa
     host, dropper = bots[0], bots[-1]
     intruder = Bot("intruder", timeout=timeout, narrate=say)
     try:
-        # 1. Everyone links.
+        # 1. Everyone links (the first one waits for a server started in the background just before).
+        await _connect_once_up(bots[0].client, url, timeout)
         for bot in bots:
-            await bot.client.connect(url)
+            if bot is not bots[0]:
+                await bot.client.connect(url)
             await bot.client.link(bot.name)
             say(f"{bot.name}: linked")
 
@@ -175,6 +177,20 @@ async def play(url: str, players: int = 4, *, table: str = "main", timeout: floa
         for bot in (*bots, intruder):
             if bot.client.relinking or bot.client.status not in ("initializing", "closed"):
                 await bot.client.disconnect(force=True)
+
+
+async def _connect_once_up(client: Client, url: str, timeout: float) -> None:
+    """Connect, trying again while nothing listens yet, for ``timeout`` seconds at most."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await client.connect(url)
+            return
+        except ClientError:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,7 +88,7 @@ class _Collector:
         yield CounterMetricFamily("krmx_frames_in", "Frames received", value=metrics.frames_in)
         yield CounterMetricFamily("krmx_frames_out", "Frames sent", value=metrics.frames_out)
         yield CounterMetricFamily("krmx_events_appended", "Events appended to the log", value=metrics.events_appended)
-        rejections = CounterMetricFamily("krmx_rejections", "Link requests rejected, by reason", labels=["reason"])
+        rejections = CounterMetricFamily("krmx_rejections", "Frames answered krmx/rejected (link requests, and frames of unlinked connections), by reason", labels=["reason"])
         for reason, count in sorted((core.rejections if core is not None else {}).items()):
             rejections.add_metric([reason], count)
         yield rejections

@@ -9,6 +9,10 @@ server-side call); a list of *effects* comes out, in the order they must take ef
 - :class:`CloseConnection`: a connection to terminate.
 - :class:`Authenticate`: ask the application whether a link request may proceed; answer with
   :meth:`ServerProtocol.authenticated`.
+- :class:`Resume`, :class:`Drain`, :class:`FinishLeave`, :class:`CloseNext`: call the core back (``resume``,
+  ``drain``, ``finish_leave``, ``close_next``) once the listeners of the effects before them ran: a new
+  user's link after its join, the frames that waited behind a link, a leave's second step, the next user of
+  a close. A driver that drops one leaves a link, a leave or a close half done.
 
 No sockets, no clock, no disk: the driver sets :attr:`ServerProtocol.now` (UTC microseconds) before each
 input, appends the recorded events, writes the frames and calls the listeners. Every rule of KRMX.md lives

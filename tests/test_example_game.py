@@ -243,6 +243,31 @@ async def test_the_readme_walkthrough_runs_as_processes(tmp_path):
     assert log[-1].type == "close"
 
 
+async def test_the_bots_wait_for_a_server_started_just_before_them(tmp_path):
+    """The README starts the server in the background and the bots right after it: they connected before it
+    listened and failed every time. They wait for it now (within ``--timeout``)."""
+    from .test_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "TABLE_COUNTDOWN": str(COUNTDOWN), "PYTHONPATH": str(ROOT)}
+    bots = asyncio.create_task(run_process(
+        sys.executable, "-m", "examples.bots", "--url", f"ws://127.0.0.1:{port}", "--players", "2", "--timeout", str(WAIT),
+        cwd=ROOT, env=env, timeout=60))
+    await asyncio.sleep(1.0)
+    assert not bots.done()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lobby", "serve", "examples.table:app", "--port", str(port), "--db", str(tmp_path / "t.db"),
+        cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        out, _ = await bots
+        assert out.splitlines()[-1] == "session complete"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.wait(), 10) == 0
+
+
 def _readme_block(after: str, language: str = "python") -> str:
     """The first ``language`` code block of the README after the line ``after``."""
     text = (ROOT / "README.md").read_text()
