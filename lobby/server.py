@@ -610,6 +610,8 @@ class Server:
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str, peer: Any = None) -> None:
         """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
         the cut-off (and the unlink of its user) in the next turn, and the connection is closed."""
+        if ws is not None and ws.lobby_cut:  # cut off already (its abort's connection_lost still to come)
+            return
         if self._status != "listening":  # closing: every user is unlinked already, the log has its close
             if ws is not None:
                 ws.lobby_cut = True
@@ -979,7 +981,7 @@ class Server:
         max_buffer = self.config.max_buffer
         for ws, datas in frames.items():
             protocol = ws.protocol  # type: ignore[attr-defined]
-            if protocol.state is not State.OPEN:
+            if protocol.state is not State.OPEN or ws.lobby_cut:  # type: ignore[attr-defined]
                 continue
             try:
                 if direct:

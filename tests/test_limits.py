@@ -16,6 +16,7 @@ from websockets.frames import Frame, Opcode
 
 from events import EventStore, rebuild
 from lobby import Server
+from lobby import server as server_module
 
 from .test_server import echo_app, server_side, url
 from .wsclient import Raw, joined, linked, raw_linked, unlinked
@@ -526,3 +527,24 @@ def test_trusted_proxies_must_be_addresses_or_networks(trusted):
 
     with pytest.raises(ValueError, match="trusted_proxies must be"):
         ServerConfig(trusted_proxies=trusted)
+
+
+async def test_a_connection_is_cut_off_once(tmp_path):
+    """Its transport is aborted at the first cut-off, but closed only a loop step later: a write of the next
+    turn (a slow consumer's buffer still over the limit) cut it off again, a second warning and count."""
+    server = await started(tmp_path)
+    try:
+        slow = await Raw.open(url(server))
+        await slow.link("slow")
+        [ws] = await server_side(server, 1)
+        written = ws.lobby_written
+        with capture_logs() as logs:
+            server._cut_off(ws, ws.lobby_label, "slow consumer")
+            server._cut_off(ws, ws.lobby_label, "slow consumer")
+            server._flush([server_module.SendFrame(ws, b'{"type":"x/y"}')])
+        assert await slow.closed()
+        assert [line["event"] for line in logs if line["event"] == "cut off"] == ["cut off"]
+        assert server.metrics.cutoffs == {"slow consumer": 1}
+        assert ws.lobby_written == written  # nothing more written to it
+    finally:
+        await server.close()
