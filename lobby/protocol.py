@@ -528,7 +528,8 @@ class ServerProtocol:
         auth: str | None = payload.get("auth")
         if not any(version.startswith(accepted) for accepted in self.versions):
             server = "|".join(f"{accepted}.*" for accepted in self.versions)
-            self._reject(connection, f"krmx server version mismatch (server={server},client={version})", username)
+            shown = version if len(version) <= 64 else version[:64] + "..."  # not a frame's size, echoed and logged
+            self._reject(connection, f"krmx server version mismatch (server={server},client={shown})", username)
             return
         if not self._valid(username):
             self._reject(connection, "invalid username", username)

@@ -352,6 +352,17 @@ def test_version_mismatch_is_rejected_with_the_exact_reason(lobby, version):
     assert lobby.new_events() == []
 
 
+def test_a_long_version_is_cut_in_the_reason(lobby):
+    """The reason is sent back and logged: a megabyte version made a megabyte frame and log line each time."""
+    lobby.connect("a")
+    lobby.link("a", "bob", "9" * 64)
+    lobby.link("a", "bob", "9" * 65 + "x" * 10_000)
+    assert lobby.take()["a"] == [
+        rejected(f"krmx server version mismatch (server=0.5.*|0.6.*,client={'9' * 64})"),
+        rejected(f"krmx server version mismatch (server=0.5.*|0.6.*,client={'9' * 64}...)"),
+    ]
+
+
 def test_version_mismatch_text_for_the_client_1_5_5(lobby):
     """The exact text for the suite's first case."""
     lobby.connect("a")
