@@ -15,7 +15,13 @@ from websockets.protocol import State
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["LobbyConnection", "text_frame", "respond", "unlink_reason", "close_quietly"]
+__all__ = ["HANDSHAKE_SLACK", "LobbyConnection", "text_frame", "respond", "unlink_reason", "close_quietly"]
+
+#: Sockets open at most beyond max_connections: upgrades in their handshake, /health and /metrics requests, and
+#: websocket upgrades answered 503 while the lobby is full.
+HANDSHAKE_SLACK = 64
+_TOO_MANY_SOCKETS = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                     b"Content-Length: 21\r\n\r\ntoo many connections\n")
 
 _pack_len16 = struct.Struct("!BBH").pack
 _pack_len64 = struct.Struct("!BBQ").pack
@@ -65,6 +71,8 @@ class LobbyConnection(ServerConnection):
     lobby_written = 0
     #: The client's address as a trusted reverse proxy reported it (``X-Forwarded-For``), for the log lines.
     lobby_forwarded_for: str | None = None
+    #: Refused at its first byte: more sockets were open than max_connections and HANDSHAKE_SLACK.
+    lobby_refused = False
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
     _close_watched = False
@@ -73,9 +81,22 @@ class LobbyConnection(ServerConnection):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self.lobby_server.handshaking.add(self)
+        server = self.lobby_server
+        if server.open_sockets >= server.config.max_connections + HANDSHAKE_SLACK:
+            # Sockets that never finish their handshake (a slowloris) are held for websockets' open timeout:
+            # bounded too, or past the process's file limit honest connections fail, unlogged. Answered before
+            # the request is read (the slack above the websocket limit lets /health and the 503 through).
+            self.lobby_refused = True
+            transport.write(_TOO_MANY_SOCKETS)
+            transport.close()
+            server._cut_off(None, None, "too many connections", peer=self)
+            return
+        server.open_sockets += 1
+        server.handshaking.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lobby_refused:
+            self.lobby_server.open_sockets -= 1
         self.lobby_server.handshaking.discard(self)
         if self._stall_timer is not None:
             self._stall_timer.cancel()

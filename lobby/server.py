@@ -42,7 +42,7 @@ from events import Event, EventLogError, EventStore, InconsistentEvent, now_us
 from events.store import SCHEMA_VERSION
 
 from .config import DEFAULT_MAX_FRAME_SIZE, QueryRule, ServerConfig
-from .connection import LobbyConnection, close_quietly, respond, text_frame, unlink_reason
+from .connection import HANDSHAKE_SLACK, LobbyConnection, close_quietly, respond, text_frame, unlink_reason
 from .errors import ServerError
 from .health import METRICS_CONTENT_TYPE, VERSION, Metrics
 from .logs import configure_logging
@@ -61,6 +61,11 @@ from .protocol import (
     ServerProtocol,
 )
 
+try:
+    import resource
+except ImportError:  # Windows: no file limit to raise
+    resource = None  # type: ignore[assignment]
+
 #: The signals that stop a serving server (as close, or keeping users).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -78,6 +83,9 @@ class AuthInfo:
 Listener = Callable[..., Any]
 _L = TypeVar("_L", bound=Listener)
 LISTENER_EVENTS = ("listen", "authenticate", "join", "link", "message", "unlink", "leave", "close", "event")
+#: Files a server holds besides its sockets: the log, its WAL and shared memory, the lobby's lock, the log
+#: file check, stdio, the event loop's own.
+FILES_BESIDES_SOCKETS = 32
 #: Inputs of one connection handled in one turn at most (see Server._take_inputs).
 TURN_SHARE = 32
 #: Seconds a close waits for async listeners still running (a ``close`` listener saving the game) before
@@ -121,6 +129,8 @@ class Server:
         self._listener_tasks: set[asyncio.Future[Any]] = set()
         #: Connections in their opening handshake (websockets' own set has only open ones).
         self.handshaking: set[LobbyConnection] = set()
+        #: Sockets open, in any state (handshaking, open, closing), but those refused at once.
+        self.open_sockets = 0
         #: Frames drained from behind a link in this turn, by connection (at most TURN_SHARE each).
         self._drained: dict[Any, int] = {}
         #: Connections whose next drain waits for the next turn, with their inputs held behind it.
@@ -240,6 +250,7 @@ class Server:
         # restored): each input takes the later of the clock and the last time recorded (see _now).
         self.core.now = self.store.last_at(config.lobby) or 0
         self._loop = asyncio.get_running_loop()
+        file_limit = self._raise_file_limit()
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies if p != "*"]
         self._any_proxy = "*" in config.trusted_proxies
         try:
@@ -273,6 +284,10 @@ class Server:
         self._thread = threading.get_ident()
         self._log = structlog.get_logger("lobby").bind(lobby=config.lobby, session=self.session)
         self._log_debug = _debug_enabled(self._log)
+        if file_limit is not None:
+            self._log.warning("open files limit below max_connections", limit=file_limit,
+                              max_connections=config.max_connections,
+                              hint="raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower --max-connections")
         for seq, error in self.store.unreadable_snapshots:
             self._log.warning("registry snapshot passed over", seq=seq, error=error)
         if self.store.migrated:
@@ -288,6 +303,24 @@ class Server:
         )
         self._loop.call_later(LOG_FILE_CHECK_INTERVAL, self._check_log_file)
         return self.port
+
+    def _raise_file_limit(self) -> int | None:
+        """Every socket is an open file: a process limit below max_connections (systemd's soft default is 1024)
+        would refuse connections in the kernel, before the lobby sees them, and log nothing. Raised up to the
+        hard limit, as far as needed; returns the limit if it is still short (said at start)."""
+        if resource is None:  # Windows
+            return None
+        needed = self.config.max_connections + HANDSHAKE_SLACK + FILES_BESIDES_SOCKETS
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return None
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+        return soft if soft < needed else None
 
     def _check_log_file(self) -> None:
         """The log's file must still be at its path: deleted (a "reset" by hand) or replaced under a running
@@ -494,7 +527,7 @@ class Server:
                 connection.protocol.process_origin(request.headers)  # websockets' check, answered here to be logged
             except InvalidHandshake:
                 return self._refuse(connection, request, "origin not allowed")
-        if len(self._ws_server.connections) >= self.config.max_connections:
+        if self.open_sockets - len(self.handshaking) >= self.config.max_connections:  # this one is handshaking
             self._cut_off(None, None, "too many connections", peer=connection)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self.config.query_params:

@@ -548,3 +548,75 @@ async def test_a_connection_is_cut_off_once(tmp_path):
         assert ws.lobby_written == written  # nothing more written to it
     finally:
         await server.close()
+
+
+async def test_sockets_that_never_finish_their_handshake_are_bounded_too(tmp_path):
+    """A slowloris: sockets that send nothing were held for websockets' open timeout, uncounted, until the
+    process ran out of files and honest connections failed unlogged. Beyond max_connections and the slack for
+    handshakes and health checks, a socket is answered 503 at once (and logged); while the websockets alone
+    fill the lobby, /health still answers."""
+    from lobby.connection import HANDSHAKE_SLACK
+
+    server = await started(tmp_path, max_connections=2)
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        first = await Raw.open(url(server))
+        await first.link("first")
+        for _ in range(HANDSHAKE_SLACK + 1):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            idle.append(writer)
+        for _ in range(100):
+            if server.open_sockets == HANDSHAKE_SLACK + 2:
+                break
+            await asyncio.sleep(0.01)
+        assert server.open_sockets == HANDSHAKE_SLACK + 2
+        with capture_logs() as logs:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and answer.endswith(b"\r\n\r\ntoo many connections\n")
+        assert [(line["event"], line["reason"]) for line in logs if line["event"] == "cut off"] == [
+            ("cut off", "too many connections")]
+        for writer in idle:
+            writer.close()
+        for _ in range(100):
+            if server.open_sockets == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert server.open_sockets == 1
+        second = await Raw.open(url(server))
+        assert (await second.link("second"))[0] == {"type": "krmx/accepted"}
+        status, _, body = await http_get(server, "/health")  # the lobby is full: two websockets
+        assert status == 200 and orjson.loads(body)["connections"] == 2
+        with pytest.raises(InvalidStatus) as refused:
+            await Raw.open(url(server))
+        assert refused.value.response.status_code == 503
+    finally:
+        for writer in idle:
+            writer.close()
+        await server.close()
+
+
+@pytest.mark.parametrize(("limits", "raised_to", "warned"), [
+    ((256, 1_000_000), 10_000 + 64 + 32, False),  # raised as far as needed
+    ((256, 4096), 4096, True),  # the hard limit is short: raised to it, and said
+    ((1_000_000, 1_000_000), None, False),  # enough already
+])
+async def test_the_open_files_limit_is_raised_for_max_connections(tmp_path, monkeypatch, limits, raised_to, warned):
+    """systemd's soft limit is 1024 files: the kernel refused connections beyond it before the lobby saw them."""
+    import resource
+
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits)
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: calls.append(value))
+    with capture_logs() as logs:
+        server = await started(tmp_path)
+    try:
+        assert calls == ([] if raised_to is None else [(raised_to, limits[1])])
+        said = [line for line in logs if line["event"] == "open files limit below max_connections"]
+        assert said == ([{"event": "open files limit below max_connections", "log_level": "warning", "limit": 4096,
+                          "max_connections": 10_000, "lobby": "main", "session": server.session,
+                          "hint": "raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower --max-connections"}]
+                        if warned else [])
+    finally:
+        await server.close()
