@@ -73,6 +73,9 @@ class LobbyConnection(ServerConnection):
     lobby_forwarded_for: str | None = None
     #: Refused at its first byte: more sockets were open than max_connections and HANDSHAKE_SLACK.
     lobby_refused = False
+    #: Bytes of its frames waiting for a turn (see Server._frame), and whether that stopped its reading.
+    lobby_backlog = 0
+    lobby_reading_paused = False
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
     _close_watched = False
@@ -98,6 +101,7 @@ class LobbyConnection(ServerConnection):
         if not self.lobby_refused:
             self.lobby_server.open_sockets -= 1
         self.lobby_server.handshaking.discard(self)
+        self.lobby_server._reading_paused.discard(self)
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None

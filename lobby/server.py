@@ -86,6 +86,8 @@ LISTENER_EVENTS = ("listen", "authenticate", "join", "link", "message", "unlink"
 #: Files a server holds besides its sockets: the log, its WAL and shared memory, the lobby's lock, the log
 #: file check, stdio, the event loop's own.
 FILES_BESIDES_SOCKETS = 32
+#: Bytes of one connection's frames waiting for a turn, at most, before it is no longer read from.
+INPUT_BACKLOG = 1024 * 1024
 #: Inputs of one connection handled in one turn at most (see Server._take_inputs).
 TURN_SHARE = 32
 #: Seconds a close waits for async listeners still running (a ``close`` listener saving the game) before
@@ -131,6 +133,8 @@ class Server:
         self.handshaking: set[LobbyConnection] = set()
         #: Sockets open, in any state (handshaking, open, closing), but those refused at once.
         self.open_sockets = 0
+        #: Connections not read from while more than INPUT_BACKLOG bytes of their frames wait for a turn.
+        self._reading_paused: set[LobbyConnection] = set()
         #: Frames drained from behind a link in this turn, by connection (at most TURN_SHARE each).
         self._drained: dict[Any, int] = {}
         #: Connections whose next drain waits for the next turn, with their inputs held behind it.
@@ -638,7 +642,17 @@ class Server:
         if (b"krmx/l" if type(data) is bytes else "krmx/l") in data:  # a link or a leave, most likely (an escaped
             # type, "krmx\/link", is only ordered less strictly)
             action.continues = True  # type: ignore[attr-defined]
-        self._submit(ws, action)
+        queue = self._submit(ws, action)
+        if len(queue) == 1:  # the first since its inputs were last taken
+            ws.lobby_backlog = len(data)
+        else:
+            ws.lobby_backlog += len(data)
+            if ws.lobby_backlog > INPUT_BACKLOG and not ws.lobby_reading_paused and not ws.transport.is_closing():
+                # The rate limit bounds what arrives, not what waits: a server slower than its clients (a
+                # lobby of many users, a slow listener) would hold all they send. TCP makes them wait instead.
+                ws.transport.pause_reading()
+                ws.lobby_reading_paused = True
+                self._reading_paused.add(ws)
 
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str, peer: Any = None) -> None:
         """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
@@ -668,7 +682,7 @@ class Server:
 
     # -- turns ------------------------------------------------------------------------------------------
 
-    def _submit(self, connection: Hashable, action: Callable[[], list[Effect]]) -> None:
+    def _submit(self, connection: Hashable, action: Callable[[], list[Effect]]) -> deque[Callable[[], list[Effect]]]:
         queue = self._inbox.get(connection)
         if queue is None:
             self._inbox[connection] = queue = deque()
@@ -676,6 +690,7 @@ class Server:
         if not self._turn_scheduled:
             self._turn_scheduled = True
             asyncio.get_running_loop().call_soon(self._turn)
+        return queue
 
     def _take_inputs(self) -> list[list[tuple[Hashable, Callable[[], list[Effect]]]]]:
         """This turn's inputs in rounds: round k holds the k-th queued input of every connection that has
@@ -701,6 +716,12 @@ class Server:
         if inbox:
             self._turn_scheduled = True
             asyncio.get_running_loop().call_soon(self._turn)
+        if self._reading_paused:
+            for ws in [ws for ws in self._reading_paused if ws not in inbox]:  # all its frames taken: read on
+                self._reading_paused.discard(ws)
+                ws.lobby_reading_paused = False
+                if not ws.transport.is_closing():
+                    ws.transport.resume_reading()
         return rounds
 
     def _turn(self) -> None:

@@ -620,3 +620,44 @@ async def test_the_open_files_limit_is_raised_for_max_connections(tmp_path, monk
                         if warned else [])
     finally:
         await server.close()
+
+
+async def test_a_connection_is_not_read_while_a_megabyte_of_its_frames_waits(tmp_path, monkeypatch):
+    """The rate limit bounds what arrives, not what waits: with turns slower than a client's frames, the server
+    read and held all it sent (a gigabyte in 21 s, from four connections). Past INPUT_BACKLOG of waiting frames
+    it stops reading that connection until they are handled; TCP holds the rest; nothing is lost."""
+    server = await started(tmp_path, message_rate=1e6, message_burst=1_000_000)
+    handled = []
+
+    @server.on("message")
+    def slow(username, message):
+        time.sleep(0.001)  # a turn of 32 frames takes 32 ms: the client sends far faster
+        handled.append(message["payload"]["n"])
+
+    waiting = []
+    take_inputs = server._take_inputs
+
+    def measured():
+        waiting.append(sum(map(len, server._inbox.values())))
+        return take_inputs()
+
+    monkeypatch.setattr(server, "_take_inputs", measured)
+    try:
+        flood = await Raw.open(url(server))
+        await flood.link("flood")
+        count, pad = 1500, "x" * 4000
+        for n in range(count):
+            await flood.send({"type": "game/move", "payload": {"n": n, "pad": pad}})
+        for _ in range(1000):
+            if len(handled) == count:
+                break
+            await asyncio.sleep(0.01)
+        assert handled == list(range(count))
+        frame = 4000 + 60
+        # a megabyte, and what one read of the socket holds beyond it
+        assert max(waiting) * frame <= 1024 * 1024 + 512 * 1024, max(waiting)
+        [ws] = await server_side(server, 1)
+        assert not ws.lobby_reading_paused and not server._reading_paused
+        await flood.echo()
+    finally:
+        await server.close()
