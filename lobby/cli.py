@@ -86,6 +86,7 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--compression", "compression", _bool, "permessage-deflate: false (default) or true"),
     ("--snapshot-every", "snapshot_every", _whole, "write a registry snapshot every N events (default 10000)"),
     ("--max-connections", "max_connections", _whole, "open connections at most; more get HTTP 503 (default 10000)"),
+    ("--max-users", "max_users", _whole, "users at most; a link that would create one more is rejected (default 10000)"),
     ("--message-rate", "message_rate", _positive_float, "messages per second per connection on average; a "
      "flood is cut off (default 1000)"),
     ("--message-burst", "message_burst", _whole, "messages one connection may send at once (default 1000)"),

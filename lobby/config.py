@@ -47,6 +47,9 @@ class ServerConfig:
     snapshot_every: int = 10_000
     #: Open connections at most; more are refused with HTTP 503 before the upgrade.
     max_connections: int = 10_000
+    #: Users at most: a link that would create one more is rejected ("lobby is full"). Every user stays until it
+    #: leaves, and every link is sent them all: without a bound, one client linking new names grows both.
+    max_users: int = 10_000
     #: Messages per second one connection may send on average, and in one burst (a token bucket).
     message_rate: float = 1000.0
     message_burst: int = 1000
@@ -99,7 +102,7 @@ class ServerConfig:
                     object.__setattr__(self, name, parse_size(value))
                 except ValueError as error:
                     raise ValueError(f"{name} {error}, not {value!r}") from None
-        for name, least in (("max_frame_size", 1024), ("snapshot_every", 1), ("max_connections", 1),
+        for name, least in (("max_frame_size", 1024), ("snapshot_every", 1), ("max_connections", 1), ("max_users", 1),
                             ("message_burst", 1), ("max_buffer", 1024)):
             value = getattr(self, name)
             if not _is_int(value) or not least <= value <= _MAX_INT:

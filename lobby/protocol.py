@@ -256,6 +256,7 @@ _PROTOCOL_REASONS = frozenset(
         "invalid link request",
         "invalid username",
         "server is not accepting new users",
+        "lobby is full",
         "authentication timeout",
         "server is closing",
         "server is closed",
@@ -309,11 +310,14 @@ class ServerProtocol:
         username_predicate: Callable[[str], bool] = is_valid_username,
         versions: Iterable[str] = DEFAULT_VERSIONS,
         authenticates: bool = False,
+        max_users: int | None = None,
     ) -> None:
         self.registry = registry if registry is not None else Registry()
         self.lobby = lobby
         self.session: str | None = None
         self.accept_new_users = accept_new_users
+        #: Users at most that links may create (the application's own joins are not counted against it).
+        self.max_users = max_users
         self.username_predicate = username_predicate
         self.versions = tuple(versions)
         if not self.versions:
@@ -553,6 +557,8 @@ class ServerProtocol:
         linked = self.registry.users.get(username)
         if linked is None and not self.accept_new_users:
             return "server is not accepting new users"
+        if linked is None and self.max_users is not None and len(self.registry.users) >= self.max_users:
+            return "lobby is full"
         if linked or username in self._linking or username in self._leaving:
             return f"user {username} is already linked to a connection"
         return None

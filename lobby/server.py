@@ -98,7 +98,7 @@ LISTENER_CANCEL_GRACE = 2.0
 #: Seconds between checks that the log's file is still at its path (see Server._check_log_file).
 LOG_FILE_CHECK_INTERVAL = 1.0
 #: The options the start-up line shows, so that the log tells which limits a session ran with.
-_LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "max_connections",
+_LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "max_connections", "max_users",
            "ping_interval", "auth_timeout", "accept_new_users", "compression", "snapshot_every", "origins")
 
 
@@ -246,6 +246,7 @@ class Server:
             registry,
             lobby=config.lobby,
             accept_new_users=config.accept_new_users,
+            max_users=config.max_users,
             username_predicate=config.username_predicate,
             versions=config.versions,
             authenticates=bool(self._listeners.get("authenticate")),

@@ -440,6 +440,7 @@ async def test_the_commit_metric_holds_the_fsync(tmp_path):
     [
         ({"path": "/health"}, "taken by the health"),
         ({"max_connections": 0}, "max_connections"),
+        ({"max_users": 0}, "max_users"),
         ({"message_rate": 0}, "message_rate"),
         ({"max_buffer": 10, "max_frame_size": 4096}, "max_buffer"),
         ({"link_deadline": -1}, "link_deadline"),

@@ -447,6 +447,32 @@ def test_unknown_user_is_rejected_when_not_accepting_new_users():
     assert lobby.new_events() == [("join", "bob"), ("link", "bob", False)]
 
 
+def test_a_link_that_would_create_a_user_beyond_max_users_is_rejected():
+    """Every user stays until it leaves, and every link is sent them all: one client linking new names grew
+    both without bound. Existing users still link, the application may still join users, and a user leaving
+    makes room; an authentication that ends after the lobby filled up is checked again."""
+    deferred = Lobby(max_users=2, authenticate=lambda request: DEFER)
+    deferred.connect("a")
+    deferred.link("a", "alice")
+    deferred.call("join", "bob")
+    deferred.call("join", "carol")  # the application's own join is not refused
+    deferred.answer(None)
+    assert deferred.take()["a"] == [rejected("lobby is full")]
+    lobby = Lobby(max_users=2)
+    lobby.call("join", "bob")
+    for connection, name in (("a", "alice"), ("c", "carol"), ("b", "bob")):
+        lobby.connect(connection)
+        lobby.link(connection, name)
+    frames = lobby.take()
+    assert frames["c"] == [rejected("lobby is full")]
+    assert frames["b"][0] == ACCEPTED
+    lobby.frame("a", {"type": "krmx/leave"})
+    lobby.link("c", "carol")
+    assert lobby.take()["c"][0] == ACCEPTED
+    assert list(lobby.core.registry.users) == ["bob", "carol"]
+    assert lobby.core.rejections["lobby is full"] == 1
+
+
 def test_user_already_linked_is_rejected(lobby):
     """Rule 7: 'user <name> is already linked to a connection'; the linked connection hears nothing."""
     lobby.user("a", "alice")
