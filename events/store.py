@@ -183,9 +183,12 @@ def m003_type_codes_only(db: Database) -> None:
     # not know, so this one keeps them out. Rows such a build wrote already are converted, as a first build's
     # log is. (A trigger refusing such rows for good would cost a third more CPU per append.)
     conn = db.conn
-    conn.execute("INSERT INTO types (name) SELECT type FROM events WHERE typeof(type) = 'text' "
+    # Names only of types this build knows (the first builds wrote no other): any other text is damage.
+    known = ", ".join("'" + name + "'" for name in EVENT_TYPES)
+    conn.execute(f"INSERT INTO types (name) SELECT type FROM events WHERE typeof(type) = 'text' AND type IN ({known}) "
                  "AND type NOT IN (SELECT name FROM types) GROUP BY type ORDER BY min(seq)")
-    conn.execute("UPDATE events SET type = (SELECT code FROM types WHERE name = events.type) WHERE typeof(type) = 'text'")
+    conn.execute("UPDATE events SET type = (SELECT code FROM types WHERE name = events.type) "
+                 "WHERE typeof(type) = 'text' AND type IN (SELECT name FROM types)")
     stray = conn.execute("SELECT seq, quote(type) FROM events WHERE type NOT IN (SELECT code FROM types) "
                          "OR typeof(type) != 'integer' LIMIT 1").fetchone()
     if stray is not None:
@@ -932,9 +935,11 @@ class EventStore:
                     break
         # The fold reads the lifecycle types alone: a row of no known type would be passed over unseen (a
         # registry without its user, and a server appending after it), where any other reader stops at it.
+        self._load_types()
+        known = [code for name, code in self._codes.items() if name in EVENT_TYPES]
         stray = self.db.execute(
             "SELECT seq, quote(type) FROM events WHERE seq BETWEEN ? AND ? AND (typeof(type) != 'integer' OR type "
-            "NOT IN (SELECT code FROM types)) LIMIT 1", [from_seq, bound]
+            f"NOT IN ({', '.join('?' * len(known))})) LIMIT 1", [from_seq, bound, *known]
         ).fetchone()
         if stray is not None:
             raise EventLogError(f"{self.path}: seq {stray[0]}: cannot read this event (unknown event type code "

@@ -556,7 +556,7 @@ class Client:
                 await asyncio.sleep(delay)
                 try:
                     if policy.auth is not None:
-                        fresh = await self._fresh_auth(policy.auth, username)
+                        fresh = await self._fresh_auth(policy.auth, username, policy.link_timeout)
                         if fresh is not None and not isinstance(fresh, str):  # a bug, not a moment's failure
                             await self._give_up(f"the relink policy's auth function must return a string or None, not {fresh!r}")
                             return
@@ -585,13 +585,15 @@ class Client:
             self._dispatch(ClientEvent("relink_failed", (f"cancelled: {self._relink_stop or 'task cancelled'}",)))
             raise
 
-    async def _fresh_auth(self, auth: Callable[[str], Any], username: str) -> object:
-        """The relink policy's auth for the next attempt; a failure of it is a failed attempt (an auth service
-        down for a moment should not end the relink)."""
+    async def _fresh_auth(self, auth: Callable[[str], Any], username: str, timeout: float) -> object:
+        """The relink policy's auth for the next attempt; a failure of it, or no answer within the attempt's
+        ``link_timeout``, is a failed attempt (an auth service down for a moment should not end the relink)."""
         try:
             fresh = auth(username)
             if inspect.isawaitable(fresh):
-                fresh = await fresh
+                fresh = await asyncio.wait_for(fresh, timeout)
+        except TimeoutError:
+            raise ClientError(f"the relink policy's auth function gave no answer within {timeout} s") from None
         except Exception as error:
             raise ClientError(f"the relink policy's auth function failed: {error!r}") from error
         return fresh

@@ -76,6 +76,8 @@ class LobbyConnection(ServerConnection):
     #: Bytes of its frames waiting for a turn (see Server._frame), and whether that stopped its reading.
     lobby_backlog = 0
     lobby_reading_paused = False
+    #: When its reading was last paused, or resumed (a pong waits behind its frames meanwhile).
+    lobby_paused_at: float | None = None
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
     _close_watched = False
@@ -210,6 +212,11 @@ def unlink_reason(ws: ServerConnection) -> str:
     if sent is not None and sent.code == 1009:
         return "frame too large"
     if sent is not None and sent.code == 1011 and "ping" in sent.reason:
+        # Not read from lately (its frames waited beyond INPUT_BACKLOG), its pong waited behind them: it sent
+        # more than the lobby could handle, for about a ping timeout.
+        paused_at = getattr(ws, "lobby_paused_at", None)
+        if paused_at is not None and ws.loop.time() - paused_at <= 2 * (ws.lobby_server.config.ping_interval or 0):
+            return "flood"
         return "ping timeout"
     return "dropped"
 

@@ -510,7 +510,7 @@ class Server:
     def _check_request(self, connection: ServerConnection, request: Any) -> Any:
         """Before the upgrade: health and metrics, the path, the connection limit and the required query
         parameters (otherwise no websocket at all)."""
-        if self.config.trusted_proxies and self._is_proxy(connection.remote_address):
+        if self.config.trusted_proxies and self._is_proxy(connection.remote_address, peer=True):
             connection.lobby_forwarded_for = self._forwarded_for(request)
         # The request target is a path and a query (RFC 9112 3.2.1), not a URL: urlsplit would read one that
         # starts with // as a host ("//[x" raising ValueError, "//x/health" as /health).
@@ -554,8 +554,10 @@ class Server:
                     return self._refuse(connection, request, f"query parameter {name!r} is not valid")
         return None
 
-    def _is_proxy(self, address: Any) -> bool:
-        if self._any_proxy:
+    def _is_proxy(self, address: Any, *, peer: bool = False) -> bool:
+        """Whether ``address`` (the socket's peer, or a hop of X-Forwarded-For) is a trusted proxy: ``*``
+        trusts any peer, not the hops it names (the nearest proxy's own is the client's address then)."""
+        if peer and self._any_proxy:
             return True
         host = address[0] if isinstance(address, tuple) else address
         try:
@@ -653,6 +655,7 @@ class Server:
                 # lobby of many users, a slow listener) would hold all they send. TCP makes them wait instead.
                 ws.transport.pause_reading()
                 ws.lobby_reading_paused = True
+                ws.lobby_paused_at = self._loop.time()
                 self._reading_paused.add(ws)
 
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str, peer: Any = None) -> None:
@@ -721,6 +724,7 @@ class Server:
             for ws in [ws for ws in self._reading_paused if ws not in inbox]:  # all its frames taken: read on
                 self._reading_paused.discard(ws)
                 ws.lobby_reading_paused = False
+                ws.lobby_paused_at = self._loop.time()  # until now
                 if not ws.transport.is_closing():
                     ws.transport.resume_reading()
         return rounds

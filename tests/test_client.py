@@ -681,6 +681,25 @@ async def test_relink_takes_a_fresh_auth_for_each_attempt(krmx):
     assert simon.client.status == "linked"
 
 
+async def test_a_relink_auth_function_that_never_answers_is_a_failed_attempt(our_krmx):
+    """An auth service that takes the request and never answers: the relink waited for ever, its attempts
+    never counted. Each call has the attempt's ``link_timeout``."""
+    calls = []
+
+    async def hanging(username: str) -> str:
+        calls.append(username)
+        await asyncio.Event().wait()
+        return "never"
+
+    simon = await our_krmx.linked("simon", via_proxy=True,
+                                  relink=RelinkPolicy(**FAST, max_attempts=2, link_timeout=0.2, auth=hanging))
+    mark = simon.mark()
+    our_krmx.proxy.cut()
+    failed = await simon.next_event("relink_failed", after=mark)
+    assert failed["args"] == ["gave up after 2 attempts: the relink policy's auth function gave no answer within 0.2 s"]
+    assert calls == ["simon", "simon"]
+
+
 async def test_relink_gives_up_when_its_auth_function_returns_no_string(our_krmx):
     """An auth function that returns something other than a string or None is a bug: the relink ends at once
     and says so, instead of retrying it."""

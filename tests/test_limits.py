@@ -23,7 +23,7 @@ from .wsclient import Raw, joined, linked, raw_linked, unlinked
 
 
 async def started(tmp_path, **options) -> Server:
-    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, **options))
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), **{"ping_interval": None, **options}))
     await server.start()
     return server
 
@@ -498,6 +498,7 @@ def test_origins_must_be_web_origins(origins):
         (("127.0.0.1",), ["6.6.6.6, 198.51.100.9"], "198.51.100.9"),  # what the client wrote itself proves nothing
         (("127.0.0.1",), ["6.6.6.6", "198.51.100.9"], "198.51.100.9"),  # two headers are one list
         (("*",), ["203.0.113.5"], "203.0.113.5"),
+        (("*",), ["6.6.6.6, 198.51.100.9"], "198.51.100.9"),  # any peer is a proxy, not what it was told
         (("10.0.0.0/8",), ["203.0.113.5"], None),  # the peer is no trusted proxy: its header is ignored
         (("127.0.0.1",), [], None),
     ],
@@ -660,5 +661,49 @@ async def test_a_connection_is_not_read_while_a_megabyte_of_its_frames_waits(tmp
         [ws] = await server_side(server, 1)
         assert not ws.lobby_reading_paused and not server._reading_paused
         await flood.echo()
+    finally:
+        await server.close()
+
+
+_FLOOD_CLIENT = """
+import json, sys
+from websockets.sync.client import connect
+with connect(f"ws://127.0.0.1:{sys.argv[1]}/", max_size=None, close_timeout=1) as ws:
+    ws.send(json.dumps({"type": "krmx/link", "payload": {"username": "flood", "version": "0.6.0"}}))
+    try:
+        for n in range(int(sys.argv[2])):
+            ws.send(json.dumps({"type": "game/move", "payload": {"n": n, "pad": "x" * 150}}))
+        while True:
+            ws.recv(timeout=30)
+    except Exception as error:
+        print(type(error).__name__, error, flush=True)
+"""
+
+
+async def test_a_client_whose_frames_wait_longer_than_a_ping_timeout_is_cut_off_as_a_flood(tmp_path):
+    """Not read from, its pong waits behind its frames: it answered the ping, so 'ping timeout' blamed it
+    wrongly. It sent more than the lobby could handle, for longer than a ping timeout: a flood."""
+    import sys
+
+    server = await started(tmp_path, ping_interval=1.0, message_rate=1e6, message_burst=1_000_000)
+
+    @server.on("message")
+    def slow(username, message):
+        time.sleep(0.0002)
+
+    try:
+        with capture_logs() as logs:
+            client = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _FLOOD_CLIENT, str(server.port), "30000", stdout=asyncio.subprocess.PIPE)
+            out, _ = await asyncio.wait_for(client.communicate(), 30)
+            for _ in range(500):
+                if any(line["event"] == "cut off" for line in logs):
+                    break
+                await asyncio.sleep(0.01)
+        assert b"keepalive ping timeout" in out
+        assert [line["reason"] for line in logs if line["event"] == "cut off"] == ["flood"]
+        with EventStore.open_readonly(server.config.db) as store:
+            assert [(e.type, e.reason) for e in store.read(types=["cutoff", "unlink"])] == [("cutoff", "flood"),
+                                                                                           ("unlink", "flood")]
     finally:
         await server.close()

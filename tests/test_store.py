@@ -20,7 +20,7 @@ from sqlite_utils import Database
 
 from events.store import migrations as store_migrations
 from events import APPLICATION_ID, Cutoff, Event, EventLogError, EventStore, Join, now_us, rebuild
-from events.store import SCHEMA_VERSION, migrations
+from events.store import _M001_TYPES, SCHEMA_VERSION, migrations
 
 from .factories import Events
 
@@ -736,15 +736,36 @@ def test_the_fold_stops_at_a_row_of_no_known_type(db_path, stray_type):
         store.load_registry("main")
 
 
-def test_a_row_whose_type_is_no_type_of_the_log_is_refused_for_writing(db_path):
-    """Neither a code nor a name of the types table: damage the conversion cannot undo. Writing is refused (it
-    would fold past the row), the log stays as it was, and reading stops at the row."""
-    _log_at_version_2(db_path, "(1, 1, 10, 1, NULL, NULL), (2, 1, 11, 2, 'alice', NULL), (3, 1, 12, 99, 'zed', NULL)")
-    with pytest.raises(EventLogError, match=f"^{db_path}: is damaged: seq 3 has the type 99, which is not one of "
+def test_a_read_only_fold_stops_at_a_type_a_newer_version_added(db_path):
+    """A newer krmx-lobby adds its types to the types table: writing is refused, but a read-only fold
+    (``replay state``) passed over its rows, a registry without what they did."""
+    ev = Events()
+    with EventStore(db_path) as store:
+        store.append([ev.listen(), ev.join("alice")])
+    newer = sqlite3.connect(db_path)
+    newer.execute("INSERT INTO types (name) VALUES ('rename')")
+    newer.execute("INSERT INTO events (seq, sid, at, type, username, data) "
+                  "VALUES (3, 1, 99, (SELECT code FROM types WHERE name = 'rename'), 'alice', NULL)")
+    newer.execute("UPDATE sessions SET last_seq = 3")
+    newer.commit()
+    newer.close()
+    with EventStore.open_readonly(db_path) as reader, pytest.raises(
+            EventLogError, match="seq 3: cannot read this event .*written by a newer krmx-lobby"):
+        reader.load_registry("main")
+
+
+@pytest.mark.parametrize("stray", ["99", "'jion'"])
+def test_a_row_whose_type_is_no_type_of_the_log_is_refused_for_writing(db_path, stray):
+    """Neither a code nor the name of a type: damage the conversion cannot undo. Writing is refused (it would
+    fold past the row), the log stays as it was (a name was added to the types as a newer type's), and reading
+    stops at the row."""
+    _log_at_version_2(db_path, f"(1, 1, 10, 1, NULL, NULL), (2, 1, 11, 2, 'alice', NULL), (3, 1, 12, {stray}, 'zed', NULL)")
+    with pytest.raises(EventLogError, match=f"^{db_path}: is damaged: seq 3 has the type {stray}, which is not one of "
                                             "the log's event types; refusing to write to it"):
         EventStore(db_path)
     with EventStore.open_readonly(db_path) as reader:
         assert [m.name for m in migrations.applied(reader.db)] == ["m001_events", "m002_snapshots"]
+        assert reader.db.execute("SELECT count(*) FROM types").fetchone() == (len(_M001_TYPES),)
         assert [e.type for e in itertools.islice(reader.read(), 2)] == ["listen", "join"]
 
 
