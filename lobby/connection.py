@@ -110,6 +110,14 @@ class LobbyConnection(ServerConnection):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.request is None and self.protocol.state is State.CONNECTING:
+            end = data.find(b"\r\n\r\n") + 4
+            if 4 <= end < len(data) and data[end : end + 1].isalpha():
+                # A second HTTP request right behind the first (pipelining, a /health probe sent twice): bytes
+                # no frame starts with. websockets would fail on them as a frame before answering the first,
+                # then fail again answering it ("unexpected internal error"), and answer nothing. The first is
+                # answered and the connection closed, as HTTP/1.1 lets a server do; the client asks again.
+                data = data[:end]
         super().data_received(data)
         if self.paused and self.lobby_label is not None and not self.lobby_cut:
             # What websockets writes by itself (a pong for every ping) counts against max_buffer too: a peer

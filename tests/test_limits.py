@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import logging
 import time
 import urllib.request
 
@@ -705,5 +706,23 @@ async def test_a_client_whose_frames_wait_longer_than_a_ping_timeout_is_cut_off_
         with EventStore.open_readonly(server.config.db) as store:
             assert [(e.type, e.reason) for e in store.read(types=["cutoff", "unlink"])] == [("cutoff", "flood"),
                                                                                            ("unlink", "flood")]
+    finally:
+        await server.close()
+
+
+async def test_a_pipelined_request_gets_the_first_answered_and_no_error(tmp_path, caplog):
+    """Two requests in one write: websockets read the second as a frame, failed on it, then failed again
+    answering the first ("unexpected internal error", at error level, from anyone), and answered nothing."""
+    server = await started(tmp_path)
+    try:
+        with capture_logs() as logs:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and orjson.loads(body)["status"] == "listening"
+        assert [line for line in logs if line["log_level"] == "error"] == []
+        assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
     finally:
         await server.close()
