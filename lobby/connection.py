@@ -211,7 +211,7 @@ class LobbyConnection(ServerConnection):
         self.lobby_server._frame(self, data)
 
 
-def unlink_reason(ws: ServerConnection) -> str:
+def unlink_reason(ws: LobbyConnection) -> str:
     """Why a connection ended, from the close frame we sent (if we closed it: a close frame sent in answer to
     the peer's is its code echoed, not a limit of ours)."""
     sent = ws.protocol.close_sent
@@ -222,7 +222,7 @@ def unlink_reason(ws: ServerConnection) -> str:
     if sent is not None and sent.code == 1011 and "ping" in sent.reason:
         # Not read from lately (its frames waited beyond INPUT_BACKLOG), its pong waited behind them: it sent
         # more than the lobby could handle, for about a ping timeout.
-        paused_at = getattr(ws, "lobby_paused_at", None)
+        paused_at = ws.lobby_paused_at
         if paused_at is not None and ws.loop.time() - paused_at <= 2 * (ws.lobby_server.config.ping_interval or 0):
             return "flood"
         return "ping timeout"
