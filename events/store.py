@@ -804,6 +804,7 @@ class EventStore:
         session: str | None = None,
         username: str | None = None,
         types: Iterable[str] | None = None,
+        _unknown_types_too: bool = False,
     ) -> Iterator[Event]:
         """The events with ``from_seq <= seq <= to_seq`` matching every filter given, in seq order, lazily."""
         where = ["seq >= ?"]
@@ -839,8 +840,14 @@ class EventStore:
             if unknown:
                 raise ValueError(f"unknown event type {', '.join(unknown)} (types: {', '.join(EVENT_TYPES)})")
             wanted = sorted({self._codes[name] for name in types if name in self._codes})
-            where.append(f"type IN ({', '.join('?' * len(wanted))})")
-            params.extend(wanted)
+            if _unknown_types_too:  # rows that will not read, as in a read of every type
+                known = [code for name, code in self._codes.items() if name in EVENT_TYPES]
+                where.append(f"(type IN ({', '.join('?' * len(wanted))}) OR typeof(type) != 'integer' "
+                             f"OR type NOT IN ({', '.join('?' * len(known))}))")
+                params.extend([*wanted, *known])
+            else:
+                where.append(f"type IN ({', '.join('?' * len(wanted))})")
+                params.extend(wanted)
         sql = f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq"
         return self._iterate(sql, params)
 
@@ -933,18 +940,9 @@ class EventStore:
                 if snapshot is not None:
                     registry, from_seq = snapshot, seq + 1
                     break
-        # The fold reads the lifecycle types alone: a row of no known type would be passed over unseen (a
-        # registry without its user, and a server appending after it), where any other reader stops at it.
-        self._load_types()
-        known = [code for name, code in self._codes.items() if name in EVENT_TYPES]
-        stray = self.db.execute(
-            "SELECT seq, quote(type) FROM events WHERE seq BETWEEN ? AND ? AND (typeof(type) != 'integer' OR type "
-            f"NOT IN ({', '.join('?' * len(known))})) LIMIT 1", [from_seq, bound, *known]
-        ).fetchone()
-        if stray is not None:
-            raise EventLogError(f"{self.path}: seq {stray[0]}: cannot read this event (unknown event type code "
-                                f"{stray[1]}): a damaged row, or one written by a newer krmx-lobby")
-        events = self.read(from_seq, bound, lobby=lobby, types=LIFECYCLE_TYPES)
+        # The lifecycle types alone, and any row of a type this version does not know: passed over, it would
+        # leave a registry without its user (and a server appending after it); read, it stops the fold.
+        events = self.read(from_seq, bound, lobby=lobby, types=LIFECYCLE_TYPES, _unknown_types_too=True)
         try:
             rebuild(events, registry)
         finally:

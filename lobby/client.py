@@ -588,13 +588,15 @@ class Client:
     async def _fresh_auth(self, auth: Callable[[str], Any], username: str, timeout: float) -> object:
         """The relink policy's auth for the next attempt; a failure of it, or no answer within the attempt's
         ``link_timeout``, is a failed attempt (an auth service down for a moment should not end the relink)."""
+        limit = asyncio.timeout(timeout)
         try:
             fresh = auth(username)
             if inspect.isawaitable(fresh):
-                fresh = await asyncio.wait_for(fresh, timeout)
-        except TimeoutError:
-            raise ClientError(f"the relink policy's auth function gave no answer within {timeout} s") from None
+                async with limit:
+                    fresh = await fresh
         except Exception as error:
+            if isinstance(error, TimeoutError) and limit.expired():  # not a TimeoutError of the function's own
+                raise ClientError(f"the relink policy's auth function gave no answer within {timeout} s") from None
             raise ClientError(f"the relink policy's auth function failed: {error!r}") from error
         return fresh
 

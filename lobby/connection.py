@@ -64,9 +64,10 @@ class LobbyConnection(ServerConnection):
     lobby_queued = 0
     lobby_tokens = 0.0
     lobby_refilled = 0.0
-    #: Frames that came before the handshake was answered, for the lobby once the connection opens.
-    lobby_early: list[bytes] | None = None
-    lobby_early_bytes = 0
+    #: Bytes that came behind the request before it was answered, read once the connection opens.
+    _held: bytearray | None = None
+    #: The end of what came of the request so far, for a blank line split across two reads.
+    _head_tail = b""
     #: Bytes of frames the lobby wrote to the transport, so far (with its buffer, how much the peer took).
     lobby_written = 0
     #: The client's address as a trusted reverse proxy reported it (``X-Forwarded-For``), for the log lines.
@@ -76,8 +77,8 @@ class LobbyConnection(ServerConnection):
     #: Bytes of its frames waiting for a turn (see Server._frame), and whether that stopped its reading.
     lobby_backlog = 0
     lobby_reading_paused = False
-    #: When its reading was last paused, or resumed (a pong waits behind its frames meanwhile).
-    lobby_paused_at: float | None = None
+    #: When its reading last resumed (a pong sent before then may have waited behind its frames).
+    lobby_resumed_at: float | None = None
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
     _close_watched = False
@@ -110,14 +111,47 @@ class LobbyConnection(ServerConnection):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.request is None and self.protocol.state is State.CONNECTING:
-            end = data.find(b"\r\n\r\n") + 4
-            if 4 <= end < len(data) and data[end : end + 1].isalpha():
-                # A second HTTP request right behind the first (pipelining, a /health probe sent twice): bytes
-                # no frame starts with. websockets would fail on them as a frame before answering the first,
-                # then fail again answering it ("unexpected internal error"), and answer nothing. The first is
-                # answered and the connection closed, as HTTP/1.1 lets a server do; the client asks again.
-                data = data[:end]
+        if self.protocol.state is State.CONNECTING:
+            # What comes behind the request waits for its answer: websockets would parse it at once as frames,
+            # and on bytes that are none (a second request pipelined behind a /health probe, a body) fail before
+            # answering, then fail again answering ("unexpected internal error", at error level, from anyone),
+            # and answer nothing. Frames sent right behind an upgrade are read once it is accepted.
+            if self.request is None:
+                seen = self._head_tail + data
+                end = seen.find(b"\r\n\r\n")
+                if end < 0:
+                    self._head_tail = seen[-3:]
+                    self._receive(data)
+                    return
+                end += 4 - len(self._head_tail)
+                self._head_tail = b""
+                self._receive(data[:end])
+                data = data[end:]
+            if data:
+                self._hold(data)
+            return
+        if self._held is not None:
+            data, self._held = bytes(self._held) + data, None
+        self._receive(data)
+
+    def lobby_release(self) -> None:
+        """Read what came behind the request, now that the connection is open."""
+        if self._held is not None:
+            held, self._held = bytes(self._held), None
+            self._receive(held)
+
+    def _hold(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if self._held is None:
+            self._held = bytearray()
+        self._held += data
+        if len(self._held) > self.lobby_server.config.max_buffer:  # bounded like unread replies are
+            self._held = None
+            self.transport.abort()
+            self.lobby_server._cut_off(None, None, "flood during handshake", peer=self)
+
+    def _receive(self, data: bytes) -> None:
         super().data_received(data)
         if self.paused and self.lobby_label is not None and not self.lobby_cut:
             # What websockets writes by itself (a pong for every ping) counts against max_buffer too: a peer
@@ -193,21 +227,6 @@ class LobbyConnection(ServerConnection):
                 if self.close_deadline is None:  # websockets sets it before the events: watched once they are done
                     self.close_deadline = self.loop.time() + (self.close_timeout or 10.0)
                 return
-        if self.protocol.state is State.CONNECTING:
-            # Sent right behind the upgrade request, before the handshake is answered: kept for the lobby
-            # until the connection opens (dropped if it never does), bounded like unread replies are.
-            if self.transport.is_closing():
-                return
-            self.lobby_early_bytes += len(data)
-            if self.lobby_early_bytes > self.lobby_server.config.max_buffer:
-                self.lobby_early = None
-                self.transport.abort()
-                self.lobby_server._cut_off(None, None, "flood during handshake", peer=self)
-                return
-            if self.lobby_early is None:
-                self.lobby_early = []
-            self.lobby_early.append(data)
-            return
         self.lobby_server._frame(self, data)
 
 
@@ -220,10 +239,12 @@ def unlink_reason(ws: LobbyConnection) -> str:
     if sent is not None and sent.code == 1009:
         return "frame too large"
     if sent is not None and sent.code == 1011 and "ping" in sent.reason:
-        # Not read from lately (its frames waited beyond INPUT_BACKLOG), its pong waited behind them: it sent
-        # more than the lobby could handle, for about a ping timeout.
-        paused_at = ws.lobby_paused_at
-        if paused_at is not None and ws.loop.time() - paused_at <= 2 * (ws.lobby_server.config.ping_interval or 0):
+        # Not read from after the ping was sent (its frames waited beyond INPUT_BACKLOG), its pong waited behind
+        # them: it sent more than the lobby could handle, for about a ping timeout. The ping went out a ping
+        # timeout and at most a close timeout ago.
+        resumed = ws.lobby_resumed_at
+        since_ping = (ws.lobby_server.config.ping_interval or 0) + (ws.close_timeout or 0)
+        if ws.lobby_reading_paused or (resumed is not None and ws.loop.time() - resumed <= since_ping):
             return "flood"
         return "ping timeout"
     return "dropped"

@@ -611,9 +611,7 @@ class Server:
             ws.response.headers.clear()  # type: ignore[union-attr]
             if self.config.link_deadline is not None:
                 self._loop.call_later(self.config.link_deadline, self._check_linked, ws)
-            early, ws.lobby_early = ws.lobby_early, None
-            for data in early or ():
-                self._frame(ws, data)
+            ws.lobby_release()
 
     def _check_linked(self, ws: LobbyConnection) -> None:
         if not ws.lobby_linked and not ws.lobby_cut and ws.protocol.state is State.OPEN:
@@ -655,7 +653,6 @@ class Server:
                 # lobby of many users, a slow listener) would hold all they send. TCP makes them wait instead.
                 ws.transport.pause_reading()
                 ws.lobby_reading_paused = True
-                ws.lobby_paused_at = self._loop.time()
                 self._reading_paused.add(ws)
 
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str, peer: Any = None) -> None:
@@ -723,9 +720,9 @@ class Server:
         if self._reading_paused:
             for ws in [ws for ws in self._reading_paused if ws not in inbox]:  # all its frames taken: read on
                 self._reading_paused.discard(ws)
-                ws.lobby_reading_paused = False
-                ws.lobby_paused_at = self._loop.time()  # until now
-                if not ws.transport.is_closing():
+                if not ws.transport.is_closing():  # (closed while paused: unlink_reason reads the flag)
+                    ws.lobby_reading_paused = False
+                    ws.lobby_resumed_at = self._loop.time()
                     ws.transport.resume_reading()
         return rounds
 

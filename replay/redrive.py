@@ -50,7 +50,7 @@ from .render import event_json, event_row
 __all__ = ["RedriveReport", "Divergence", "Input", "plan_inputs", "redrive", "redrive_async", "comparable"]
 
 #: Unlink reasons that all mean "the connection went away": a replay can only close the socket.
-CONNECTION_LOST = frozenset({"dropped", "ping timeout", "frame too large"})
+CONNECTION_LOST = frozenset({"dropped", "ping timeout", "flood", "frame too large"})
 #: Reasons of the unlinks and leaves a server close records.
 CLOSE_REASONS = frozenset({"close", "server restart"})
 CLIENT_VERSION = "0.6.0"

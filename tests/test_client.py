@@ -663,7 +663,7 @@ async def test_relink_takes_a_fresh_auth_for_each_attempt(krmx):
     async def fresh_token(username: str) -> str:
         calls.append(username)
         if len(calls) == 1:
-            raise ConnectionError("auth service unreachable")
+            raise TimeoutError("auth service timed out")  # its own, not the attempt's limit
         return f"token-{len(calls)}"
 
     observer = await krmx.linked("observer")
@@ -681,13 +681,20 @@ async def test_relink_takes_a_fresh_auth_for_each_attempt(krmx):
     assert simon.client.status == "linked"
 
 
-async def test_a_relink_auth_function_that_never_answers_is_a_failed_attempt(our_krmx):
+@pytest.mark.parametrize(("own_timeout", "said"), [
+    (False, "the relink policy's auth function gave no answer within 0.2 s"),
+    (True, "the relink policy's auth function failed: TimeoutError('token service timed out')"),
+])
+async def test_a_relink_auth_function_that_never_answers_is_a_failed_attempt(our_krmx, own_timeout, said):
     """An auth service that takes the request and never answers: the relink waited for ever, its attempts
-    never counted. Each call has the attempt's ``link_timeout``."""
+    never counted. Each call has the attempt's ``link_timeout`` (a TimeoutError of the function's own is its
+    failure, said as such)."""
     calls = []
 
     async def hanging(username: str) -> str:
         calls.append(username)
+        if own_timeout:
+            raise TimeoutError("token service timed out")
         await asyncio.Event().wait()
         return "never"
 
@@ -696,7 +703,7 @@ async def test_a_relink_auth_function_that_never_answers_is_a_failed_attempt(our
     mark = simon.mark()
     our_krmx.proxy.cut()
     failed = await simon.next_event("relink_failed", after=mark)
-    assert failed["args"] == ["gave up after 2 attempts: the relink policy's auth function gave no answer within 0.2 s"]
+    assert failed["args"] == [f"gave up after 2 attempts: {said}"]
     assert calls == ["simon", "simon"]
 
 

@@ -710,19 +710,82 @@ async def test_a_client_whose_frames_wait_longer_than_a_ping_timeout_is_cut_off_
         await server.close()
 
 
-async def test_a_pipelined_request_gets_the_first_answered_and_no_error(tmp_path, caplog):
-    """Two requests in one write: websockets read the second as a frame, failed on it, then failed again
-    answering the first ("unexpected internal error", at error level, from anyone), and answered nothing."""
+_HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("writes", [
+    [_HEALTH + _HEALTH],  # pipelined
+    [_HEALTH[:-2], _HEALTH[-2:] + _HEALTH],  # the blank line split across two reads
+    [_HEALTH + b"\r\n"],  # a stray line end
+    [_HEALTH + b"\x00\x01garbage"],  # bytes no frame or request starts with
+])
+async def test_what_comes_behind_an_http_request_waits_for_its_answer(tmp_path, caplog, writes):
+    """websockets read what came behind a request as frames at once, failed on it, then failed again answering
+    the request ("unexpected internal error", at error level, from anyone), and answered nothing."""
     server = await started(tmp_path)
     try:
         with capture_logs() as logs:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            for data in writes:
+                writer.write(data)
+                await writer.drain()
+                await asyncio.sleep(0.05)
             answer = await asyncio.wait_for(reader.read(), 5)
             writer.close()
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\n") and orjson.loads(body)["status"] == "listening"
         assert [line for line in logs if line["log_level"] == "error"] == []
         assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    finally:
+        await server.close()
+
+
+async def test_a_link_behind_an_upgrade_split_in_its_blank_line_is_read_once_it_is_accepted(tmp_path):
+    """The upgrade's blank line split across two reads, the link right behind it: the request is found whole,
+    and the frame is read after the 101."""
+    server = await started(tmp_path)
+    try:
+        upgrade = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        link = orjson.dumps({"type": "krmx/link", "payload": {"username": "early", "version": "0.5.4"}})
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(upgrade[:-2])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(upgrade[-2:] + Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[]))
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+        frame = await asyncio.wait_for(reader.readexactly(2), 5)
+        assert orjson.loads(await asyncio.wait_for(reader.readexactly(frame[1]), 5)) == {"type": "krmx/accepted"}
+        writer.close()
+    finally:
+        await server.close()
+
+
+async def test_a_client_that_dies_after_its_reading_resumed_is_a_ping_timeout(tmp_path):
+    """Its frames waited and its reading paused, then all were handled and it went silent: the ping it never
+    answered went out after its reading resumed, so it is a ping timeout, not a flood."""
+    server = await started(tmp_path, ping_interval=2.0, message_rate=1e6, message_burst=1_000_000)
+    try:
+        with capture_logs() as logs:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            link = orjson.dumps({"type": "krmx/link", "payload": {"username": "dead", "version": "0.6.0"}})
+            move = Frame(Opcode.TEXT, orjson.dumps({"type": "game/move", "payload": "x" * 150})).serialize(
+                mask=True, extensions=[])
+            writer.write(Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[]) + move * 10_000)
+            [ws] = await server_side(server, 1)
+            for _ in range(500):
+                if ws.lobby_resumed_at is not None and not server._inbox:
+                    break
+                await asyncio.sleep(0.01)
+            assert ws.lobby_resumed_at is not None  # it was paused, and read on
+            for _ in range(1000):  # from now on it answers no ping
+                if any(line["event"] == "cut off" for line in logs):
+                    break
+                await asyncio.sleep(0.01)
+        assert [line["reason"] for line in logs if line["event"] == "cut off"] == ["ping timeout"]
+        writer.close()
     finally:
         await server.close()

@@ -7,6 +7,7 @@ import os
 import tempfile
 
 import orjson
+import pytest
 
 import replay
 from events import EventStore
@@ -204,3 +205,13 @@ def test_a_join_by_the_app_is_not_taken_for_a_later_link_of_that_user():
     # The same events in one turn are one client input: the join listeners' broadcast sits in between.
     one_turn = [with_at(event, at=log[3].at) for event in log[3:]]
     assert [(s.index, s.action) for s in plan_inputs(log[:3] + one_turn)] == [(1, "link"), (3, "link")]
+
+
+@pytest.mark.parametrize("reason", ["dropped", "ping timeout", "flood", "frame too large"])
+def test_a_connection_that_went_away_is_replayed_as_a_drop(reason):
+    """A keepalive that failed behind a client's own frames (flood) went away as a ping timeout did."""
+    from .factories import Events
+
+    ev = Events()
+    log = [ev.listen(), ev.join("ann"), ev.link("ann"), ev.unlink("ann", reason)]
+    assert [(step.index, step.action) for step in plan_inputs(log)] == [(1, "link"), (3, "drop")]
