@@ -85,6 +85,13 @@ class LobbyConnection(ServerConnection):
     _stall_timer: asyncio.TimerHandle | None = None
     _stall_sent = 0
 
+    #: When websockets' keepalive last sent a ping (the one a ping timeout is about).
+    lobby_pinged_at: float | None = None
+
+    async def ping(self, *args: Any, **kwargs: Any) -> Any:
+        self.lobby_pinged_at = self.loop.time()
+        return await super().ping(*args, **kwargs)
+
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         server = self.lobby_server
@@ -112,6 +119,9 @@ class LobbyConnection(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         if self.protocol.state is State.CONNECTING:
+            if self.protocol.eof_sent:  # the request failed or was answered other than 101: nothing more is read
+                self._held = None
+                return
             # What comes behind the request waits for its answer: websockets would parse it at once as frames,
             # and on bytes that are none (a second request pipelined behind a /health probe, a body) fail before
             # answering, then fail again answering ("unexpected internal error", at error level, from anyone),
@@ -242,9 +252,8 @@ def unlink_reason(ws: LobbyConnection) -> str:
         # Not read from after the ping was sent (its frames waited beyond INPUT_BACKLOG), its pong waited behind
         # them: it sent more than the lobby could handle, for about a ping timeout. The ping went out a ping
         # timeout and at most a close timeout ago.
-        resumed = ws.lobby_resumed_at
-        since_ping = (ws.lobby_server.config.ping_interval or 0) + (ws.close_timeout or 0)
-        if ws.lobby_reading_paused or (resumed is not None and ws.loop.time() - resumed <= since_ping):
+        resumed, pinged = ws.lobby_resumed_at, ws.lobby_pinged_at
+        if ws.lobby_reading_paused or (resumed is not None and (pinged is None or resumed >= pinged)):
             return "flood"
         return "ping timeout"
     return "dropped"

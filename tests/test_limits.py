@@ -789,3 +789,47 @@ async def test_a_client_that_dies_after_its_reading_resumed_is_a_ping_timeout(tm
         writer.close()
     finally:
         await server.close()
+
+
+
+async def test_bytes_behind_a_refused_request_are_dropped_not_held(tmp_path):
+    """websockets leaves a refused upgrade (404, 403, 503) in its handshake state: what the client went on
+    sending was held, up to max_buffer, and then cut off as a flood during handshake, logged and recorded."""
+    server = await started(tmp_path, max_buffer=65536, max_frame_size=65536)
+    try:
+        with capture_logs() as logs:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /nope HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 404")
+            with contextlib.suppress(ConnectionError):
+                for _ in range(5):
+                    writer.write(b"x" * 65536)
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+            writer.close()
+        assert [line for line in logs if line["event"] == "cut off"] == []
+        assert server.metrics.cutoffs == {}
+    finally:
+        await server.close()
+
+
+
+@pytest.mark.parametrize(("paused", "resumed", "pinged", "reason"), [
+    (True, None, 10.0, "flood"),  # not read from when the pong was due
+    (False, 12.0, 10.0, "flood"),  # read on only after the ping: its pong may have waited behind its frames
+    (False, 9.0, 10.0, "ping timeout"),  # read on before the ping, which it never answered
+    (False, 9.9, 10.0, "ping timeout"),  # however shortly before (a window of a ping and a close timeout said flood)
+    (False, None, 10.0, "ping timeout"),  # never paused
+])
+def test_a_keepalive_failure_is_a_flood_only_when_reading_was_paused_after_the_ping(paused, resumed, pinged, reason):
+    from types import SimpleNamespace
+
+    from lobby.connection import LobbyConnection, unlink_reason
+    from websockets.frames import Close
+
+    ws = LobbyConnection.__new__(LobbyConnection)
+    ws.protocol = SimpleNamespace(close_sent=Close(1011, "keepalive ping timeout"), close_rcvd_then_sent=False)
+    ws.lobby_reading_paused, ws.lobby_resumed_at, ws.lobby_pinged_at = paused, resumed, pinged
+    assert unlink_reason(ws) == reason
