@@ -199,13 +199,14 @@ def m003_type_codes_only(db: Database) -> None:
 
 
 _KNOWN_MIGRATIONS = [m.name for m in migrations._migrations]
+SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
 
 
 def _how_to_convert(path: str) -> str:
     """How a log holding type names becomes readable (a first build must not write on into it: see m003)."""
     return ("stop the server writing it, then open it once for writing with this krmx-lobby (`lobby serve` on it, or "
             f"`python3 -c \"import events; events.EventStore({path!r}).close()\"`), which converts it; no event is lost")
-SCHEMA_VERSION = len(_KNOWN_MIGRATIONS)
+
 
 #: Bytes of write-ahead log kept after a checkpoint (a long reader can grow it far beyond; see __init__).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024

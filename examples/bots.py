@@ -104,11 +104,9 @@ async def play(url: str, players: int = 4, *, table: str = "main", timeout: floa
     host, dropper = bots[0], bots[-1]
     intruder = Bot("intruder", timeout=timeout, narrate=say)
     try:
-        # 1. Everyone links (the first one waits for a server started in the background just before).
-        await _connect_once_up(bots[0].client, url, timeout)
+        # 1. Everyone links (waiting for a server started in the background just before them).
         for bot in bots:
-            if bot is not bots[0]:
-                await bot.client.connect(url)
+            await _connect_once_up(bot.client, url, timeout)
             await bot.client.link(bot.name)
             say(f"{bot.name}: linked")
 

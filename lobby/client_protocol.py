@@ -98,8 +98,9 @@ class RelinkPolicy:
     Attempt ``n`` (1-based) waits a random time in ``[0, min(max_delay, base_delay * factor ** (n - 1)))``
     ("full jitter": many clients cut off at once do not come back at once), then connects and links to the
     same user with the same auth, or with what ``auth(username)`` returns (sync or async: a fresh token for each
-    attempt; one that raises, or gives no answer within ``link_timeout``, counts as a failed attempt). After ``max_attempts`` failed attempts, or when the server rejects the link
-    for a reason other than a transient one (``retry_rejected``), the client gives up (``relink_failed``).
+    attempt; one that raises, or gives no answer within ``link_timeout``, counts as a failed attempt). After
+    ``max_attempts`` failed attempts, or when the server rejects the link for a reason other than a transient
+    one (``retry_rejected``), the client gives up (``relink_failed``).
     One attempt's link waits at most ``link_timeout`` seconds for the server's answer.
     """
 

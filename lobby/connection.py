@@ -79,14 +79,13 @@ class LobbyConnection(ServerConnection):
     lobby_reading_paused = False
     #: When its reading last resumed (a pong sent before then may have waited behind its frames).
     lobby_resumed_at: float | None = None
+    #: When websockets' keepalive last sent a ping (the one a ping timeout is about).
+    lobby_pinged_at: float | None = None
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
     _close_watched = False
     _stall_timer: asyncio.TimerHandle | None = None
     _stall_sent = 0
-
-    #: When websockets' keepalive last sent a ping (the one a ping timeout is about).
-    lobby_pinged_at: float | None = None
 
     async def ping(self, *args: Any, **kwargs: Any) -> Any:
         self.lobby_pinged_at = self.loop.time()
@@ -140,8 +139,8 @@ class LobbyConnection(ServerConnection):
             if data:
                 self._hold(data)
             return
-        if self._held is not None:
-            data, self._held = bytes(self._held) + data, None
+        if self._held is not None:  # what came behind the request first, if the handler has not read it yet
+            self.lobby_release()
         self._receive(data)
 
     def lobby_release(self) -> None:
@@ -250,8 +249,7 @@ def unlink_reason(ws: LobbyConnection) -> str:
         return "frame too large"
     if sent is not None and sent.code == 1011 and "ping" in sent.reason:
         # Not read from after the ping was sent (its frames waited beyond INPUT_BACKLOG), its pong waited behind
-        # them: it sent more than the lobby could handle, for about a ping timeout. The ping went out a ping
-        # timeout and at most a close timeout ago.
+        # them: it sent more than the lobby could handle, for about a ping timeout.
         resumed, pinged = ws.lobby_resumed_at, ws.lobby_pinged_at
         if ws.lobby_reading_paused or (resumed is not None and (pinged is None or resumed >= pinged)):
             return "flood"

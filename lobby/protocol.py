@@ -316,7 +316,7 @@ class ServerProtocol:
         self.lobby = lobby
         self.session: str | None = None
         self.accept_new_users = accept_new_users
-        #: Users at most that links may create (the application's own joins are not counted against it).
+        #: Users at most that links may create (the application's own joins are not refused, and count).
         self.max_users = max_users
         self.username_predicate = username_predicate
         self.versions = tuple(versions)

@@ -1138,7 +1138,7 @@ def _whom(ws: Any, label: str | None = None) -> dict[str, Any]:
         return {"connection": label}
     peer = ws.remote_address
     remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
-    forwarded_for = getattr(ws, "lobby_forwarded_for", None)
-    if forwarded_for is not None:  # behind a trusted proxy: the client's address, and the proxy's
-        return {"connection": label or getattr(ws, "lobby_label", None), "remote": forwarded_for, "proxy": remote}
-    return {"connection": label or getattr(ws, "lobby_label", None), "remote": remote}
+    line = {"connection": label or ws.lobby_label, "remote": remote}
+    if ws.lobby_forwarded_for is not None:  # behind a trusted proxy: the client's address, and the proxy's
+        line.update(remote=ws.lobby_forwarded_for, proxy=remote)
+    return line
