@@ -149,6 +149,7 @@ class Server:
         self.fatal: BaseException | None = None
         self._closed = asyncio.Event()
         self._hurry = asyncio.Event()  # set by a second stop signal: close stops waiting for listeners
+        self._keep_users_at_close = False
 
     # -- the application API ----------------------------------------------------------------------------
 
@@ -348,10 +349,28 @@ class Server:
         stop = getattr(self, "_stop_event", None)
         if stop is not None:  # serve() returns once this close is done
             stop.set()
+        self._keep_users_at_close = keep_users
+        try:
+            # Async listeners still running end first, while the lobby still runs: what they send reaches
+            # their users, and the close listeners (a save of the game) see what they did.
+            await self._wait_for_listeners()
+        finally:  # also when cancelled meanwhile: the lobby is closed, and the log says so, all the same
+            self._close_lobby()
+        if self.fatal is not None:
+            raise ServerError(f"the server stopped while closing: {self.fatal}")
+        await self._ws_server.wait_closed()
+        await self._wait_for_listeners()  # the ones the close started: its leave and close listeners
+        self._finish()
+
+    def _close_lobby(self) -> None:
+        """The Krmx close of :meth:`close`, at once (once): users kicked or unlinked, ``close`` logged, the
+        connections closed."""
+        core = self.core
+        if core is None or core.status != "listening":  # closed already, or stopped by a failure of the log
+            return
         for task in self._auth_tasks:
             task.cancel()
-        core = self._require_core()
-        self._call(core.close, keep_users=keep_users)
+        self._call(core.close, keep_users=self._keep_users_at_close)
         self._close_log = self._log.bind(seq=core.registry.seq)  # the close event's: for what its listeners do
         core.closed()
         self._ws_server.close()
@@ -359,9 +378,6 @@ class Server:
         # (one that sent half a request, say): a closing server has nothing to say to them.
         for connection in list(self.handshaking):
             connection.transport.abort()
-        await self._ws_server.wait_closed()
-        await self._wait_for_listeners()
-        self._finish()
 
     async def _wait_for_listeners(self) -> None:
         """Let async listeners finish (the loop would cancel them silently once serve() returns)."""
@@ -498,6 +514,7 @@ class Server:
                 self._log.info("stopping", keep_users=keep_users_on_stop, cancelled=True)
                 await self.close(keep_users=keep_users_on_stop)
             elif self._status == "closing":  # cancelled in the middle of a close: the rest of it, without waiting
+                self._close_lobby()
                 self._finish()
             raise
         finally:
@@ -660,7 +677,7 @@ class Server:
         the cut-off (and the unlink of its user) in the next turn, and the connection is closed."""
         if ws is not None and ws.lobby_cut:  # cut off already (its abort's connection_lost still to come)
             return
-        if self._status != "listening":  # closing: every user is unlinked already, the log has its close
+        if self.core is None or self.core.status != "listening":  # closed: every user is unlinked already
             if ws is not None:
                 ws.lobby_cut = True
             return

@@ -1287,6 +1287,68 @@ async def test_close_waits_for_async_listeners_and_cancels_them_after_the_grace(
     assert cancelled[0]["seq"] == close["seq"]
 
 
+async def test_close_lets_the_async_listeners_still_running_end_before_the_users_are_kicked(tmp_path):
+    """A move whose listener awaits (a dice service) when the lobby closes: it ends first, so its reply reaches
+    the player before the kick, and the close listener that saves the game sees the move."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    game = {"score": 0}
+    started = asyncio.Event()
+    saved: list[dict[str, int]] = []
+
+    @server.on("message")
+    async def move(username: str, message: dict[str, Any]) -> None:
+        started.set()
+        await asyncio.sleep(0.2)
+        game["score"] += 10
+        server.send(username, {"type": "dice/applied"})
+
+    @server.on("close")
+    def save_game() -> None:
+        saved.append(dict(game))
+
+    await server.start()
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    await alice.send({"type": "dice/roll"})
+    await asyncio.wait_for(started.wait(), 5)
+    with capture_logs() as logs:
+        await server.close()
+    assert saved == [{"score": 10}]
+    await alice.expect({"type": "dice/applied"}, unlinked("alice"), left("alice"))
+    assert not [entry for entry in logs if entry["log_level"] in ("warning", "error")]
+    with EventStore.open_readonly(tmp_path / "lobby.db") as store:
+        assert [event.type for event in store.read()][-5:] == ["message", "send", "unlink", "leave", "close"]
+
+
+async def test_a_close_cancelled_while_listeners_end_is_logged_all_the_same(tmp_path):
+    """serve() cancelled (a TaskGroup whose other task failed) while close() waits for a listener: the lobby
+    is closed and the log ends with its close, as without the wait."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None)
+    started = asyncio.Event()
+
+    @server.on("message")
+    async def slow(username: str, message: dict[str, Any]) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    serving = asyncio.ensure_future(server.serve())
+    while server.status != "listening":
+        await asyncio.sleep(0.01)
+    alice = await Raw.open(url(server))
+    await alice.link("alice")
+    await alice.send({"type": "app/slow"})
+    await asyncio.wait_for(started.wait(), 5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    assert server.status == "closing" and not serving.done()
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert server.status == "closed"
+    with EventStore.open_readonly(tmp_path / "lobby.db") as store:
+        assert [event.type for event in store.read()][-3:] == ["unlink", "leave", "close"]
+
+
 async def test_close_goes_on_without_a_cancelled_listener_that_does_not_end(tmp_path, monkeypatch):
     """A listener whose clean-up on cancellation takes long (a stuck save) holds the close for
     LISTENER_CANCEL_GRACE at most, with an error naming it; the log is closed with the session's close."""
