@@ -39,6 +39,7 @@ from typing import Any, TypeVar, overload
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidURI
+from websockets.frames import CloseCode
 
 from .client_protocol import CLIENT_EVENTS, ClientEvent, ClientProtocol, RelinkPolicy
 from .errors import ClientError, LinkRejected
@@ -57,6 +58,9 @@ ANSWER_TIMEOUT = 30.0
 #: Seconds a closing handshake may take (``connect_options={"close_timeout": ...}`` changes it): a network
 #: that went silent counts as dropped twice ``ping_interval`` and this long after its last answer.
 CLOSE_TIMEOUT = 2.0
+#: Our server's cut-offs for what the client sent (a frame too large closes with code 1009): they end an
+#: automatic relink, which would send the same again.
+_CUT_OFF_FOR_WHAT_IT_SENT = frozenset({"rate limit", "flood during authentication"})
 
 
 class EventStream:
@@ -376,7 +380,10 @@ class Client:
             rcvd = ws.protocol.close_rcvd
             if rcvd is not None and rcvd.reason and rcvd.code != 1000 and rcvd.reason != SERVER_CLOSED:
                 # A cut-off (rate limit, slow consumer, ...) says why only here: the close event has no reason.
-                self._log.warning("the server closed the connection: %s (code %s)", rcvd.reason, rcvd.code)
+                if rcvd.code == CloseCode.MESSAGE_TOO_BIG or rcvd.reason in _CUT_OFF_FOR_WHAT_IT_SENT:
+                    dropped = False  # a relink would send the same again: a loop of cut-offs
+                self._log.warning("the server closed the connection: %s (code %s)%s", rcvd.reason, rcvd.code,
+                                  "" if dropped or self.relink_policy is None else "; not relinking")
         except asyncio.CancelledError:  # the application is ending (its loop cancels tasks): not a drop
             dropped = False
             ws.transport.abort()

@@ -76,8 +76,10 @@ _ALREADY_LINKED = re.compile(r"user .+ is already linked to a connection")
 
 def is_transient_rejection(reason: str) -> bool:
     """Whether a rejected relink is worth trying again: the server still holds the user's old connection
-    (it has not noticed the drop yet), so it answers ``user <name> is already linked to a connection``."""
-    return _ALREADY_LINKED.fullmatch(reason) is not None
+    (it has not noticed the drop yet), so it answers ``user <name> is already linked to a connection``; or
+    its authentication did not answer in time (``authentication timeout``: a token service slow or down for a
+    moment, as after a deploy, when every client relinks at once)."""
+    return reason == "authentication timeout" or _ALREADY_LINKED.fullmatch(reason) is not None
 
 
 @dataclass(frozen=True, slots=True)

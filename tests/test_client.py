@@ -1253,6 +1253,33 @@ async def test_a_cut_off_is_logged_by_the_client_with_the_servers_reason(tmp_pat
         await server.close()
 
 
+@pytest.mark.parametrize("limit", ["rate limit", "frame too large"])
+async def test_a_cut_off_for_what_the_client_sent_ends_its_relink(tmp_path, caplog, limit):
+    """A client cut off for its own frames (a bug flooding the server) would send them again after a relink:
+    cut off, relinked, cut off, ... each cycle an unlink and a link in the log. It stays closed instead."""
+    options = {"message_burst": 3, "message_rate": 1} if limit == "rate limit" else {"max_frame_size": 1024}
+    server = build_test_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, **options))
+    await server.start()
+    try:
+        client = Client(ping_interval=None, relink=RelinkPolicy(base_delay=0.01, max_delay=0.01))
+        events: list[str] = []
+        client.on("*", lambda name, *args: events.append(name))
+        await client.connect(f"ws://127.0.0.1:{server.port}/")
+        await client.link("simon")
+        closed = asyncio.ensure_future(client.wait_for("close"))
+        with caplog.at_level("WARNING", logger="lobby.client"):
+            for n in range(10 if limit == "rate limit" else 1):
+                with contextlib.suppress(ClientError):
+                    await client.send({"type": "test/echo", "payload": n if limit == "rate limit" else "x" * 2000})
+            await asyncio.wait_for(closed, WAIT)
+            await asyncio.sleep(0.2)  # a relink would have begun by now
+        assert client.status == "closed" and not client.relinking
+        assert "relinking" not in events and events[-1] == "close"
+        assert "; not relinking" in caplog.text
+    finally:
+        await server.close()
+
+
 async def test_a_normal_server_close_is_not_a_warning(tmp_path, caplog):
     server = build_test_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
     await server.start()

@@ -379,10 +379,13 @@ def test_relink_backoff_is_exponential_bounded_and_fully_jittered():
         policy.cap(0)
 
 
-def test_only_an_already_linked_rejection_is_transient():
-    """A relink rejected because the server still holds the old connection is retried; any other reason
-    (the application's, an unknown user on a closed server) ends the relink."""
+def test_only_an_already_linked_or_timed_out_rejection_is_transient():
+    """A relink rejected because the server still holds the old connection, or because its authentication
+    timed out, is retried; any other reason (the application's, an unknown user on a closed server) ends the
+    relink."""
     assert is_transient_rejection("user simon is already linked to a connection")
+    assert is_transient_rejection("authentication timeout")
+    assert not is_transient_rejection("authentication failed")
     assert not is_transient_rejection("denied by app")
     assert not is_transient_rejection("server is not accepting new users")
     # An application's reason that merely mentions it is the application's: not retried.
