@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _field, _parse, help_text in SERVE_OPTIONS:
         serve.add_argument(flag, default=None, help=f"{help_text} [{_env_name(flag)}]")
     serve.add_argument("--log-format", default=None, help="json (default) or console [LOBBY_LOG_FORMAT]")
-    serve.add_argument("--log-level", default=None, help="debug, info (default), warning, error [LOBBY_LOG_LEVEL]")
+    serve.add_argument("--log-level", default=None, help="debug, info (default), warning, error, critical [LOBBY_LOG_LEVEL]")
     serve.add_argument(
         "--on-stop",
         default=None,

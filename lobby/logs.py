@@ -14,7 +14,7 @@ from structlog.tracebacks import ExceptionDictTransformer
 
 __all__ = ["configure_logging", "LOG_LEVELS"]
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "info") -> None:

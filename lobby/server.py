@@ -194,6 +194,12 @@ class Server:
         return self._status
 
     @property
+    def log(self) -> Any:
+        """The server's structlog logger, bound to the lobby and, once started, its session: the app's lines
+        logged with it are found by ``lobby replay logs -s SESSION`` (and with ``username=``, by ``-u``)."""
+        return self._log
+
+    @property
     def users(self) -> list[dict[str, Any]]:
         """``[{"username": ..., "isLinked": ...}]`` in join order."""
         return self.core.users if self.core is not None else []

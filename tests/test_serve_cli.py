@@ -545,6 +545,14 @@ def test_console_lines_have_colours_on_a_terminal_only(capsys):
     assert "linked" in err and "alice" in err and "\x1b[" not in err  # captured: not a terminal
 
 
+def test_the_critical_level_logs_only_what_stops_the_server(capsys):
+    """The server logs a failure of its event log at critical: an app may keep only those lines."""
+    configure_logging("json", "critical")
+    structlog.get_logger().error("listener failed")
+    structlog.get_logger().critical("event log append failed")
+    assert [orjson.loads(line)["event"] for line in capsys.readouterr().err.splitlines()] == ["event log append failed"]
+
+
 def test_a_value_the_json_log_cannot_hold_is_logged_as_its_repr(capsys):
     configure_logging("json")
     structlog.get_logger().info("big", count=10**30, nested={"n": 2**70}, plain=1)

@@ -1396,6 +1396,27 @@ async def test_close_called_by_an_async_listener_completes(tmp_path, monkeypatch
     assert server.status == "closed" and server.store is None
 
 
+async def test_the_apps_lines_logged_with_server_log_name_the_lobby_and_session(tmp_path):
+    """'I was kicked for no reason': the app's line saying why is found with the server's by
+    `lobby replay logs -s SESSION -u USER`, which reads the lobby, session and username fields."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), lobby="dice", ping_interval=None)
+
+    @server.on("listen")
+    def ready(port: int) -> None:
+        server.log.info("tables loaded", tables=3)
+
+    with capture_logs() as logs:
+        await server.start()
+        server.join("idler")
+        server.log.info("kicking idle player", username="idler", strikes=2)
+        server.kick("idler")
+        await server.close()
+    app_lines = [line for line in logs if line["event"] in ("tables loaded", "kicking idle player")]
+    assert [(line["event"], line["lobby"], line["session"]) for line in app_lines] == [
+        ("tables loaded", "dice", server.session), ("kicking idle player", "dice", server.session),
+    ]
+
+
 async def test_close_keeping_users_brings_them_back_unlinked(tmp_path):
     db = str(tmp_path / "lobby.db")
     server = Server(port=0, db=db, ping_interval=None)
