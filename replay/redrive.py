@@ -32,11 +32,12 @@ that point (at most ``settle`` seconds), so the order of inputs across users is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -152,6 +153,8 @@ class Divergence:
     new: Event | None
     #: The last events both logs agree on, oldest first (old log's seqs).
     before: list[Event] = field(default_factory=list)
+    #: The links the new server rejected so far, by username: the reason it gave (often the difference's cause).
+    rejected: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         return "\n".join(self.lines())
@@ -161,6 +164,7 @@ class Divergence:
         lines = [f"first difference at event #{self.index + 1} of the session:"]
         lines.append("  old: " + (event_row(self.old) if self.old is not None else "(nothing: the old session ended here)"))
         lines.append("  new: " + (event_row(self.new) if self.new is not None else "(nothing recorded)"))
+        lines.extend(f"  the new server rejected the link of {name}: {reason}" for name, reason in self.rejected.items())
         if self.before:
             lines.append("  after these events, equal in both:")
             lines.extend("    " + event_row(event) for event in self.before)
@@ -172,6 +176,7 @@ class Divergence:
             "old": event_json(self.old) if self.old is not None else None,
             "new": event_json(self.new) if self.new is not None else None,
             "before": [event_json(event) for event in self.before],
+            "rejected": self.rejected,
         }
 
 
@@ -219,6 +224,7 @@ class _Driver:
         self.sockets: dict[str, Any] = {}
         self.drains: set[asyncio.Task[None]] = set()
         self.checked = 0
+        self.rejected: dict[str, str] = {}
 
     def url(self) -> str:
         path = getattr(getattr(self.server, "config", None), "path", "/")
@@ -282,14 +288,18 @@ class _Driver:
         ws = self.sockets.get(username)
         if ws is None:
             ws = self.sockets[username] = await connect(self.url(), max_size=None)
-            task = asyncio.ensure_future(self._drain(ws))
+            task = asyncio.ensure_future(self._drain(username, ws))
             self.drains.add(task)
         return ws
 
-    async def _drain(self, ws: Any) -> None:
+    async def _drain(self, username: str, ws: Any) -> None:
         try:
-            async for _ in ws:
-                pass
+            async for data in ws:
+                if isinstance(data, str) and "krmx/rejected" in data:  # a link refused: why
+                    with contextlib.suppress(orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+                        message = orjson.loads(data)
+                        if message["type"] == "krmx/rejected":
+                            self.rejected[username] = str(message["payload"]["reason"])
         except Exception:
             pass
 
@@ -322,6 +332,10 @@ class _Driver:
             await self.server.close(keep_users=step.keep_users)
 
     async def run(self, inputs: list[Input]) -> Divergence | None:
+        found = await self._first_difference(inputs)
+        return found if found is None else replace(found, rejected=dict(self.rejected))
+
+    async def _first_difference(self, inputs: list[Input]) -> Divergence | None:
         for step in inputs:
             await self.wait_for(step.index)
             found = self.divergence(step.index)

@@ -86,6 +86,24 @@ async def test_an_app_that_no_longer_answers_shows_nothing_recorded(game_log):
     assert "new: (nothing recorded)" in report.divergence.describe()
 
 
+async def test_a_link_the_new_server_rejects_is_reported_with_its_reason(game_log):
+    """The difference is "nothing recorded" where the old log has a link: the new server's reason for refusing
+    it (an authenticate that changed, a token the redrive does not have) says why."""
+    first = replay.sessions(game_log)[0]
+    server = make_game_server()
+
+    @server.on("authenticate")
+    def bad_token(username, info):
+        if username == "bob":
+            raise PermissionError("bad token")
+
+    report = await replay.redrive_async(game_log, server, first.session, settle=0.3)
+    assert report.divergence.new is None and report.divergence.old.username == "bob"
+    assert report.divergence.rejected == {"bob": "bad token"}
+    assert "  the new server rejected the link of bob: bad token" in report.divergence.lines()
+    assert report.to_dict()["divergence"]["rejected"] == {"bob": "bad token"}
+
+
 def test_the_command_reports_and_exits_1_on_a_difference(game_log, tmp_path, capsys, monkeypatch):
     first = replay.sessions(game_log)[0]
     monkeypatch.syspath_prepend(str(tmp_path))
