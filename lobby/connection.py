@@ -83,7 +83,9 @@ class LobbyConnection(ServerConnection):
     lobby_pinged_at: float | None = None
     _fragments: list[bytes] | None = None
     _text = True  # the message being received is text (not binary)
-    _close_watched = False
+    _close_watch: asyncio.TimerHandle | None = None
+    #: The link deadline's timer, cancelled once linked or closed.
+    lobby_deadline: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
     _stall_sent = 0
 
@@ -111,10 +113,21 @@ class LobbyConnection(ServerConnection):
             self.lobby_server.open_sockets -= 1
         self.lobby_server.handshaking.discard(self)
         self.lobby_server._reading_paused.discard(self)
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
+        for timer in (self._stall_timer, self._close_watch, self.lobby_deadline):
+            if timer is not None:
+                timer.cancel()  # it would hold the connection, and its buffers, until it fires
+        self._stall_timer = self.lobby_deadline = None
         super().connection_lost(exc)
+        # websockets leaves reference cycles through its protocol: its parser, suspended in a generator that
+        # holds it, and the traceback of the error that ended the parsing (a reset: "unexpected end of stream").
+        # Only a full garbage collection would free them with the connection's buffers (and run_event_loop makes
+        # those rare): broken here, they are freed now.
+        parser = getattr(self.protocol, "parser", None)
+        if parser is not None:
+            parser.close()
+        error = getattr(self.protocol, "parser_exc", None)
+        if error is not None:
+            error.__traceback__ = None
 
     def data_received(self, data: bytes) -> None:
         if self.protocol.state is State.CONNECTING:
@@ -167,12 +180,11 @@ class LobbyConnection(ServerConnection):
             # that floods pings and reads nothing would grow memory without bound.
             if self.transport.get_write_buffer_size() > self.lobby_server.config.max_buffer:
                 self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
-        if self.close_deadline is not None and not self._close_watched:
+        if self.close_deadline is not None and self._close_watch is None:
             # The connection failed (a protocol error, a text frame that is not UTF-8) or is closing: websockets
             # enforces its close timeout only in a send or recv, which the lobby does not await, so a peer that
             # ignores the close frame would stay open (and its user linked) until the next ping, or for ever.
-            self._close_watched = True
-            self.loop.call_at(self.close_deadline, self._close_overdue)
+            self._close_watch = self.loop.call_at(self.close_deadline, self._close_overdue)
 
     def _close_overdue(self) -> None:
         if self.protocol.state is not State.CLOSED:
