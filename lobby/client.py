@@ -34,7 +34,7 @@ import struct
 import sys
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -42,6 +42,7 @@ from websockets.exceptions import ConnectionClosed, InvalidURI
 from websockets.frames import CloseCode
 
 from .client_protocol import CLIENT_EVENTS, ClientEvent, ClientProtocol, RelinkPolicy
+from .connection import CloseDeadlineDrain
 from .errors import ClientError, LinkRejected
 from .protocol import SERVER_CLOSED, as_dict
 
@@ -142,9 +143,9 @@ class Client:
         self._event_waiters: set[asyncio.Future[ClientEvent]] = set()  # those of wait_for
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._ws: ClientConnection | None = None
+        self._ws: _Connection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._opening: asyncio.Future[ClientConnection] | None = None
+        self._opening: asyncio.Future[_Connection] | None = None
         self._relink_task: asyncio.Task[None] | None = None
         self._relink_stop = ""
         self.url: str | None = None
@@ -325,7 +326,7 @@ class Client:
             raise ClientError(f"the server's url is a string like ws://host:port/, not {url!r}")
         self.core.connect()
         self.url = url
-        opening: asyncio.Future[ClientConnection] = asyncio.ensure_future(self._open(url))
+        opening: asyncio.Future[_Connection] = asyncio.ensure_future(self._open(url))
         self._opening = opening
         try:
             ws = await opening
@@ -354,24 +355,28 @@ class Client:
         self.core.connected()
         self._reader = asyncio.create_task(self._read(ws))
 
-    async def _open(self, url: str) -> ClientConnection:
+    async def _open(self, url: str) -> _Connection:
         try:
             # websockets waits close_timeout (10 s by default) for the closing handshake: of a silent network
             # after a missed pong, and of disconnect(). The server's is 2 s too.
             options = {"close_timeout": CLOSE_TIMEOUT, **self._connect_options}
-            return await ws_connect(
+            ws = cast(_Connection, await ws_connect(
                 url,
                 ping_interval=self._ping_interval,
                 ping_timeout=self._ping_interval,
                 open_timeout=self._open_timeout,
                 max_size=self._max_frame_size,
                 compression=None,
+                create_connection=_Connection,
                 **options,
-            )
+            ))
         except InvalidURI as error:
             raise ValueError(str(error)) from error
+        if self._ping_interval is not None:
+            ws.stall_limit = 2 * self._ping_interval
+        return ws
 
-    async def _read(self, ws: ClientConnection) -> None:
+    async def _read(self, ws: _Connection) -> None:
         dropped = True
         try:
             with contextlib.suppress(ConnectionClosed):
@@ -472,12 +477,12 @@ class Client:
         if ws is None:
             raise ClientError(f"cannot send when the client is {self.status}")
         try:
-            if self._ping_interval is None:
-                await ws.send(frame.decode())
-            else:
-                await _send_watched(ws, frame.decode(), 2 * self._ping_interval)
+            await ws.send(frame.decode())
         except ConnectionClosed as error:
-            raise ClientError(f"the connection closed: {error}") from None
+            if ws.stalled is None:
+                raise ClientError(f"the connection closed: {error}") from None
+        if ws.stalled is not None:  # dropped while this send waited (the drop ends its wait without an error)
+            raise ClientError(f"the connection dropped: {ws.stalled}")
 
     async def _request(
         self, frame: bytes, done: Callable[[ClientEvent], bool], what: str, timeout: float | None = None
@@ -630,30 +635,50 @@ class Client:
         self._end_streams()
 
 
-async def _send_watched(ws: ClientConnection, text: str, limit: float) -> None:
-    """``ws.send(text)``, but a server that takes nothing of what waits to be written for ``limit`` seconds
-    drops the connection: once the socket's buffer is full, websockets' keepalive pings wait behind the unread
-    frames too, and would never tell. A slow link that drains, however slowly, is waited for."""
-    sending = asyncio.ensure_future(ws.send(text))
-    try:
-        loop = asyncio.get_running_loop()
-        transport = ws.transport
-        mark = _progress(transport)
-        progress = loop.time()
-        while not (await asyncio.wait({sending}, timeout=limit / 4))[0]:
-            now = _progress(transport)
-            if now > mark:
-                progress = loop.time()
-            mark = now
-            if loop.time() - progress >= limit:
-                transport.abort()
-                raise ClientError(f"the connection dropped: the server read nothing for {limit} s")
-        sending.result()
-    finally:
-        if not sending.done():
-            sending.cancel()
-        elif not sending.cancelled():
-            sending.exception()  # raised above, or replaced by the drop
+class _Connection(CloseDeadlineDrain, ClientConnection):
+    """The client's websockets connection. A server that takes nothing of what waits to be written for
+    ``stall_limit`` seconds drops it: once the socket's buffer is full, websockets' keepalive pings wait behind
+    the unread frames too, and would never tell (also after the app gave up on a send). A slow link that
+    drains, however slowly, is waited for."""
+
+    stall_limit: float | None = None
+    #: Why the watch dropped it, if it did.
+    stalled: str | None = None
+    _stall_watch: asyncio.TimerHandle | None = None
+    _stall_mark = 0
+    _stall_progress = 0.0
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stall_limit is not None and self._stall_watch is None:
+            self._stall_mark, self._stall_progress = _progress(self.transport), self.loop.time()
+            self._stall_watch = self.loop.call_later(self.stall_limit / 4, self._check_stall)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unwatch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._unwatch()
+        super().connection_lost(exc)
+
+    def _unwatch(self) -> None:
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()
+            self._stall_watch = None
+
+    def _check_stall(self) -> None:
+        assert self.stall_limit is not None
+        now = _progress(self.transport)
+        if now > self._stall_mark:
+            self._stall_progress = self.loop.time()
+        self._stall_mark = now
+        if self.loop.time() - self._stall_progress >= self.stall_limit:
+            self._stall_watch = None
+            self.stalled = f"the server read nothing for {self.stall_limit} s"
+            self.transport.abort()
+            return
+        self._stall_watch = self.loop.call_later(self.stall_limit / 4, self._check_stall)
 
 
 def _progress(transport: Any) -> int:

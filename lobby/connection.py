@@ -15,7 +15,7 @@ from websockets.protocol import State
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["HANDSHAKE_SLACK", "LobbyConnection", "text_frame", "respond", "unlink_reason", "close_quietly"]
+__all__ = ["HANDSHAKE_SLACK", "CloseDeadlineDrain", "LobbyConnection", "text_frame", "respond", "unlink_reason", "close_quietly"]
 
 #: Sockets open at most beyond max_connections: upgrades in their handshake, /health and /metrics requests, and
 #: websocket upgrades answered 503 while the lobby is full.
@@ -46,7 +46,29 @@ def respond(connection: ServerConnection, status: HTTPStatus, body: bytes, conte
     return response
 
 
-class LobbyConnection(ServerConnection):
+class CloseDeadlineDrain:
+    """For a websockets connection (server's or client's): its close deadline holds while it waits to write.
+
+    websockets applies its close timeout once the frames queued before the close frame are written: a peer
+    that reads nothing (a phone out of signal, with game traffic queued for it; a server gone silent under an
+    upload) held a failed or closing connection open until the kernel gave up on the socket, minutes later.
+    Past the deadline, the connection is dropped."""
+
+    close_deadline: float | None
+    transport: asyncio.Transport
+
+    async def drain(self) -> None:
+        if self.close_deadline is None:
+            await super().drain()  # type: ignore[misc]
+            return
+        try:
+            async with asyncio.timeout_at(self.close_deadline):
+                await super().drain()  # type: ignore[misc]
+        except TimeoutError:
+            self.transport.abort()
+
+
+class LobbyConnection(CloseDeadlineDrain, ServerConnection):
     """A websockets connection that hands each whole message straight to the lobby server's inbox.
 
     websockets would queue messages for a reader task, which wakes once per message; the lobby reads

@@ -935,6 +935,30 @@ async def test_sending_to_a_server_that_stopped_reading_ends_as_a_dropped_connec
         assert client.status == "closed"
 
 
+@pytest.mark.parametrize("then", ["wait", "disconnect"])
+async def test_a_send_the_app_gave_up_on_does_not_hide_a_server_that_stopped_reading(then):
+    """The app bounds its sends (asyncio.wait_for(client.send(m), 3)) and one times out on a link whose server
+    reads nothing: the watch ended with that send, so the client said linked for ever, and disconnect(force=True)
+    waited for ever to write its close frame behind the unread ones."""
+    from websockets.asyncio.server import serve
+
+    async with serve(
+        _silent_after_link, "127.0.0.1", 0, compression=None, max_size=None, max_queue=1, close_timeout=0.5
+    ) as fake:
+        client = Client(ping_interval=0.3)
+        await client.connect(f"ws://127.0.0.1:{fake.sockets[0].getsockname()[1]}")
+        await client.link("simon")
+        closed = asyncio.ensure_future(client.wait_for("close"))
+        big = {"type": "app/upload", "payload": "x" * 1_000_000}
+        with pytest.raises(TimeoutError):
+            for _ in range(200):
+                await asyncio.wait_for(client.send(big), 0.2)
+        if then == "disconnect":
+            await asyncio.wait_for(client.disconnect(force=True), 5)
+        await asyncio.wait_for(closed, 5)
+        assert client.status == "closed"
+
+
 async def test_a_network_that_went_silent_is_a_dropped_connection_within_the_ping_and_close_timeouts(tmp_path):
     """No reset, no FIN: the pings go unanswered. The drop came 10 s later than the pings told (websockets'
     close timeout for a handshake that could not happen), and a disconnect() then took as long."""

@@ -119,6 +119,30 @@ async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_pat
         await server.close()
 
 
+async def test_a_peer_gone_silent_while_its_close_waits_behind_unread_frames_is_cut_off(tmp_path):
+    """A phone out of signal while game traffic flows to it: its ping times out, and the close frame queues
+    behind frames it will never read. websockets applies its close timeout only once that queue drains, so the
+    user stayed linked (every relink: 'already linked') until the kernel gave up on the socket, minutes later."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=0.5, max_buffer=256 * 2**20))
+    await server.start()
+    try:
+        honest, gone = await Raw.open(url(server)), await Raw.open(url(server))
+        await honest.link("honest")
+        await gone.link("gone")
+        await honest.expect(joined("gone"), linked("gone"))
+        gone_side = (await server_side(server, 2))[1]
+        gone.ws.transport.pause_reading()  # no pong from now on, and what is sent to it stays unread
+        while gone_side.lobby_pinged_at is None:
+            await asyncio.sleep(0.01)
+        while not gone_side.paused:  # its buffers full before the pong is overdue
+            server.broadcast({"type": "game/state", "payload": "z" * 2**20}, skip="honest")
+            await asyncio.sleep(0)
+        await asyncio.wait_for(honest.expect(unlinked("gone")), 10)
+        assert cutoffs_and_unlinks(server)[-1] == ("unlink", "gone", "ping timeout")
+    finally:
+        await server.close()
+
+
 async def test_a_client_that_takes_something_while_paused_is_slow_not_dead(tmp_path):
     """The stall watch cuts a peer off only when it took nothing at all in twice the ping interval: one that
     reads, however slowly, is bounded by max_buffer alone. The watch ends with the connection."""
