@@ -106,9 +106,9 @@ class RelinkPolicy:
     One attempt's link waits at most ``link_timeout`` seconds for the server's answer.
     """
 
-    #: 20 attempts wait about 78 s in all on average, and more than 35 s but once in thousands of drops: longer than
-    #: a server takes to notice a half-open connection (ours: 15 s between pings, 15 s for the pong, 2 s to close),
-    #: during which it answers "already linked" (12 attempts, about 38 s on average, gave up in 1 of 5 drops).
+    #: 20 attempts wait about 78 s in all on average, and less than 35 s hardly ever: longer than a server takes
+    #: to notice a half-open connection (ours: 15 s between pings, 15 s for the pong, 2 s to close), during which
+    #: it answers "already linked" (12 attempts, about 38 s on average, gave up in 1 of 5 such drops).
     max_attempts: int = 20
     base_delay: float = 0.25
     max_delay: float = 10.0

@@ -15,7 +15,9 @@ from websockets.protocol import State
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["HANDSHAKE_SLACK", "CloseDeadlineDrain", "LobbyConnection", "text_frame", "respond", "unlink_reason", "close_quietly"]
+__all__ = [
+    "HANDSHAKE_SLACK", "CloseDeadlineDrain", "LobbyConnection", "text_frame", "respond", "unlink_reason", "close_quietly",
+]
 
 #: Sockets open at most beyond max_connections: upgrades in their handshake, /health and /metrics requests, and
 #: websocket upgrades answered 503 while the lobby is full.

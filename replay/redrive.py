@@ -164,7 +164,7 @@ class Divergence:
         lines = [f"first difference at event #{self.index + 1} of the session:"]
         lines.append("  old: " + (event_row(self.old) if self.old is not None else "(nothing: the old session ended here)"))
         lines.append("  new: " + (event_row(self.new) if self.new is not None else "(nothing recorded)"))
-        lines.extend(f"  the new server rejected the link of {name}: {reason}" for name, reason in self.rejected.items())
+        lines += [f"  the new server rejected the link of {name}: {reason}" for name, reason in self.rejected.items()]
         if self.before:
             lines.append("  after these events, equal in both:")
             lines.extend("    " + event_row(event) for event in self.before)

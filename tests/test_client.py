@@ -914,33 +914,13 @@ async def test_unlink_and_leave_that_no_answer_comes_to_end_with_a_clear_error()
                 await client.disconnect(force=True)
 
 
-async def test_sending_to_a_server_that_stopped_reading_ends_as_a_dropped_connection():
+@pytest.mark.parametrize("app", ["sends on", "gives up on a send", "gives up on a send, then disconnects"])
+async def test_sending_to_a_server_that_stopped_reading_ends_as_a_dropped_connection(app):
     """Once the socket's buffer is full, send() waited for ever: websockets' keepalive pings wait behind the
-    unread frames. Twice the ping interval without progress drops the connection, with a clear error."""
-    from websockets.asyncio.server import serve
-
-    async with serve(
-        _silent_after_link, "127.0.0.1", 0, compression=None, max_size=None, max_queue=1, close_timeout=0.5
-    ) as fake:
-        client = Client(ping_interval=0.3)
-        await client.connect(f"ws://127.0.0.1:{fake.sockets[0].getsockname()[1]}")
-        await client.link("simon")
-        big = {"type": "app/upload", "payload": "x" * 1_000_000}
-
-        async def send_until_it_fails() -> None:
-            while True:
-                await client.send(big)
-
-        with pytest.raises(ClientError, match=r"the connection dropped: the server read nothing for 0.6 s"):
-            await asyncio.wait_for(send_until_it_fails(), 20)
-        assert client.status == "closed"
-
-
-@pytest.mark.parametrize("then", ["wait", "disconnect"])
-async def test_a_send_the_app_gave_up_on_does_not_hide_a_server_that_stopped_reading(then):
-    """The app bounds its sends (asyncio.wait_for(client.send(m), 3)) and one times out on a link whose server
-    reads nothing: the watch ended with that send, so the client said linked for ever, and disconnect(force=True)
-    waited for ever to write its close frame behind the unread ones."""
+    unread frames. Twice the ping interval without progress drops the connection, with a clear error. Also
+    when the app bounds its sends (asyncio.wait_for(client.send(m), 3)) and gave up on one: the watch ended with
+    that send, so the client said linked for ever, and disconnect(force=True) waited for ever to write its close
+    frame behind the unread ones."""
     from websockets.asyncio.server import serve
 
     async with serve(
@@ -951,11 +931,16 @@ async def test_a_send_the_app_gave_up_on_does_not_hide_a_server_that_stopped_rea
         await client.link("simon")
         closed = asyncio.ensure_future(client.wait_for("close"))
         big = {"type": "app/upload", "payload": "x" * 1_000_000}
-        with pytest.raises(TimeoutError):
-            for _ in range(200):
-                await asyncio.wait_for(client.send(big), 0.2)
-        if then == "disconnect":
-            await asyncio.wait_for(client.disconnect(force=True), 5)
+        if app == "sends on":
+            with pytest.raises(ClientError, match=r"the connection dropped: the server read nothing for 0.6 s"):
+                for _ in range(200):
+                    await asyncio.wait_for(client.send(big), 20)
+        else:
+            with pytest.raises(TimeoutError):
+                for _ in range(200):
+                    await asyncio.wait_for(client.send(big), 0.2)
+            if app.endswith("disconnects"):
+                await asyncio.wait_for(client.disconnect(force=True), 5)
         await asyncio.wait_for(closed, 5)
         assert client.status == "closed"
 
