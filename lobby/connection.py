@@ -25,6 +25,18 @@ HANDSHAKE_SLACK = 64
 _TOO_MANY_SOCKETS = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
                      b"Content-Length: 21\r\n\r\ntoo many connections\n")
 
+_unpack_int = struct.Struct("i").unpack
+
+try:
+    import fcntl
+    import termios
+
+    def _unacknowledged(fd: int) -> int:
+        """Bytes in the socket's send queue: not yet sent, or sent and not acknowledged (Linux's SIOCOUTQ)."""
+        return _unpack_int(fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+except (ImportError, AttributeError):  # no fcntl (Windows) or no TIOCOUTQ
+    _unacknowledged = None  # type: ignore[assignment]
+
 _pack_len16 = struct.Struct("!BBH").pack
 _pack_len64 = struct.Struct("!BBQ").pack
 
@@ -112,10 +124,40 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
     lobby_deadline: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
     _stall_sent = 0
+    _pong_watch: asyncio.TimerHandle | None = None
 
     async def ping(self, *args: Any, **kwargs: Any) -> Any:
         self.lobby_pinged_at = self.loop.time()
-        return await super().ping(*args, **kwargs)
+        pong = await super().ping(*args, **kwargs)
+        if self.ping_timeout is not None and self.lobby_label is not None:
+            self._pong_watch = self.loop.call_later(self.ping_timeout / 2, self._watch_pong, pong, self.ping_timeout / 2, None)
+        return pong
+
+    # A peer that reads, but slower than the lobby writes to it, answers a ping late: the ping waits behind the
+    # frames queued before it (in our buffer and the kernel's). Still taking bytes in the second half of the
+    # ping's wait, it is a slow consumer, cut off at once (what it has not read is dropped), not a ping timeout
+    # (a peer that takes nothing: gone, or a network that went silent).
+
+    def _watch_pong(self, pong: asyncio.Future[float], half: float, taken_halfway: int | None) -> None:
+        self._pong_watch = None
+        if self.lobby_cut or (pong.done() and not pong.cancelled()):  # answered (cancelled: the wait timed out)
+            return
+        taken = self._taken()
+        if taken_halfway is None:
+            self._pong_watch = self.loop.call_later(half, self._watch_pong, pong, half, taken)
+        elif taken > taken_halfway:
+            self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
+
+    def _taken(self) -> int:
+        """Bytes of the lobby's frames the peer took so far: written, less what waits in our buffer and, where
+        the platform tells (Linux), in the kernel's, unacknowledged."""
+        taken = self.lobby_written - self.transport.get_write_buffer_size()
+        if _unacknowledged is not None:
+            try:
+                taken -= _unacknowledged(self.transport.get_extra_info("socket").fileno())
+            except (OSError, AttributeError):
+                pass
+        return taken
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -137,10 +179,10 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
             self.lobby_server.open_sockets -= 1
         self.lobby_server.handshaking.discard(self)
         self.lobby_server._reading_paused.discard(self)
-        for timer in (self._stall_timer, self._close_watch, self.lobby_deadline):
+        for timer in (self._stall_timer, self._close_watch, self.lobby_deadline, self._pong_watch):
             if timer is not None:
                 timer.cancel()  # it would hold the connection, and its buffers, until it fires
-        self._stall_timer = self.lobby_deadline = None
+        self._stall_timer = self.lobby_deadline = self._pong_watch = None
         super().connection_lost(exc)
         # websockets leaves reference cycles through its protocol: its parser, suspended in a generator that
         # holds it, and the traceback of the error that ended the parsing (a reset: "unexpected end of stream").

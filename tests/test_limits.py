@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import http.client
 import logging
+import socket
+import threading
 import time
 import urllib.request
 
@@ -20,7 +22,7 @@ from lobby import Server
 from lobby import server as server_module
 
 from .test_server import echo_app, server_side, url
-from .wsclient import Raw, joined, linked, raw_linked, unlinked
+from .wsclient import UPGRADE, Raw, joined, linked, raw_linked, unlinked
 
 
 async def started(tmp_path, **options) -> Server:
@@ -140,6 +142,51 @@ async def test_a_peer_gone_silent_while_its_close_waits_behind_unread_frames_is_
         await asyncio.wait_for(honest.expect(unlinked("gone")), 10)
         assert cutoffs_and_unlinks(server)[-1] == ("unlink", "gone", "ping timeout")
     finally:
+        await server.close()
+
+
+async def test_a_client_that_reads_slower_than_its_traffic_is_a_slow_consumer_not_a_ping_timeout(tmp_path):
+    """It reads on, at 800 KB/s, while the lobby writes faster: its pong waits behind what it has not read yet.
+    Still reading when the pong is overdue, it is cut off at once as a slow consumer; it used to be a ping
+    timeout, with its close frame queued behind those frames until the close deadline."""
+    server = echo_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=0.5, max_buffer=256 * 2**20))
+    await server.start()
+    stop = threading.Event()
+    read = 0
+
+    def slow_reader() -> None:
+        nonlocal read
+        link = orjson.dumps({"type": "krmx/link", "payload": {"username": "slow", "version": "0.5.4"}})
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(UPGRADE + Frame(Opcode.TEXT, link).serialize(mask=True, extensions=[]))
+            while not stop.is_set():
+                chunk = sock.recv(16384)
+                if not chunk:
+                    return
+                read += len(chunk)
+                time.sleep(0.02)
+
+    try:
+        honest = await Raw.open(url(server))
+        await honest.link("honest")
+        reading = asyncio.create_task(asyncio.to_thread(slow_reader))
+        await honest.expect(joined("slow"), linked("slow"))
+        slow_side = (await server_side(server, 2))[1]
+        deadline = time.monotonic() + 8
+        while not server.metrics.cutoffs and time.monotonic() < deadline:
+            if slow_side.transport.get_write_buffer_size() < 16 * 1024:  # our buffer small: the ping goes out
+                server.broadcast({"type": "game/state", "payload": "z" * 16 * 1024}, skip="honest")
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(honest.expect(unlinked("slow")), 1)
+        assert read > 0 and slow_side.lobby_pinged_at is not None
+        assert cutoffs_and_unlinks(server)[-2:] == [
+            ("cutoff", "slow", "slow consumer"), ("unlink", "slow", "slow consumer"),
+        ]
+        await honest.echo()
+        stop.set()
+        await reading
+    finally:
+        stop.set()
         await server.close()
 
 
