@@ -93,6 +93,8 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-buffer", "max_buffer", parse_size, "bytes waiting for one slow reader at most before it is cut off "
      "(default 16MiB)"),
     ("--link-deadline", "link_deadline", _positive_float, "seconds a new connection has to link (default 60)"),
+    ("--handshake-timeout", "handshake_timeout", _positive_float, "seconds a new socket has to finish its HTTP "
+     "upgrade (default 10)"),
     ("--origins", "origins", _listed("https://game.example.com"), "web pages allowed to connect, comma separated, like "
      "https://game.example.com (default: any); requests without an Origin header (not browsers) are let in"),
     ("--trusted-proxies", "trusted_proxies", _listed("127.0.0.1,10.0.0.0/8"), "reverse proxies whose "

@@ -57,6 +57,9 @@ class ServerConfig:
     max_buffer: int = 16 * 1024 * 1024
     #: Seconds a new connection has to link for the first time.
     link_deadline: float | None = 60.0
+    #: Seconds a new socket has to finish its HTTP upgrade: one that sends its request slowly, or never (a
+    #: slowloris), holds a socket until then.
+    handshake_timeout: float = 10.0
     #: Web pages allowed to open a websocket, by their origin (``https://game.example.com``; a compiled regex
     #: matches a whole origin); ``None``: any. Browsers send the page's origin with every upgrade, so without
     #: this any site's page could link users from its visitors' browsers. A request without an Origin header
@@ -92,7 +95,7 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and not _is_positive(value):
                 raise ValueError(f"{name} must be a positive number of seconds (or None to disable), not {value!r}")
-        for name in ("auth_timeout", "message_rate"):
+        for name in ("auth_timeout", "handshake_timeout", "message_rate"):
             if not _is_positive(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive number, not {getattr(self, name)!r}")
         for name in ("max_frame_size", "max_buffer"):  # sizes may be given as in a flag: "64KiB"

@@ -159,6 +159,15 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
                 pass
         return taken
 
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        except asyncio.CancelledError:
+            # websockets' open timeout (handshake_timeout) cancels it, then drops the socket without a word. (A
+            # closing server aborts handshakes instead, and cut-offs stop with the lobby.)
+            self.lobby_server._cut_off(None, None, "handshake timeout", peer=self)
+            raise
+
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         server = self.lobby_server

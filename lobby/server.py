@@ -98,8 +98,9 @@ LISTENER_CANCEL_GRACE = 2.0
 #: Seconds between checks that the log's file is still at its path (see Server._check_log_file).
 LOG_FILE_CHECK_INTERVAL = 1.0
 #: The options the start-up line shows, so that the log tells which limits a session ran with.
-_LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "max_connections", "max_users",
-           "ping_interval", "auth_timeout", "accept_new_users", "compression", "snapshot_every", "origins")
+_LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "handshake_timeout",
+           "max_connections", "max_users", "ping_interval", "auth_timeout", "accept_new_users", "compression",
+           "snapshot_every", "origins")
 
 
 class Server:
@@ -273,6 +274,7 @@ class Server:
                 create_connection=self._connection_class(),
                 process_request=self._check_request,
                 max_size=config.max_frame_size,
+                open_timeout=config.handshake_timeout,
                 ping_interval=config.ping_interval,
                 ping_timeout=config.ping_interval,
                 # A peer that stopped answering (missed pong, gone) is not waited for long: its user is
@@ -380,7 +382,7 @@ class Server:
         self._close_log = self._log.bind(seq=core.registry.seq)  # the close event's: for what its listeners do
         core.closed()
         self._ws_server.close()
-        # websockets waits out the handshake timeout (10 s) of connections still in their opening handshake
+        # websockets waits out the handshake timeout of connections still in their opening handshake
         # (one that sent half a request, say): a closing server has nothing to say to them.
         for connection in list(self.handshaking):
             connection.transport.abort()

@@ -542,6 +542,7 @@ async def test_the_commit_metric_holds_the_fsync(tmp_path):
         ({"message_rate": 0}, "message_rate"),
         ({"max_buffer": 10, "max_frame_size": 4096}, "max_buffer"),
         ({"link_deadline": -1}, "link_deadline"),
+        ({"handshake_timeout": 0}, "handshake_timeout"),
     ],
 )
 def test_bad_limits_are_refused_with_a_clear_error(tmp_path, options, message):
@@ -694,6 +695,29 @@ async def test_sockets_that_never_finish_their_handshake_are_bounded_too(tmp_pat
     finally:
         for writer in idle:
             writer.close()
+        await server.close()
+
+
+async def test_a_socket_that_does_not_finish_its_upgrade_in_time_is_cut_off_and_recorded(tmp_path):
+    """websockets' open timeout dropped it without a word: now it is a cut-off like any other limit, and its
+    timeout is an option."""
+    server = await started(tmp_path, handshake_timeout=0.3)
+    try:
+        with capture_logs() as logs:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(UPGRADE[:40])  # half a request, and no more
+            started_at = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, unanswered
+            waited = time.monotonic() - started_at
+            writer.close()
+            honest = await Raw.open(url(server))
+            await honest.link("honest")
+        assert 0.25 < waited < 3
+        assert server.metrics.cutoffs == {"handshake timeout": 1}
+        assert [(line["reason"], line["remote"].startswith("127.0.0.1:")) for line in logs if line["event"] == "cut off"] == [
+            ("handshake timeout", True)]
+        assert cutoffs_and_unlinks(server) == [("cutoff", None, "handshake timeout")]
+    finally:
         await server.close()
 
 

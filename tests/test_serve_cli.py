@@ -38,6 +38,7 @@ def _logging_restored():
     ("flag", "value"),
     [
         ("--link-deadline", "nan"),
+        ("--handshake-timeout", "0"),
         ("--ping-interval", "nan"),
         ("--auth-timeout", "inf"),
         ("--message-rate", "nan"),
