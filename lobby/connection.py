@@ -129,7 +129,7 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
     async def ping(self, *args: Any, **kwargs: Any) -> Any:
         self.lobby_pinged_at = self.loop.time()
         pong = await super().ping(*args, **kwargs)
-        if self.ping_timeout is not None and self.lobby_label is not None:
+        if self.ping_timeout is not None and self.lobby_label is not None and isinstance(pong, asyncio.Future):
             self._pong_watch = self.loop.call_later(self.ping_timeout / 2, self._watch_pong, pong, self.ping_timeout / 2, None)
         return pong
 

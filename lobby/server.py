@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -97,6 +97,10 @@ LISTENER_GRACE = 10.0
 LISTENER_CANCEL_GRACE = 2.0
 #: Seconds between checks that the log's file is still at its path (see Server._check_log_file).
 LOG_FILE_CHECK_INTERVAL = 1.0
+#: Refusals (sockets cut off before they opened, upgrades refused) recorded and logged per second at most: anyone
+#: can open sockets, and a flood of them would fill the disk with its cut-offs. The rest are counted (see
+#: Server._refusal_recorded).
+REFUSALS_PER_SECOND = 10
 #: The options the start-up line shows, so that the log tells which limits a session ran with.
 _LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "handshake_timeout",
            "max_connections", "max_users", "ping_interval", "auth_timeout", "accept_new_users", "compression",
@@ -145,6 +149,9 @@ class Server:
         #: Seconds the current turn's transactions took so far (the commit metric adds their fsync).
         self._appending = 0.0
         self._connections_opened = 0
+        self._refusals_until = 0.0
+        self._refusals_recorded = 0
+        self._refusals_unrecorded: Counter[str] = Counter()
         self.metrics = Metrics(self)
         self._log_debug = True
         self.fatal: BaseException | None = None
@@ -607,10 +614,30 @@ class Server:
         """An upgrade request the configuration does not allow: 403, a count by reason, and a line that says
         who (a wrong ``origins`` or ``query_params`` setting shows here first)."""
         self.metrics.refused[reason] += 1
-        origins = request.headers.get_all("Origin")
-        self._log.info("upgrade refused", reason=reason, **_whom(connection),
-                       **({"origin": _shown(", ".join(origins))} if origins else {}))
+        if self._refusal_recorded(reason):
+            origins = request.headers.get_all("Origin")
+            self._log.info("upgrade refused", reason=reason, **_whom(connection),
+                           **({"origin": _shown(", ".join(origins))} if origins else {}))
         return connection.respond(HTTPStatus.FORBIDDEN, reason + "\n")
+
+    def _refusal_recorded(self, reason: str) -> bool:
+        """Whether to record (and log) this refusal: up to REFUSALS_PER_SECOND a second. The rest are counted in
+        the metrics, and each second's in one warning."""
+        now = self._loop.time()
+        if now >= self._refusals_until:
+            self._refusals_until = now + 1.0
+            self._refusals_recorded = 0
+        if self._refusals_recorded < REFUSALS_PER_SECOND:
+            self._refusals_recorded += 1
+            return True
+        if not self._refusals_unrecorded:
+            self._loop.call_at(self._refusals_until, self._report_unrecorded)
+        self._refusals_unrecorded[reason] += 1
+        return False
+
+    def _report_unrecorded(self) -> None:
+        counts, self._refusals_unrecorded = dict(self._refusals_unrecorded), Counter()
+        self._log.warning("refusals not recorded", counts=counts, per_second=REFUSALS_PER_SECOND)
 
     async def _handle_connection(self, ws: LobbyConnection) -> None:
         self._opened(ws)
@@ -694,6 +721,8 @@ class Server:
                 ws.lobby_cut = True
             return
         self.metrics.cutoffs[reason] += 1
+        if ws is None and not self._refusal_recorded(reason):  # a socket that never opened: no user, no state
+            return
         username = self.core.username_of(ws) if ws is not None and self.core is not None else None
         self._log.warning("cut off", reason=reason, **_whom(ws or peer, label), **({"username": username} if username else {}))
         if ws is not None:

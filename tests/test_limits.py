@@ -721,6 +721,39 @@ async def test_a_socket_that_does_not_finish_its_upgrade_in_time_is_cut_off_and_
         await server.close()
 
 
+async def test_refusals_are_recorded_up_to_a_rate_and_the_rest_counted(tmp_path, monkeypatch):
+    """Anyone can open sockets: each refused one was a cut-off event and a log line, so a flood of them filled
+    the disk. Past REFUSALS_PER_SECOND in a second they are counted, in the metrics and in one warning."""
+    monkeypatch.setattr(server_module, "REFUSALS_PER_SECOND", 3)
+    server = await started(tmp_path, max_connections=1)
+    try:
+        first = await Raw.open(url(server))
+        await first.link("first")
+        with capture_logs() as logs:
+            started_at = time.monotonic()
+            for _ in range(30):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(UPGRADE)
+                assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 503 ")
+                writer.close()
+            windows = int(time.monotonic() - started_at) + 1  # seconds begun, each recording up to 3
+            for _ in range(300):  # each second's warning comes at its end
+                logged = sum(line["event"] == "cut off" for line in logs)
+                unrecorded = sum(line["counts"]["too many connections"] for line in logs
+                                 if line["event"] == "refusals not recorded")
+                if logged + unrecorded == 30:
+                    break
+                await asyncio.sleep(0.01)
+        assert server.metrics.cutoffs == {"too many connections": 30}
+        recorded = cutoffs_and_unlinks(server)
+        assert recorded == [("cutoff", None, "too many connections")] * logged
+        assert 3 <= logged <= 3 * windows < 30
+        assert unrecorded == 30 - logged
+        assert (await first.echo("still served")) == []
+    finally:
+        await server.close()
+
+
 @pytest.mark.parametrize(("limits", "raised_to", "warned"), [
     ((256, 1_000_000), 10_000 + 64 + 32, False),  # raised as far as needed
     ((256, 4096), 4096, True),  # the hard limit is short: raised to it, and said
