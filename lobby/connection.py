@@ -130,7 +130,8 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
         self.lobby_pinged_at = self.loop.time()
         pong = await super().ping(*args, **kwargs)
         if self.ping_timeout is not None and self.lobby_label is not None and isinstance(pong, asyncio.Future):
-            self._pong_watch = self.loop.call_later(self.ping_timeout / 2, self._watch_pong, pong, self.ping_timeout / 2, None)
+            half = self.ping_timeout / 2
+            self._pong_watch = self.loop.call_later(half, self._watch_pong, pong, half, None)
         return pong
 
     # A peer that reads, but slower than the lobby writes to it, answers a ping late: the ping waits behind the
