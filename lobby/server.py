@@ -712,8 +712,9 @@ class Server:
                 self._reading_paused.add(ws)
 
     def _cut_off(self, ws: LobbyConnection | None, label: str | None, reason: str, peer: Any = None) -> None:
-        """A limit was hit: from now on nothing more is read from or written to ``ws``; the core records
-        the cut-off (and the unlink of its user) in the next turn, and the connection is closed."""
+        """A limit was hit: from now on nothing more is read from ``ws``; the core records the cut-off (and the
+        unlink of its user) after the inputs already taken from it, and the connection is closed. It is written
+        what those inputs bring until then (a slow consumer: nothing, its connection is aborted at once)."""
         if ws is not None and ws.lobby_cut:  # cut off already (its abort's connection_lost still to come)
             return
         if self.core is None or self.core.status != "listening":  # closed: every user is unlinked already
@@ -1098,7 +1099,9 @@ class Server:
         max_buffer = self.config.max_buffer
         for ws, datas in frames.items():
             protocol = ws.protocol  # type: ignore[attr-defined]
-            if protocol.state is not State.OPEN or ws.lobby_cut:  # type: ignore[attr-defined]
+            # A connection cut off is still written what its inputs before the cut-off brought (the frames
+            # within its limits), as the log says, up to its close; one cut off as a slow consumer is aborted.
+            if protocol.state is not State.OPEN or ws.transport.is_closing():  # type: ignore[attr-defined]
                 continue
             try:
                 if direct:
