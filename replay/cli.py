@@ -111,7 +111,7 @@ def _sessions(args: argparse.Namespace) -> int:
 def _timeline(args: argparse.Namespace) -> int:
     events = timeline(
         args.db, args.session, lobby=args.lobby, users=args.user, types=args.type, since=args.since,
-        until=args.until, from_seq=args.from_seq, to_seq=args.to_seq,
+        until=args.until, from_seq=args.from_seq, to_seq=args.to_seq, seen_by=args.seen_by,
     )
     if args.json:
         for event in events:
@@ -465,7 +465,10 @@ def _add_commands(commands: Any) -> None:
              aliases=("show",))
     _db(p)
     _session(p, "session id or prefix (default: the whole log)")
-    p.add_argument("-u", "--user", action="append", help="only events of this user (repeatable)")
+    whose = p.add_mutually_exclusive_group()
+    whose.add_argument("-u", "--user", action="append", help="only events of this user (repeatable)")
+    whose.add_argument("--seen-by", metavar="USER", help="what USER's client was sent (every user's join, link, "
+                       "unlink and leave, broadcasts, sends) while linked, and what it did")
     p.add_argument("-t", "--type", action="append",
                    help=f"only events of this type (repeatable): {', '.join(EVENT_TYPES)}")
     p.add_argument("--since", help="from this time: ISO 8601 (UTC unless a zone is given) or HH:MM[:SS] on the "

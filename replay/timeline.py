@@ -1,5 +1,5 @@
 """``lobby replay timeline`` (alias ``show``): the events of a session (or of the whole log) in order,
-filtered by user, type, time range and seq range."""
+filtered by user, type, time range and seq range, or as one user's client saw them."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from datetime import datetime, timedelta, timezone
 
 from events import EVENT_TYPES, Event
 
+from .index import registry_at
 from .reader import Log, ReplayError, open_log, parse_time
 
-__all__ = ["Selection", "select", "timeline", "to_microseconds"]
+__all__ = ["Selection", "seen_by", "select", "timeline", "to_microseconds"]
 
 Moment = str | int | datetime
 
@@ -47,13 +48,19 @@ class Selection:
     types: frozenset[str] | None = None
     since: int | None = None
     until: int | None = None
+    #: Only what this user's client was sent, and what it did (see ``seen_by``).
+    seen_by: str | None = None
 
     def read(self, log: Log) -> Iterator[Event]:
         single_user = next(iter(self.users)) if self.users is not None and len(self.users) == 1 else None
-        events = log.read(
+        events: Iterator[Event] = log.read(
             self.from_seq, self.to_seq, lobby=self.lobby, session=self.session, username=single_user,
-            types=sorted(self.types) if self.types is not None else None,
+            types=sorted(self.types) if self.types is not None and self.seen_by is None else None,
         )
+        if self.seen_by is not None:  # which events it keeps depends on all of them: types filtered after
+            events = seen_by(log, events, self.seen_by)
+            if self.types is not None:
+                events = (event for event in events if event.type in self.types)
         for event in events:
             if self.users is not None and getattr(event, "username", None) not in self.users:
                 continue
@@ -61,6 +68,35 @@ class Selection:
                 continue
             if self.until is not None and event.at > self.until:
                 continue
+            yield event
+
+
+def seen_by(log: Log, events: Iterator[Event], username: str) -> Iterator[Event]:
+    """Of ``events`` (in seq order, none left out), those ``username``'s client was sent frames for while it was
+    linked (KRMX.md: every user's join, link, unlink and leave, broadcasts that did not skip it, sends to it), its
+    own lifecycle (its link brings it everyone, its leave its own ``krmx/left``), what it sent (its messages, its
+    cut-offs), and the sessions' starts and ends."""
+    linked: dict[str, bool] = {}  # by lobby: a log may hold several
+    for event in events:
+        kind, own = event.type, getattr(event, "username", None) == username
+        was = linked.get(event.lobby)
+        if was is None:
+            was = registry_at(log, event.lobby, (event.seq or 1) - 1).users.get(username, False)
+        if kind in ("listen", "close"):
+            shown = True
+        elif kind == "broadcast":
+            shown = was and event.skip != username  # type: ignore[attr-defined]
+        elif kind in ("join", "link", "unlink", "leave"):
+            shown = was or own
+        else:
+            shown = own
+        if kind == "listen":
+            linked[event.lobby] = False  # a session starts with every user unlinked
+        elif own and kind in ("link", "unlink", "leave"):
+            linked[event.lobby] = kind == "link"
+        else:
+            linked[event.lobby] = was
+        if shown:
             yield event
 
 
@@ -81,10 +117,13 @@ def select(
     until: Moment | None = None,
     from_seq: int | None = None,
     to_seq: int | None = None,
+    seen_by: str | None = None,
 ) -> Selection:
     """Resolve the filters against ``log`` (unknown session, type or lobby, a range that ends before it
     starts: ``ReplayError``)."""
     check_seq_range(from_seq, to_seq)
+    if seen_by is not None and users is not None:
+        raise ReplayError("give either users or seen_by: the events of some users, or what one user's client saw")
     if lobby is not None:
         log.lobby(lobby)
     low, high = 1, log.upto
@@ -118,7 +157,7 @@ def select(
         lobby=info.lobby if info is not None else lobby,
         session=info.session if info is not None else None,
         users=_names(users) if users is not None else None,
-        types=wanted_types, since=since_us, until=until_us,
+        types=wanted_types, since=since_us, until=until_us, seen_by=seen_by,
     )
 
 
@@ -133,17 +172,19 @@ def timeline(
     until: Moment | None = None,
     from_seq: int | None = None,
     to_seq: int | None = None,
+    seen_by: str | None = None,
 ) -> Iterator[Event]:
     """The events of ``session`` (id or prefix; the whole log without one) in seq order, lazily.
 
     Filters combine: ``users`` and ``types`` are sets to keep, ``since``/``until`` a time range (ISO 8601,
     ``21:03`` on the session's date, a datetime or UTC microseconds), ``from_seq``/``to_seq`` a seq range.
-    A bad filter raises at once; the log is closed when the iterator is exhausted or closed.
+    ``seen_by`` (instead of ``users``) keeps what that user's client was sent, and what it did (see
+    :func:`seen_by`). A bad filter raises at once; the log is closed when the iterator is exhausted or closed.
     """
     log = open_log(path)
     try:
         selection = select(log, session, lobby=lobby, users=users, types=types, since=since, until=until,
-                           from_seq=from_seq, to_seq=to_seq)
+                           from_seq=from_seq, to_seq=to_seq, seen_by=seen_by)
     except BaseException:
         log.close()
         raise

@@ -399,3 +399,88 @@ def test_tables_show_control_characters_in_names_escaped(tmp_path, capsys):
     ]
     code, out, _ = run(capsys, "timeline", path, "--json")
     assert orjson.loads(out.splitlines()[1])["username"] == forged
+
+
+async def test_timeline_seen_by_is_what_the_users_client_was_sent(tmp_path, capsys):
+    """Every frame bob's client received, derived from the log: other users' lifecycle while he is linked,
+    broadcasts that did not skip him, sends to him, and his own link's burst, unlink and leave."""
+    import asyncio
+
+    from events.projection import Registry, apply
+    from lobby import Server
+
+    from .replay_logs import game_app
+    from .wsclient import Raw
+
+    server = game_app(Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/"
+    received: list = []
+
+    async def record(client: Raw) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                received.append(orjson.loads(await client.ws.recv()))
+
+    async def settle() -> None:  # everything sent so far has arrived: an echo to alice, and a pause
+        await alice.echo()
+        await asyncio.sleep(0.05)
+
+    try:
+        alice = await Raw.open(url)
+        await alice.link("alice")
+        bob = await Raw.open(url)
+        recording = asyncio.create_task(record(bob))
+        await bob.send({"type": "krmx/link", "payload": {"username": "bob", "version": "0.5.4"}})
+        await settle()
+        await alice.send({"type": "chat/say", "payload": "hi"})
+        carol = await Raw.open(url)
+        await carol.link("carol")
+        server.broadcast({"type": "game/secret"}, skip="bob")
+        server.broadcast({"type": "game/tick"}, skip="alice")
+        await bob.send({"type": "test/echo", "payload": "bob's"})
+        await settle()
+        await bob.send({"type": "krmx/unlink"})
+        await settle()
+        await alice.send({"type": "chat/say", "payload": "bob cannot hear this"})
+        await carol.send({"type": "krmx/leave"})
+        await settle()
+        await bob.send({"type": "krmx/link", "payload": {"username": "bob", "version": "0.5.4"}})
+        await settle()
+        server.kick("bob")
+        await settle()
+        recording.cancel()
+    finally:
+        await server.close()
+
+    db = tmp_path / "lobby.db"
+    log = open_log(db)
+    registry = Registry()
+    sent: list = []
+    try:
+        for event in log.read(1, log.upto):
+            apply(registry, event)
+            if event.seq not in {e.seq for e in replay.timeline(db, seen_by="bob", from_seq=event.seq, to_seq=event.seq)}:
+                continue
+            if event.type == "link" and event.username == "bob":  # accepted, then everyone in join order
+                sent.append({"type": "krmx/accepted"})
+                for name, linked in registry.users.items():
+                    sent.append({"type": "krmx/joined", "payload": {"username": name}})
+                    if linked:
+                        sent.append({"type": "krmx/linked", "payload": {"username": name}})
+            elif event.type == "join" and event.username == "bob":
+                pass  # in his link's burst
+            elif event.type in ("join", "link", "unlink", "leave"):
+                sent.append({"type": f"krmx/{event.type}ed".replace("leaveed", "left"), "payload": {"username": event.username}})
+            elif event.type in ("send", "broadcast"):
+                sent.append(event.message)
+    finally:
+        log.close()
+    assert len(received) > 12 and sent == received
+    kinds = [e.type for e in replay.timeline(db, seen_by="bob")]
+    assert kinds.count("message") == 1 and kinds[0] == "listen" and kinds[-1] == "close"  # what he did, the session
+    with pytest.raises(SystemExit) as exit_:
+        main(["replay", "timeline", str(db), "-u", "bob", "--seen-by", "bob"])
+    assert exit_.value.code == 2 and "argument --seen-by: not allowed with argument -u/--user" in capsys.readouterr().err
+    code, out, _ = run(capsys, "timeline", db, "--seen-by", "bob", "-t", "broadcast")
+    assert code == 0 and out.count("broadcast") == 2  # "hi" and the tick; not the secret, nor what he missed
