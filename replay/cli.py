@@ -472,7 +472,7 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("-t", "--type", action="append",
                    help=f"only events of this type (repeatable): {', '.join(EVENT_TYPES)}")
     p.add_argument("--since", help="from this time: ISO 8601 (UTC unless a zone is given) or HH:MM[:SS] on the "
-                   "session's date")
+                   "date of the session or log that has it")
     p.add_argument("--until", help="up to this time (same forms as --since)")
     p.add_argument("--from-seq", type=_nonnegative, help="from this seq")
     p.add_argument("--to-seq", type=_nonnegative, help="up to this seq")

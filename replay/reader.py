@@ -13,7 +13,7 @@ import sys
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, time, timezone
+from datetime import datetime, time, timedelta, timezone
 from typing import Any
 
 from events import Event, EventStore
@@ -21,6 +21,7 @@ from events import Event, EventStore
 __all__ = [
     "Log",
     "SessionRange",
+    "ClockSpan",
     "ReplayError",
     "open_log",
     "parse_time",
@@ -53,6 +54,20 @@ class SessionRange:
     @property
     def closed(self) -> bool:
         return self.end is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSpan:
+    """Where a bare clock time (``21:03``) is looked for: the times of a session or of a log (UTC microseconds),
+    and what to call it in an error."""
+
+    start: int
+    last: int
+    name: str
+
+    @classmethod
+    def of(cls, session: SessionRange) -> ClockSpan:
+        return cls(session.start, max(session.last_at, session.end or 0), f"session {session.session}")
 
 
 class Log:
@@ -192,11 +207,15 @@ class Log:
     def session_events(self, session: SessionRange, **filters: Any) -> Iterator[Event]:
         return self.read(session.first_seq, session.last_seq, lobby=session.lobby, session=session.session, **filters)
 
-    def clock_date(self, lobby: str | None = None) -> int | None:
-        """The time whose UTC date a bare clock time (``21:03``) is on, without a session: the start of the
-        last session (of ``lobby``), as commands show by default."""
-        candidates = [s for s in self.sessions if lobby is None or s.lobby == lobby]
-        return candidates[-1].start if candidates else None
+    def clock_span(self, lobby: str | None = None) -> ClockSpan | None:
+        """Where a bare clock time is looked for without a session: the whole log (of ``lobby``)."""
+        sessions = [s for s in self.sessions if lobby is None or s.lobby == lobby]
+        if not sessions:
+            return None
+        spans = [ClockSpan.of(s) for s in sessions]
+        whole_log = len(sessions) == len(self.sessions)
+        return ClockSpan(min(s.start for s in spans), max(s.last for s in spans),
+                         "the log" if whole_log else f"lobby {lobby}'s sessions")
 
     def at_of(self, seq: int, lobby: str | None = None) -> int | None:
         """``at`` of the first event (of ``lobby``, if given) at or after ``seq`` (``None`` past the end)."""
@@ -260,44 +279,80 @@ def open_log(path: str | os.PathLike[str]) -> Log:
 
 # -- times --------------------------------------------------------------------------------------------------
 
-_CLOCK = re.compile(r"^\d{1,2}:\d{2}(:\d{2}(\.\d{1,6})?)?$")
+_CLOCK = re.compile(r"^\d{1,2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?$", re.IGNORECASE)
+#: The time of day in a time, after its date if it has one, up to its zone.
+_TIME_OF_DAY = re.compile(r"(?:^|[T ])(\d{1,2}(?::\d{2}(?::\d{2}(?:\.(\d{1,6}))?)?)?)(?:Z|[+-]\d{2}:?\d{2})?$",
+                          re.IGNORECASE)
+_DAY = 86_400_000_000
 
 
-_FRACTION = re.compile(r":\d{2}\.(\d{1,6})(?!\d)")
+def parse_time(text: str, span: ClockSpan | None = None, *, end: bool = False, whole: bool = False) -> int:
+    """UTC microseconds from an ISO 8601 time (``2026-11-27T21:03:00Z``; no zone means UTC) or a clock time
+    (``21:03``, ``21:03:00.5``, ``21:03+01:00``) on the one UTC date in ``span`` that has it.
 
-
-def parse_time(text: str, reference: int | None = None, *, end: bool = False) -> int:
-    """UTC microseconds from an ISO 8601 time (``2026-11-27T21:03:00Z``; no zone means UTC) or a clock
-    time (``21:03``, ``21:03:00.5``) on the UTC date of ``reference`` (microseconds).
-
-    ``end``: for an upper bound or a point, a time given to a fraction of a second names the whole of its
-    last digit (``21:03:00.531`` is up to ``21:03:00.531999``), so a time pasted from the millisecond
-    output includes the events printed with it."""
+    A time names the whole of its last unit: ``21:03`` the minute, ``21:03:00.531`` that millisecond. It is
+    that unit's start, but for a point or an upper bound (``end``) given to the second or finer: its end, so a
+    time pasted from the millisecond output includes the events printed with it; and for an upper bound
+    (``whole``) its end whatever the unit: ``--until 21:03`` includes 21:03:59."""
     text = text.strip()
-    fraction = _FRACTION.search(text)
-    widen = 10 ** (6 - len(fraction.group(1))) - 1 if end and fraction else 0
-    return _parse_time(text, reference) + widen
+    width = _width(text)
+    widen = width - 1 if end and (whole or width <= 1_000_000) else 0
+    return _parse_time(text, span, width) + widen
 
 
-def _parse_time(text: str, reference: int | None) -> int:
+def _width(text: str) -> int:
+    """Microseconds of the last unit ``text`` gives: a day, an hour, a minute, a second, a fraction."""
+    found = _TIME_OF_DAY.search(text)
+    if found is None:
+        return _DAY
+    clock, fraction = found.groups()
+    if fraction:
+        return 10 ** (6 - len(fraction))
+    return (3_600_000_000, 60_000_000, 1_000_000)[clock.count(":")]
+
+
+def _parse_time(text: str, span: ClockSpan | None, width: int) -> int:
     if _CLOCK.match(text):
-        if reference is None:
+        if span is None:
             raise ReplayError(f"time {text!r} has no date; give a full time like 2026-11-27T{text}")
-        day = datetime.fromtimestamp(reference / 1_000_000, tz=timezone.utc).date()
         clock = "0" + text if text.index(":") == 1 else text
         try:
-            moment = datetime.combine(day, time.fromisoformat(clock))
+            of_day = time.fromisoformat(clock.upper())
         except ValueError as error:
             raise ReplayError(f"cannot read time {text!r}: {error}") from None
-    else:
-        try:
-            moment = datetime.fromisoformat(text.replace(" ", "T", 1))
-        except ValueError:
-            raise ReplayError(f"cannot read time {text!r}; use ISO 8601 like 2026-11-27T21:03:00Z or 21:03") from None
+        return _on_its_day(text, of_day, span, width)
+    try:
+        moment = datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError:
+        raise ReplayError(f"cannot read time {text!r}; use ISO 8601 like 2026-11-27T21:03:00Z or 21:03") from None
+    return _microseconds(moment)
+
+
+def _microseconds(moment: datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _on_its_day(text: str, of_day: time, span: ClockSpan, width: int) -> int:
+    """A clock time on the day of ``span`` that has it: the only one, or, when it is in none, the span's only
+    day; on several days, or in none of several, the date must be given."""
+    first = datetime.fromtimestamp(span.start / 1_000_000, tz=timezone.utc).date()
+    last = datetime.fromtimestamp(span.last / 1_000_000, tz=timezone.utc).date()
+    days = [first + timedelta(days=n) for n in range(-1, (last - first).days + 2)]  # a zone may move it a day
+    moments = {day: _microseconds(datetime.combine(day, of_day)) for day in days}
+    within = [day for day, moment in moments.items() if moment <= span.last and moment + width > span.start]
+    if len(within) == 1:
+        return moments[within[0]]
+    if not within and first == last:
+        return moments[first]  # before or after a session of one day: the command says what that means
+    example = (within or [first])[0].isoformat() + "T" + text
+    if within:
+        dates = ", ".join(day.isoformat() for day in within)
+        raise ReplayError(f"time {text!r} is on more than one day of {span.name} ({dates}); give the date, like {example}")
+    raise ReplayError(f"time {text!r} is not in {span.name} ({format_time(span.start)} to {format_time(span.last)} "
+                      f"UTC); give the date, like {example}")
 
 
 def format_time(at: int | None, *, date: bool = True) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from events import Event, Registry, apply
 
 from .index import registry_at
-from .reader import Log, ReplayError, SessionRange, format_time, iso_time, open_log
+from .reader import ClockSpan, Log, ReplayError, SessionRange, format_time, iso_time, open_log
 from .timeline import Moment, check_seq_range, to_microseconds
 
 __all__ = ["StatePoint", "StateDiff", "state", "diff", "step", "state_in", "point_of"]
@@ -87,8 +87,7 @@ def point_of(
             )
         return name, at_seq
     if at_time is not None:
-        reference = info.start if info is not None else log.clock_date(name)
-        moment = to_microseconds(at_time, reference, end=True)
+        moment = to_microseconds(at_time, ClockSpan.of(info) if info is not None else log.clock_span(name), end=True)
         if info is not None:
             _check_time_in(log, info, moment, at_time)
         return name, log.seq_at_time(moment, info, name)
@@ -109,9 +108,9 @@ def _check_time_in(log: Log, info: SessionRange, moment: int, given: Moment) -> 
     since, until = (max(before) if before else None), (min(after) if after else None)
     if (since is not None and moment <= since) or (until is not None and moment >= until):
         shown = given if isinstance(given, str) else format_time(moment)
-        span = (f"after {format_time(since)}, the previous session's last event" if since is not None else "any time")
-        span += f", and before {format_time(until)}, when the next began" if until is not None else ""
-        raise ReplayError(f"time {shown} is not in session {info.session} ({span})")
+        bounds = [f"after {format_time(since)}, the previous session's last event"] if since is not None else []
+        bounds += [f"before {format_time(until)}, when the next began"] if until is not None else []
+        raise ReplayError(f"time {shown} is not in session {info.session} ({' and '.join(bounds)})")
 
 
 def state_in(log: Log, lobby: str, seq: int) -> StatePoint:

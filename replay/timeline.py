@@ -11,16 +11,16 @@ from datetime import datetime, timedelta, timezone
 from events import EVENT_TYPES, Event
 
 from .index import registry_at
-from .reader import Log, ReplayError, open_log, parse_time
+from .reader import ClockSpan, Log, ReplayError, open_log, parse_time
 
 __all__ = ["Selection", "seen_by", "select", "timeline", "to_microseconds"]
 
 Moment = str | int | datetime
 
 
-def to_microseconds(value: Moment, reference: int | None = None, *, end: bool = False) -> int:
+def to_microseconds(value: Moment, span: ClockSpan | None = None, *, end: bool = False, whole: bool = False) -> int:
     """UTC microseconds from a datetime, an int (already microseconds) or a string (see ``parse_time``,
-    and its ``end``)."""
+    and its ``end`` and ``whole``)."""
     if isinstance(value, datetime):
         moment = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
         return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
@@ -28,7 +28,7 @@ def to_microseconds(value: Moment, reference: int | None = None, *, end: bool = 
         return value
     if not isinstance(value, str):
         raise ReplayError(f"a time is a string, a datetime or microseconds (an int), not {value!r}")
-    return parse_time(value, reference, end=end)
+    return parse_time(value, span, end=end, whole=whole)
 
 
 def _names(values: Iterable[str]) -> frozenset[str]:
@@ -141,9 +141,9 @@ def select(
         unknown = sorted(wanted_types - EVENT_TYPES.keys())
         if unknown:
             raise ReplayError(f"unknown event type {', '.join(unknown)} (types: {', '.join(EVENT_TYPES)})")
-    reference = info.start if info is not None else log.clock_date(lobby)
-    since_us = to_microseconds(since, reference) if since is not None else None
-    until_us = to_microseconds(until, reference, end=True) if until is not None else None
+    span = ClockSpan.of(info) if info is not None else log.clock_span(lobby)
+    since_us = to_microseconds(since, span) if since is not None else None
+    until_us = to_microseconds(until, span, end=True, whole=True) if until is not None else None
     if since_us is not None and until_us is not None and since_us > until_us:
         raise ReplayError(f"since {since} is after until {until}")
     # Narrow the seqs by time where one lobby's clock orders them; the events are filtered by time anyway.

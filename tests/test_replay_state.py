@@ -354,3 +354,67 @@ def test_a_session_whose_first_row_is_lost_is_still_listed(tmp_path):
     with sqlite3.connect(path) as conn:
         conn.execute("DELETE FROM events WHERE seq = 1")  # a's listen
     assert [(s.lobby, s.first_seq, s.start) for s in replay.sessions(path)] == [("a", 1, 1_002), ("b", 2, 1)]
+
+
+def _timed_log(path: Path, sessions: dict[str, list[tuple[str, str, tuple]]]) -> Path:
+    """A log of sessions whose events happen at the given ISO times (UTC): {session: [(time, kind, args)]}."""
+    from datetime import datetime
+
+    with EventStore(path) as store:
+        for session, events in sessions.items():
+            ev = Events(session=session)
+            for moment, kind, args in events:
+                ev.at = us(datetime.fromisoformat(moment)) - 1
+                store.append([getattr(ev, kind)(*args)])
+    return path
+
+
+def _evening(day: str, session: str) -> list[tuple[str, str, tuple]]:
+    return [(f"{day}T21:00:00Z", "listen", ()), (f"{day}T21:01:00Z", "join", ("bob",)),
+            (f"{day}T21:01:01Z", "link", ("bob",)), (f"{day}T21:14:30Z", "unlink", ("bob", "kick")),
+            (f"{day}T21:14:30Z", "leave", ("bob", "kick")), (f"{day}T21:20:00Z", "close", ())]
+
+
+def test_a_clock_time_is_on_the_day_of_the_log_that_has_it(tmp_path, capsys):
+    """'21:14' meant the last session's date: asked the morning after a restart, it named a time after the end
+    of the log and answered with today's (empty) lobby; a session across midnight put 00:06 before its start."""
+    friday = _timed_log(tmp_path / "friday.db", {
+        "fri": _evening("2026-11-27", "fri"),
+        "sat": [("2026-11-28T10:00:00Z", "listen", ()), ("2026-11-28T10:05:00Z", "close", ())],
+    })
+    assert [u["username"] for u in replay.state(friday, at_time="21:14").to_dict()["users"]] == ["bob"]
+    bob = list(replay.timeline(friday, users=["bob"], since="21:00", until="21:20"))
+    assert [e.type for e in bob] == ["join", "link", "unlink", "leave"]
+    # a time names its whole last unit: to the second, or the minute, as an upper bound
+    assert [e.type for e in replay.timeline(friday, since="21:14:30", until="21:14:30")] == ["unlink", "leave"]
+    assert [e.type for e in replay.timeline(friday, since="21:14", until="21:14")] == ["unlink", "leave"]
+    assert replay.state(friday, at_time="22:14:30+01:00").seq == replay.state(friday, at_time="21:14:30Z").seq == 5
+    two_evenings = _timed_log(tmp_path / "evenings.db", {
+        "fri": _evening("2026-11-27", "fri"), "sat": _evening("2026-11-28", "sat")})
+    with pytest.raises(ReplayError, match=r"'21:14' is on more than one day of the log \(2026-11-27, 2026-11-28\); "
+                                          r"give the date, like 2026-11-27T21:14"):
+        replay.state(two_evenings, at_time="21:14")
+    assert replay.state(two_evenings, session="sat", at_time="21:14").seq == 9  # one day in a session
+    assert replay.state(two_evenings, at_time="09:00").seq == 6  # between the two: Saturday morning
+    assert main(["replay", "state", str(two_evenings), "--at-time", "21:14"]) == 2
+    assert "give the date" in capsys.readouterr().err
+    midnight = _timed_log(tmp_path / "midnight.db", {"midn": [
+        ("2026-11-27T23:50:00Z", "listen", ()), ("2026-11-27T23:55:00Z", "join", ("bob",)),
+        ("2026-11-27T23:55:01Z", "link", ("bob",)), ("2026-11-28T00:05:00Z", "unlink", ("bob", "dropped")),
+        ("2026-11-28T00:10:00Z", "close", ()),
+    ]})
+    linked = lambda moment: replay.state(midnight, session="midn", at_time=moment).to_dict()["users"]  # noqa: E731
+    assert linked("23:56") == [{"username": "bob", "isLinked": True}]
+    assert linked("00:06") == [{"username": "bob", "isLinked": False}]
+    with pytest.raises(ReplayError, match=r"'12:00' is not in session midn \(2026-11-27 23:50:00.000 to 2026-11-28 "
+                                          r"00:10:00.000 UTC\); give the date, like 2026-11-27T12:00"):
+        list(replay.timeline(midnight, "midn", since="12:00"))
+
+
+def test_a_time_in_another_session_names_the_bounds_it_missed(tmp_path):
+    log = _timed_log(tmp_path / "two.db", {
+        "fri": _evening("2026-11-27", "fri"), "sat": _evening("2026-11-28", "sat")})
+    with pytest.raises(ReplayError) as refused:
+        replay.state(log, session="fri", at_time="2026-11-28T21:05:00Z")
+    assert str(refused.value) == ("time 2026-11-28T21:05:00Z is not in session fri (before 2026-11-28 21:00:00.000, "
+                                  "when the next began)")
