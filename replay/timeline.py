@@ -131,6 +131,13 @@ def select(
     if session is not None:
         info = log.session(session, lobby)
         low, high = info.first_seq, min(info.last_seq, log.upto)
+    # A range that starts past the end, or misses its session, is a mistake to say, not an empty answer (an end
+    # past the last seq is "to the end").
+    if from_seq is not None and from_seq > log.upto:
+        raise ReplayError(f"from seq {from_seq} is past the end of the log (seqs 1..{log.upto})")
+    if info is not None and ((from_seq or low) > high or (to_seq if to_seq is not None else high) < low):
+        raise ReplayError(f"seqs {from_seq or low}..{to_seq if to_seq is not None else high} are not in session "
+                          f"{info.session} (seqs {low}..{high})")
     if from_seq is not None:
         low = max(low, from_seq)
     if to_seq is not None:

@@ -484,3 +484,16 @@ async def test_timeline_seen_by_is_what_the_users_client_was_sent(tmp_path, caps
     assert exit_.value.code == 2 and "argument --seen-by: not allowed with argument -u/--user" in capsys.readouterr().err
     code, out, _ = run(capsys, "timeline", db, "--seen-by", "bob", "-t", "broadcast")
     assert code == 0 and out.count("broadcast") == 2  # "hi" and the tick; not the secret, nor what he missed
+
+
+def test_a_seq_range_past_the_end_or_outside_its_session_is_refused(game_log, capsys):
+    """state, diff and step refused such seqs; timeline and export answered nothing, exit 0."""
+    first, second = replay.sessions(game_log)[:2]
+    last = second.last_seq
+    for argv in (["timeline", game_log, "--from-seq", last + 1], ["export", game_log, "--from-seq", 99_999]):
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (2, "") and f"is past the end of the log (seqs 1..{last})" in err
+    code, _, err = run(capsys, "timeline", game_log, "-s", first.session, "--from-seq", second.first_seq)
+    assert code == 2 and f"are not in session {first.session} (seqs 1..{first.last_seq})" in err
+    code, out, _ = run(capsys, "timeline", game_log, "--from-seq", last, "--to-seq", 99_999)  # to the end
+    assert code == 0 and len(out.splitlines()) == 2
