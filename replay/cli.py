@@ -141,6 +141,9 @@ def _state(args: argparse.Namespace) -> int:
     for name, linked in registry.users.items():
         _out(f"  {'●' if linked else '○'} {name:<24} {'linked' if linked else 'unlinked'}")
     _out(f"{len(registry.users)} users, {len(registry.linked())} linked")
+    if point.died_until is not None:
+        _out(f"the session ended here without a close (the server died); the next began at "
+             f"{format_time(point.died_until)} and unlinked the linked users (recovered)")
     return 0
 
 

@@ -24,6 +24,9 @@ class StatePoint:
     seq: int
     at: int | None
     registry: Registry
+    #: When ``seq`` is the last event of a session that ended without a close (the server died): the start of
+    #: the next session, which unlinked its linked users (``recovered``). Until then they show as linked.
+    died_until: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +36,7 @@ class StatePoint:
             "session": self.registry.session,
             "closed": self.registry.closed,
             "users": self.registry.as_list(),
+            "died_until": iso_time(self.died_until) if self.died_until is not None else None,
         }
 
 
@@ -114,7 +118,11 @@ def _check_time_in(log: Log, info: SessionRange, moment: int, given: Moment) -> 
 
 
 def state_in(log: Log, lobby: str, seq: int) -> StatePoint:
-    return StatePoint(lobby=lobby, seq=seq, at=_at(log, seq, lobby), registry=registry_at(log, lobby, seq))
+    sessions = [s for s in log.sessions if s.lobby == lobby]
+    died_until = next((after.start for ended, after in zip(sessions, sessions[1:])
+                       if ended.last_seq == seq and not ended.closed), None)
+    return StatePoint(lobby=lobby, seq=seq, at=_at(log, seq, lobby), registry=registry_at(log, lobby, seq),
+                      died_until=died_until)
 
 
 def _at(log: Log, seq: int, lobby: str) -> int | None:

@@ -497,3 +497,17 @@ def test_a_seq_range_past_the_end_or_outside_its_session_is_refused(game_log, ca
     assert code == 2 and f"are not in session {first.session} (seqs 1..{first.last_seq})" in err
     code, out, _ = run(capsys, "timeline", game_log, "--from-seq", last, "--to-seq", 99_999)  # to the end
     assert code == 0 and len(out.splitlines()) == 2
+
+
+def test_state_in_the_gap_after_a_crash_says_the_server_was_down(crash_log, capsys):
+    """Users linked when the server died show as linked until the next start's recovery: say so."""
+    db, _ = crash_log
+    crashed, restarted = replay.sessions(db)[:2]
+    between = crashed.last_at + (restarted.start - crashed.last_at) // 2
+    point = replay.state(db, at_time=between)
+    assert point.seq == crashed.last_seq and point.died_until == restarted.start
+    assert point.registry.linked() == ["alice", "bob"]
+    code, out, _ = run(capsys, "state", db, "--at-seq", crashed.last_seq)
+    assert code == 0 and out.splitlines()[-1].startswith("the session ended here without a close (the server died)")
+    code, out, _ = run(capsys, "state", db, "--at-seq", crashed.last_seq - 1, "--json")
+    assert orjson.loads(out)["died_until"] is None
