@@ -15,8 +15,9 @@ What is replayed, from the old log, in order, each over a websocket of its own u
   authenticate checks secrets needs a test double that accepts it.
 - a ``message``: the same frame.
 - an ``unlink`` with reason ``requested``: ``krmx/unlink``, or ``krmx/leave`` when a ``leave`` (requested)
-  follows it; ``dropped``, ``ping timeout`` and ``frame too large``: the socket is closed (so these three
-  compare as one reason, ``connection lost``); ``invalid message``: a frame that is not JSON; ``reserved
+  follows it; ``dropped``, ``ping timeout``, ``frame too large`` and the other cut-offs of a linked user
+  (``rate limit``, ``flood``, ``slow consumer``): the socket is closed (so these compare as one reason,
+  ``connection lost``, and the ``cutoff`` events are left out of the comparison); ``invalid message``: a frame that is not JSON; ``reserved
   type``: a ``krmx/...`` frame; ``link while linked``: a second ``krmx/link``.
 - the ``close`` at the end (and the unlinks and leaves of that close): ``server.close()``, keeping users
   when the old close did (reason ``server restart``).
@@ -50,8 +51,9 @@ from .render import event_json, event_row
 
 __all__ = ["RedriveReport", "Divergence", "Input", "plan_inputs", "redrive", "redrive_async", "comparable"]
 
-#: Unlink reasons that all mean "the connection went away": a replay can only close the socket.
-CONNECTION_LOST = frozenset({"dropped", "ping timeout", "flood", "frame too large"})
+#: Unlink reasons that all mean "the connection went away": a replay can only close the socket (the timing
+#: of a flood, a slow reader or a missed pong is not in the log).
+CONNECTION_LOST = frozenset({"dropped", "ping timeout", "flood", "frame too large", "rate limit", "slow consumer"})
 #: Reasons of the unlinks and leaves a server close records.
 CLOSE_REASONS = frozenset({"close", "server restart"})
 CLIENT_VERSION = "0.6.0"
@@ -379,7 +381,8 @@ async def redrive_async(
     difference between what it records and the old log. See the module documentation for what is replayed."""
     with open_log(path) as log:
         info = log.session(session, lobby)
-        old = list(log.session_events(info))
+        # A cut-off is compared as the unlink that follows it (CONNECTION_LOST): the replay closes the socket.
+        old = [event for event in log.session_events(info) if event.type != "cutoff"]
         start = registry_at(log, info.lobby, info.first_seq - 1)
     if isinstance(server, type) or not hasattr(server, "start"):  # a class or a function making one
         server = server()
@@ -395,7 +398,7 @@ async def redrive_async(
         except Exception as error:
             raise ReplayError(f"cannot configure the server to redrive on: {error}") from None
         driver = _Driver(server, old, settle, auth, client_version)
-        server.on("event", driver.new.append)
+        server.on("event", lambda event: event.type == "cutoff" or driver.new.append(event))
         await server.start()
         inputs = plan_inputs(old)
         try:

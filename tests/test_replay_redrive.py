@@ -233,3 +233,33 @@ def test_a_connection_that_went_away_is_replayed_as_a_drop(reason):
     ev = Events()
     log = [ev.listen(), ev.join("ann"), ev.link("ann"), ev.unlink("ann", reason)]
     assert [(step.index, step.action) for step in plan_inputs(log)] == [(1, "link"), (3, "drop")]
+
+
+@pytest.mark.parametrize("limit", ["rate limit", "frame too large"])
+async def test_a_connection_cut_off_by_a_limit_is_replayed_as_a_drop(tmp_path, limit):
+    """The old log has the cut-off, then the unlink with its reason: both compare as the connection going
+    away (a replay cannot reproduce the timing of a flood). A rate limit was a difference for an unchanged app."""
+    from .wsclient import Raw
+
+    db = tmp_path / "limits.db"
+    server = echo_app()
+    server.configure(port=0, db=str(db), message_rate=0.001, message_burst=3, max_frame_size=1024)
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/"
+    alice, bob = await Raw.open(url), await Raw.open(url)
+    await alice.link("alice")
+    await bob.link("bob")
+    await alice.send({"type": "test/echo", "payload": "hi"})
+    if limit == "rate limit":
+        for _ in range(3):
+            await bob.send({"type": "test/echo", "payload": "again"})
+    else:
+        await bob.send({"type": "test/echo", "payload": "x" * 2000})
+    while not await bob.closed():
+        pass
+    await alice.close()
+    await server.close()
+    with EventStore.open_readonly(db) as store:
+        assert [(e.type, e.reason) for e in store.read(types=["cutoff"])] == [("cutoff", limit)]
+    report = await replay.redrive_async(db, echo_app, settle=1.0)
+    assert report.ok, report.divergence.describe()
