@@ -1101,7 +1101,7 @@ class Server:
             protocol = ws.protocol  # type: ignore[attr-defined]
             # A connection cut off is still written what its inputs before the cut-off brought (the frames
             # within its limits), as the log says, up to its close; one cut off as a slow consumer is aborted.
-            if protocol.state is not State.OPEN or ws.transport.is_closing():  # type: ignore[attr-defined]
+            if protocol.state is not State.OPEN or (ws.lobby_cut and ws.transport.is_closing()):  # type: ignore[attr-defined]
                 continue
             try:
                 if direct:
