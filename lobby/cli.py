@@ -181,9 +181,10 @@ def serve_command(args: argparse.Namespace) -> int:
             overrides[field] = parse(text)
         except ValueError as error:
             raise UsageError(f"{flag} / {_env_name(flag)}: invalid value {text!r}: {error}") from None
-    log_format = _option(args, "--log-format", "json")
-    log_level = _option(args, "--log-level", "info")
-    on_stop = _option(args, "--on-stop", "close")
+    # Words in any case, as booleans are (LOBBY_LOG_LEVEL=INFO).
+    log_format = _option(args, "--log-format", "json").lower()
+    log_level = _option(args, "--log-level", "info").lower()
+    on_stop = _option(args, "--on-stop", "close").lower()
     if log_format not in ("json", "console"):
         raise UsageError(f"--log-format / LOBBY_LOG_FORMAT must be json or console, not {log_format!r}")
     if log_level not in LOG_LEVELS:

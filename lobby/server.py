@@ -553,8 +553,9 @@ class Server:
                 response.headers["Allow"] = "GET, HEAD"
                 return response
             head = request.method == "HEAD"  # the headers a GET would get, no body
-            if path == "/health":
-                return respond(connection, HTTPStatus.OK, self.metrics.health_json(), "application/json", head=head)
+            if path == "/health":  # 503 but while listening: a load balancer stops sending players to a closing one
+                code = HTTPStatus.OK if self._status == "listening" else HTTPStatus.SERVICE_UNAVAILABLE
+                return respond(connection, code, self.metrics.health_json(), "application/json", head=head)
             return respond(connection, HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE, head=head)
         if path != self.config.path:
             self.metrics.refused["not found"] += 1
@@ -564,6 +565,9 @@ class Server:
                 connection.protocol.process_origin(request.headers)  # websockets' check, answered here to be logged
             except InvalidHandshake:
                 return self._refuse(connection, request, "origin not allowed")
+        if self._status != "listening":  # closing (its async listeners finishing): no new players
+            self.metrics.refused["server closing"] += 1
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server closing\n")
         if self.open_sockets - len(self.handshaking) >= self.config.max_connections:  # this one is handshaking
             self._cut_off(None, None, "too many connections", peer=connection)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")

@@ -420,6 +420,38 @@ async def test_health_reports_the_lobby(tmp_path):
         await server.close()
 
 
+async def test_a_closing_server_is_unhealthy_and_takes_no_new_players(tmp_path):
+    """While close waits for async listeners, /health said 200 and a new user could still join and link."""
+    server = await started(tmp_path)
+    release = asyncio.Event()
+
+    @server.on("message")
+    async def saving(username, message):
+        await release.wait()
+
+    try:
+        alice = await Raw.open(url(server))
+        await alice.link("alice")
+        await alice.send({"type": "game/save"})
+        while not server._listener_tasks:
+            await asyncio.sleep(0.01)
+        closing = asyncio.create_task(server.close())
+        while server.status != "closing":
+            await asyncio.sleep(0.01)
+        status, _, body = await http_get(server, "/health")
+        assert (status, orjson.loads(body)["status"]) == (503, "closing")
+        with pytest.raises(InvalidStatus) as refused:
+            await Raw.open(url(server))
+        assert (refused.value.response.status_code, refused.value.response.body) == (503, b"server closing\n")
+        assert server.users == [{"username": "alice", "isLinked": True}]  # the lobby still runs meanwhile
+        release.set()
+        await closing
+    finally:
+        release.set()
+        if server.status == "listening":
+            await server.close()
+
+
 async def test_a_limit_hit_while_the_server_closes_is_no_cut_off(tmp_path):
     """Connections that time out while a close waits for them: the log has its close and every user is
     unlinked, so no 'cut off' line or count that the log would not match."""

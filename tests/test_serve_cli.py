@@ -705,3 +705,12 @@ def test_db_may_be_a_path_and_host_none_or_a_list(tmp_path):
     assert Server(db=str(tmp_path / "x.db"), host=["127.0.0.1", "::1"]).config.host == ["127.0.0.1", "::1"]
     with pytest.raises(ValueError, match="host"):
         Server(db=str(tmp_path / "x.db"), host=[""])
+
+
+def test_words_are_read_in_any_case(tmp_path, monkeypatch):
+    """LOBBY_LOG_LEVEL=INFO was refused, while --compression TRUE was taken."""
+    seen = {}
+    monkeypatch.setattr(Server, "run", lambda self, **_: _record(seen, self))
+    monkeypatch.setenv("LOBBY_LOG_LEVEL", "WARNING")
+    assert main(["serve", "--db", str(tmp_path / "x.db"), "--on-stop", "Keep", "--log-format", "JSON"]) == 0
+    assert logging.getLogger().getEffectiveLevel() == logging.WARNING
