@@ -362,6 +362,17 @@ class EventStore:
         """Refuse, with a reason, a path SQLite would open wrongly or fail on later."""
         if target.is_dir():
             raise EventLogError(f"{self.path}: is a directory, not an event log")
+        if target.exists() and not target.is_file():
+            raise EventLogError(f"{self.path}: is not a regular file (a device, a pipe), not an event log")
+        orphan = f"{os.path.realpath(target)}-wal"
+        if not target.exists() and os.path.exists(orphan) and os.path.getsize(orphan) > 0:
+            # A log moved or deleted under a running server (a WAL never folded back): SQLite would throw its
+            # events away with the new log it starts here.
+            raise EventLogError(
+                f"{self.path}: does not exist, but {orphan!r} does: it holds the last events of the log that was "
+                "there (moved or deleted while a server wrote to it). Put the log back at this path to keep them "
+                "(a server folds them in), or delete that file to start a new log"
+            )
         if not target.parent.exists():
             raise EventLogError(f"{self.path}: folder {str(target.parent)!r} does not exist")
         links = target.stat().st_nlink if target.exists() else 1
@@ -571,9 +582,14 @@ class EventStore:
         try:
             identity = _identity(self._where)
         except FileNotFoundError:
-            raise EventLogError(f"{self.path}: was deleted while the log was open") from None
+            raise EventLogError(f"{self.path}: was moved or deleted while the log was open") from None
         if identity != self._identity:
             raise EventLogError(f"{self.path}: was replaced by another file while the log was open")
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead file into the log's file, the one this store has open wherever it is now: a log
+        moved under a running server keeps its last events (SQLite skips that at close once its file moved)."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         if getattr(self, "_wal_fd", None) is not None:

@@ -351,6 +351,10 @@ class Server:
         try:
             self.store.check_file()
         except EventLogError as error:
+            try:
+                self.store.checkpoint()  # moved (not deleted): its last events go into it, not a stray -wal
+            except sqlite3.Error as failure:
+                self._log.error("event log checkpoint failed", error=str(failure))
             self._die(error, "event log file gone; stopping")
             return
         self._loop.call_later(LOG_FILE_CHECK_INTERVAL, self._check_log_file)

@@ -959,3 +959,17 @@ def test_a_snapshot_ahead_of_the_log_is_refused(store):
     store.append([ev.link("alice")])
     assert store.load_registry("main") == rebuild(store.read())
     assert store.load_registry("main").users == {"alice": True}
+
+
+def test_a_log_whose_write_ahead_file_is_left_without_it_is_not_started_over(tmp_path):
+    """A log moved or deleted while a server wrote to it (and not checkpointed, a SIGKILL): its last events are
+    in the -wal left at the old path, which SQLite threw away with the new log it started there."""
+    db = tmp_path / "lobby.db"
+    (tmp_path / "lobby.db-wal").write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 28)  # a WAL header, frames or not
+    with pytest.raises(EventLogError, match=r"does not exist, but .*lobby.db-wal' does: it holds the last events"):
+        EventStore(db)
+    assert not db.exists()
+    (tmp_path / "lobby.db-wal").unlink()
+    EventStore(db).close()
+    with pytest.raises(EventLogError, match="is not a regular file"):
+        EventStore("/dev/null")  # SQLite failed with "disk I/O error", and left /dev/null-journal behind
