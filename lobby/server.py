@@ -238,6 +238,15 @@ class Server:
         """Open the log, rebuild the registry, listen; return the port. Recovers a session that crashed."""
         if self._status != "initializing":
             raise ServerError(f"cannot start listening when the server is {self._status}")
+        file_limit, configured = self._raise_file_limit(), self.config.max_connections
+        if file_limit is not None:
+            # Beyond the limit, accept() fails: the kernel drops the connection (and asyncio's own loop logs each
+            # failure with a traceback, thousands a second). Within it, the lobby's 503 answers them.
+            fits = file_limit - HANDSHAKE_SLACK - FILES_BESIDES_SOCKETS
+            if fits < 1:
+                raise ServerError(f"the open files limit, {file_limit}, is too low for a lobby server: it needs at "
+                                  f"least {HANDSHAKE_SLACK + FILES_BESIDES_SOCKETS + 1} (ulimit -n, LimitNOFILE=)")
+            self.config = dataclasses.replace(self.config, max_connections=fits)
         config = self.config
         self._status = "starting"
         try:
@@ -270,7 +279,6 @@ class Server:
         # restored): each input takes the later of the clock and the last time recorded (see _now).
         self.core.now = self.store.last_at(config.lobby) or 0
         self._loop = asyncio.get_running_loop()
-        file_limit = self._raise_file_limit()
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies if p != "*"]
         self._any_proxy = "*" in config.trusted_proxies
         try:
@@ -307,7 +315,7 @@ class Server:
         self._log_debug = _debug_enabled(self._log)
         if file_limit is not None:
             self._log.warning("open files limit below max_connections", limit=file_limit,
-                              max_connections=config.max_connections,
+                              max_connections=configured, lowered_to=config.max_connections,
                               hint="raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower --max-connections")
         for seq, error in self.store.unreadable_snapshots:
             self._log.warning("registry snapshot passed over", seq=seq, error=error)
