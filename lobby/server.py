@@ -987,8 +987,9 @@ class Server:
 
     def _emit(self, event: Event, next_stage: list[list[Effect]]) -> None:
         username = getattr(event, "username", None)
+        linked_by = None
         if event.type == "link":
-            connection = self.core.connection_of(username) if self.core is not None else None
+            connection = linked_by = self.core.connection_of(username) if self.core is not None else None
             if connection is not None:
                 connection.lobby_linked = True  # type: ignore[attr-defined]
                 if connection.lobby_deadline is not None:  # type: ignore[attr-defined]
@@ -1006,6 +1007,8 @@ class Server:
             reason = getattr(event, "reason", None)
             if event.type == "cutoff":  # which connection: its "cut off" warning names it too
                 self._event_log(event).info(event.type, reason=reason, connection=event.connection)  # type: ignore[attr-defined]
+            elif linked_by is not None:  # which connection and address: a later cut-off names the connection only
+                self._event_log(event).info(event.type, **_whom(linked_by))
             else:
                 self._event_log(event).info(event.type, **({"reason": reason} if reason else {}))
         if not listeners and not catch_all:

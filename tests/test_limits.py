@@ -669,11 +669,15 @@ async def test_behind_a_trusted_proxy_log_lines_show_the_client(tmp_path, truste
         with capture_logs() as logs:
             client = await Raw.open(url(server), additional_headers=Headers([("X-Forwarded-For", v) for v in forwarded]))
             await client.link("alice", version="9.9.9")
-        [line] = [line for line in logs if line["event"] == "link rejected"]
-        if remote is None:
-            assert line["remote"].startswith("127.0.0.1:") and "proxy" not in line
-        else:
-            assert line["remote"] == remote and line["proxy"].startswith("127.0.0.1:")
+            await client.link("alice")
+        # the rejection, and the link: which address a player was on, which connection a later cut-off names
+        lines = [line for line in logs if line["event"] in ("link rejected", "link")]
+        assert [(line["event"], line["connection"]) for line in lines] == [("link rejected", "c1"), ("link", "c1")]
+        for line in lines:
+            if remote is None:
+                assert line["remote"].startswith("127.0.0.1:") and "proxy" not in line
+            else:
+                assert line["remote"] == remote and line["proxy"].startswith("127.0.0.1:")
     finally:
         await server.close()
 
