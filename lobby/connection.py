@@ -94,6 +94,8 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
     lobby_label: str | None = None
     lobby_linked = False
     lobby_cut = False
+    #: Its links rejected so far (see Server._log_rejection).
+    lobby_rejections = 0
     #: An async authentication of its link is running: its frames queue meanwhile, and go on queueing until
     #: the core has handled them all; ``lobby_queued`` bytes of them so far (dropped at the next frame after).
     lobby_authenticating = False

@@ -101,6 +101,8 @@ LOG_FILE_CHECK_INTERVAL = 1.0
 #: can open sockets, and a flood of them would fill the disk with its cut-offs. The rest are counted (see
 #: Server._refusal_recorded).
 REFUSALS_PER_SECOND = 10
+#: ``link rejected`` lines of one connection at info level; the rest are at debug level (all are counted).
+REJECTIONS_LOGGED = 10
 #: The options the start-up line shows, so that the log tells which limits a session ran with.
 _LIMITS = ("max_frame_size", "message_rate", "message_burst", "max_buffer", "link_deadline", "handshake_timeout",
            "max_connections", "max_users", "ping_interval", "auth_timeout", "accept_new_users", "compression",
@@ -897,10 +899,7 @@ class Server:
                         self._emit(next(committed), next_stage)
                     elif kind is Rejection:
                         out.append(effect)  # type: ignore[arg-type]
-                        self._log.info(
-                            "link rejected", reason=effect.reason, username=_shown(effect.username),  # type: ignore[attr-defined]
-                            **_whom(effect.connection),
-                        )
+                        self._log_rejection(effect)  # type: ignore[arg-type]
                     elif kind is Resume:
                         next_stage.append(self._require_core().resume(effect.connection, effect.ticket))  # type: ignore[attr-defined]
                     elif kind is Drain:
@@ -912,6 +911,19 @@ class Server:
                     else:
                         self._authenticate(effect, next_stage)  # type: ignore[arg-type]
             stage = next_stage
+
+    def _log_rejection(self, rejection: Rejection) -> None:
+        """A ``link rejected`` line, for the first REJECTIONS_LOGGED of a connection; the rest at debug level (a
+        client looping on a bad link, or a hostile one, wrote a line per frame: a gigabyte an hour)."""
+        connection: Any = rejection.connection
+        connection.lobby_rejections += 1
+        line = {"reason": rejection.reason, "username": _shown(rejection.username), **_whom(connection)}
+        if connection.lobby_rejections < REJECTIONS_LOGGED:
+            self._log.info("link rejected", **line)
+        elif connection.lobby_rejections == REJECTIONS_LOGGED:
+            self._log.info("link rejected", **line, further="at debug level")
+        elif self._log_debug:
+            self._log.debug("link rejected", **line)
 
     def _drain(self, connection: Any, next_stage: list[list[Effect]]) -> None:
         """Handle the next frame that waited behind a link, in the next stage; past TURN_SHARE of them in one

@@ -420,6 +420,26 @@ async def test_health_reports_the_lobby(tmp_path):
         await server.close()
 
 
+async def test_a_connection_rejected_again_and_again_writes_ten_lines_not_one_per_frame(tmp_path):
+    """A client looping on a bad link (or a hostile one) wrote a `link rejected` line per frame, within the rate
+    limit: a thousand lines a second. After ten, a connection's rejections are at debug level, and counted."""
+    server = await started(tmp_path)
+    try:
+        with capture_logs() as logs:
+            client, other = await Raw.open(url(server)), await Raw.open(url(server))
+            for _ in range(30):
+                assert (await client.link("alice", version="9.9.9"))[0]["type"] == "krmx/rejected"
+            assert (await other.link("bob", version="9.9.9"))[0]["type"] == "krmx/rejected"
+        lines = [(line["log_level"], line["connection"], line.get("further")) for line in logs
+                 if line["event"] == "link rejected"]
+        assert [line for line in lines if line[0] == "info"] == (
+            [("info", "c1", None)] * 9 + [("info", "c1", "at debug level")] + [("info", "c2", None)])
+        assert lines.count(("debug", "c1", None)) == 20
+        assert sum(server.core.rejections.values()) == 31
+    finally:
+        await server.close()
+
+
 async def test_a_closing_server_is_unhealthy_and_takes_no_new_players(tmp_path):
     """While close waits for async listeners, /health said 200 and a new user could still join and link."""
     server = await started(tmp_path)
