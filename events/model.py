@@ -178,8 +178,8 @@ class Close(Event):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cutoff(Event):
     """The server cut a connection off by a limit (``slow consumer``, ``rate limit``, ``link deadline``,
-    ``frame too large``, ``ping timeout``, ``too many connections``, ``handshake timeout``, ``flood during
-    authentication``). ``connection`` names it within the session (``None`` when refused before it opened);
+    ``frame too large``, ``protocol error``, ``ping timeout``, ``too many connections``, ``handshake timeout``,
+    ``flood during authentication``). ``connection`` names it within the session (``None`` when refused before it opened);
     ``username`` is its user if it was linked, whose ``unlink`` with the same reason follows."""
 
     type: ClassVar[str] = "cutoff"

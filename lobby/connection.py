@@ -337,6 +337,10 @@ def unlink_reason(ws: LobbyConnection) -> str:
         return "dropped"
     if sent is not None and sent.code == 1009:
         return "frame too large"
+    if sent is not None and sent.code in (1002, 1007):
+        # Not the network: a client that breaks the websocket protocol (an unmasked frame, a bad opcode, text
+        # that is not UTF-8, a close code of its own making). A client build with a bug shows here.
+        return "protocol error"
     if sent is not None and sent.code == 1011 and "ping" in sent.reason:
         # Not read from after the ping was sent (its frames waited beyond INPUT_BACKLOG), its pong waited behind
         # them: it sent more than the lobby could handle, for about a ping timeout.

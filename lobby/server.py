@@ -325,6 +325,7 @@ class Server:
             self._log.info("event log schema", db=str(config.db), applied=self.store.migrated,
                            version=SCHEMA_VERSION)
         recovering = registry.needs_recovery
+        crashed, were_linked = registry.session, len(registry.linked())  # before the recovery unlinks them
         self._call(self.core.listen, self.session, self.port)
         # After the listen event is in the log: a start that cannot write (a full disk) never says listening.
         self._log.info(
@@ -332,6 +333,9 @@ class Server:
             recovering=recovering, version=VERSION, durability=config.durability,
             limits={name: getattr(config, name) for name in _LIMITS},
         )
+        if recovering:  # a warning, for alerts: the server was killed or crashed
+            self._log.warning("previous session ended without a close", previous_session=crashed,
+                              unlinked=were_linked, hint="its linked users were unlinked (recovered) and may relink")
         self._loop.call_later(LOG_FILE_CHECK_INTERVAL, self._check_log_file)
         return self.port
 

@@ -53,7 +53,8 @@ __all__ = ["RedriveReport", "Divergence", "Input", "plan_inputs", "redrive", "re
 
 #: Unlink reasons that all mean "the connection went away": a replay can only close the socket (the timing
 #: of a flood, a slow reader or a missed pong is not in the log).
-CONNECTION_LOST = frozenset({"dropped", "ping timeout", "flood", "frame too large", "rate limit", "slow consumer"})
+CONNECTION_LOST = frozenset({"dropped", "ping timeout", "flood", "frame too large", "rate limit", "slow consumer",
+                             "protocol error"})
 #: Reasons of the unlinks and leaves a server close records.
 CLOSE_REASONS = frozenset({"close", "server restart"})
 CLIENT_VERSION = "0.6.0"

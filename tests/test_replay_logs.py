@@ -32,8 +32,9 @@ def test_what_the_server_logged_around_a_seq(crash_log, capsys):
         assert following.line.message == event.event.type
     listening = [e for e in lines if e.seq is None]
     # and what it logged right after the window's last event (its recovery), before any other event
-    assert [e.line.message for e in listening] == ["listening", "serving until a stop signal"]
-    assert entries.index(listening[1]) == len(entries) - 1
+    assert [e.line.message for e in listening] == [
+        "listening", "previous session ended without a close", "serving until a stop signal"]
+    assert entries.index(listening[2]) == len(entries) - 1
     assert listening[0].line.record["recovering"] is True
     recovered = [e for e in lines if e.line.record.get("reason") == "recovered"]
     assert [e.event.username for e in recovered] == ["alice", "bob"]
@@ -55,7 +56,9 @@ def test_lines_filtered_by_session_level_and_user(crash_log):
     bob = list(replay.logs(logfile, db, session=crashed.session, username="bob"))
     assert [(e.line.message, e.event.type) for e in bob] == [("join", "join"), ("link", "link"),
                                                              ("message", "message")]
-    assert list(replay.logs(logfile, db, level="warning")) == []
+    [warning] = replay.logs(logfile, db, level="warning")  # the restart after the crash
+    assert warning.line.message == "previous session ended without a close"
+    assert warning.line.record["session"] == restarted.session
     every = list(replay.logs(logfile, db))
     assert len(every) == sum(1 for line in logfile.read_bytes().splitlines() if line.strip())
 
@@ -63,7 +66,8 @@ def test_lines_filtered_by_session_level_and_user(crash_log):
 def test_a_summary_counts_lines_and_flags_those_that_do_not_fit(crash_log, tmp_path, capsys):
     db, logfile = crash_log
     summary = replay.log_summary(logfile, db)
-    assert summary.not_json == 0 and summary.problems == []
+    assert summary.not_json == 0
+    assert [note for _, note in summary.problems] == ["warning: previous session ended without a close"]
     assert summary.levels["debug"] == 3  # the three custom messages
     assert summary.messages["listening"] == 2 and summary.messages["link"] == 3
     # A log file of another run: its seqs name other events.
@@ -78,11 +82,12 @@ def test_a_summary_counts_lines_and_flags_those_that_do_not_fit(crash_log, tmp_p
     summary = replay.log_summary(foreign, db)
     notes = [(line.seq, note) for line, note in summary.problems]
     assert summary.not_json == 1
-    assert notes[0][0] == 3 and "is of session" in notes[0][1]
+    assert notes[0] == (None, "warning: previous session ended without a close")
+    assert notes[1][0] == 3 and "is of session" in notes[1][1]
     # A line that is not JSON (a failed start's line in a JSON log, say) is listed, not only counted.
-    assert notes[1] == (None, "not JSON: WARNING websockets.server: something in plain text")
-    assert notes[2] == (4, "error: listener failed (RuntimeError: the app broke)")
-    assert notes[3] == (999, "seq 999 is not in the event log (another log file, or a log cut short)")
+    assert notes[2] == (None, "not JSON: WARNING websockets.server: something in plain text")
+    assert notes[3] == (4, "error: listener failed (RuntimeError: the app broke)")
+    assert notes[4] == (999, "seq 999 is not in the event log (another log file, or a log cut short)")
     assert main(["replay", "logs", str(foreign), "--db", str(db), "--summary"]) == 0
     out = capsys.readouterr().out
     assert "1 not JSON" in out and "RuntimeError: the app broke" in out and "something in plain text" in out

@@ -547,6 +547,7 @@ async def test_a_peer_that_ignores_the_close_after_a_protocol_error_is_cut_withi
         await asyncio.sleep(0.02)
     assert server.users == [{"username": "deaf", "isLinked": False}]
     assert server.metrics.health()["connections"] == 0
+    assert server.metrics.cutoffs == {"protocol error": 1}
     writer.close()
 
 
@@ -578,7 +579,9 @@ async def test_a_text_frame_that_is_not_utf8_fails_the_connection_and_a_binary_o
     assert await bob.next() == {"type": "krmx/unlinked", "payload": {"username": "alice"}}
     with EventStore.open_readonly(server.config.db) as store:
         assert [e.message["payload"] for e in store.read(types=["message"])] == ["caf\ufffd \u00e9"]
-        assert list(store.read(types=["unlink"]))[-1].reason == "dropped"
+        # not "dropped", as a network loss is: a client build with a bug must show
+        assert [(e.type, e.reason) for e in store.read(types=["cutoff", "unlink"])][-2:] == [
+            ("cutoff", "protocol error"), ("unlink", "protocol error")]
 
 
 async def test_frames_of_4_mib_are_handled_by_default(server):
@@ -1523,6 +1526,9 @@ async def test_after_kill_9_a_restart_restores_users_unlinked_and_a_client_relin
     records = [orjson.loads(line) for line in lines.splitlines() if line.startswith(b"{")]
     link_lines = [r for r in records if r.get("event") == "link"]
     assert link_lines and all({"lobby", "session", "seq", "username"} <= r.keys() for r in link_lines)
+    # the restart says it at warning level, for alerts: at info, "recovering": true was all
+    [crash] = [r for r in records if r.get("event") == "previous session ended without a close"]
+    assert (crash["level"], crash["previous_session"], crash["unlinked"]) == ("warning", sessions[0].session, 2)
     assert os.path.exists(db)
 
 
