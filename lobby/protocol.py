@@ -69,10 +69,26 @@ def is_valid_username(username: str) -> bool:
 
 # -- effects ------------------------------------------------------------------------------------------------
 
+#: An auth string in a frame, even one cut short: never shown (see ``frame_excerpt``).
+_AUTH_VALUE = re.compile(r'("auth"\s*:\s*)"(?:[^"\\]|\\.)*"?')
+FRAME_EXCERPT = 80
+
+
+def frame_excerpt(data: str | bytes) -> str:
+    """The start of a frame, for a log line about why it unlinked its user: at most FRAME_EXCERPT characters,
+    any auth string masked (a malformed link may hold one)."""
+    text = data[: FRAME_EXCERPT * 8]
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    text = _AUTH_VALUE.sub(r'\1"***"', text)
+    return text if len(text) <= FRAME_EXCERPT and len(data) <= FRAME_EXCERPT * 8 else text[:FRAME_EXCERPT] + "..."
+
 
 @dataclass(slots=True)
 class Record:
     event: Event
+    #: For the driver's log line, not the log: what the client sent that unlinked it (see ``frame_excerpt``).
+    detail: str | None = None
 
 
 @dataclass(slots=True)
@@ -365,9 +381,9 @@ class ServerProtocol:
         out, self._out = self._out, []
         return out
 
-    def _record(self, event: Event) -> None:
+    def _record(self, event: Event, detail: str | None = None) -> None:
         apply(self.registry, event)
-        self._out.append(Record(event))
+        self._out.append(Record(event, detail))
 
     def _common(self) -> dict[str, Any]:
         assert self.session is not None
@@ -500,7 +516,7 @@ class ServerProtocol:
             return
         username = state.username
         if message is None:
-            self._unlink(username, "invalid message")
+            self._unlink(username, "invalid message", frame_excerpt(data))
             return
         type_ = message["type"]
         if type_ == "krmx/link" or type_ == "krmx/unlink":
@@ -508,7 +524,7 @@ class ServerProtocol:
         elif type_ == "krmx/leave":
             self._leave(username, "requested")
         elif type_.startswith("krmx/"):
-            self._unlink(username, "reserved type")
+            self._unlink(username, "reserved type", frame_excerpt(type_))
         else:
             self._record(Message(**self._common(), username=username, message=message))
 
@@ -661,7 +677,7 @@ class ServerProtocol:
         self._to_linked(_about("krmx/joined", username))
         self._record(Join(**self._common(), username=username))
 
-    def _unlink(self, username: str, reason: str) -> None:
+    def _unlink(self, username: str, reason: str, detail: str | None = None) -> None:
         data = _about("krmx/unlinked", username)
         connection = self._user_connection.pop(username)
         state = self._connections.get(connection)
@@ -669,7 +685,7 @@ class ServerProtocol:
             state.username = None
             self._send(connection, data)
         self._to_linked(data)
-        self._record(Unlink(**self._common(), username=username, reason=reason))
+        self._record(Unlink(**self._common(), username=username, reason=reason), detail)
 
     def _leave(self, username: str, reason: str) -> None:
         connection = self._user_connection.get(username)

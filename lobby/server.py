@@ -900,7 +900,7 @@ class Server:
                     if kind is SendFrame or kind is CloseConnection:
                         out.append(effect)  # type: ignore[arg-type]
                     elif kind is Record:
-                        self._emit(next(committed), next_stage)
+                        self._emit(next(committed), next_stage, effect.detail)  # type: ignore[attr-defined]
                     elif kind is Rejection:
                         out.append(effect)  # type: ignore[arg-type]
                         self._log_rejection(effect)  # type: ignore[arg-type]
@@ -1001,7 +1001,7 @@ class Server:
         if stop is not None:
             stop.set()
 
-    def _emit(self, event: Event, next_stage: list[list[Effect]]) -> None:
+    def _emit(self, event: Event, next_stage: list[list[Effect]], detail: str | None = None) -> None:
         username = getattr(event, "username", None)
         linked_by = None
         if event.type == "link":
@@ -1025,6 +1025,8 @@ class Server:
                 self._event_log(event).info(event.type, reason=reason, connection=event.connection)  # type: ignore[attr-defined]
             elif linked_by is not None:  # which connection and address: a later cut-off names the connection only
                 self._event_log(event).info(event.type, **_whom(linked_by))
+            elif detail is not None:  # an unlink for what the client sent: what it was
+                self._event_log(event).info(event.type, reason=reason, frame=detail)
             else:
                 self._event_log(event).info(event.type, **({"reason": reason} if reason else {}))
         if not listeners and not catch_all:

@@ -1796,3 +1796,22 @@ async def test_a_call_from_another_thread_is_refused_and_the_server_goes_on(serv
     assert errors and "event loop's thread" in errors[0] and "call_soon_threadsafe" in errors[0]
     assert await alice.echo() == []  # nothing was sent, and the server still serves
     assert_projection(server)
+
+
+async def test_an_unlink_for_what_the_client_sent_logs_what_it_was_without_auth(server):
+    """'invalid message' or 'reserved type', and nothing to say what bob sent: the unlink's line now shows the
+    start of the frame (never an auth string, even in a broken one); the event log keeps the reason only."""
+    bob = await Raw.open(url(server))
+    with capture_logs() as logs:
+        for frame in ('{"type": "krmx/foo"}', '{not json', '{"type": "krmx/link", "payload": {"auth": "hunter2", '):
+            await bob.link("bob")
+            await bob.send_raw(frame)
+            assert await bob.next() == unlinked("bob")
+    assert [(line["reason"], line["frame"]) for line in logs if line["event"] == "unlink"] == [
+        ("reserved type", "krmx/foo"), ("invalid message", "{not json"),
+        ("invalid message", '{"type": "krmx/link", "payload": {"auth": "***", '),
+    ]
+    assert "hunter2" not in str(logs)
+    with EventStore.open_readonly(server.config.db) as store:
+        assert [e.data() for e in store.read(types=["unlink"])] == [
+            {"reason": "reserved type"}, {"reason": "invalid message"}, {"reason": "invalid message"}]
