@@ -332,8 +332,9 @@ def _entry_row(entry: Entry, marked: int | None) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     output = None if args.output in (None, "-") else args.output
-    count = export_events(args.db, output, session=args.session, lobby=args.lobby, from_seq=args.from_seq,
-                                 to_seq=args.to_seq)
+    count = export_events(args.db, output, session=args.session, lobby=args.lobby, users=args.user, types=args.type,
+                          since=args.since, until=args.until, from_seq=args.from_seq, to_seq=args.to_seq,
+                          seen_by=args.seen_by)
     if output is not None:
         print(f"wrote {count} events to {output}", file=sys.stderr)
     return 0
@@ -455,6 +456,21 @@ def _add(commands: Any, name: str, command: Command, help_text: str, description
     return parser
 
 
+def _filters(p: argparse.ArgumentParser) -> None:
+    """Which events: by user (or as one user's client saw them), type, time and seq (timeline, export)."""
+    whose = p.add_mutually_exclusive_group()
+    whose.add_argument("-u", "--user", action="append", help="only events of this user (repeatable)")
+    whose.add_argument("--seen-by", metavar="USER", help="what USER's client was sent (every user's join, link, "
+                       "unlink and leave, broadcasts, sends) while linked, and what it did")
+    p.add_argument("-t", "--type", action="append",
+                   help=f"only events of this type (repeatable): {', '.join(EVENT_TYPES)}")
+    p.add_argument("--since", help="from this time: ISO 8601 (UTC unless a zone is given) or HH:MM[:SS] on the "
+                   "date of the session or log that has it")
+    p.add_argument("--until", help="up to this time (same forms as --since)")
+    p.add_argument("--from-seq", type=_nonnegative, help="from this seq")
+    p.add_argument("--to-seq", type=_nonnegative, help="up to this seq")
+
+
 def _add_commands(commands: Any) -> None:
     p = _add(commands, "sessions", _sessions, "the sessions in a log",
              "The sessions in a log: lobby, session, start, end (or why there is none), duration, users seen, "
@@ -468,17 +484,7 @@ def _add_commands(commands: Any) -> None:
              aliases=("show",))
     _db(p)
     _session(p, "session id or prefix (default: the whole log)")
-    whose = p.add_mutually_exclusive_group()
-    whose.add_argument("-u", "--user", action="append", help="only events of this user (repeatable)")
-    whose.add_argument("--seen-by", metavar="USER", help="what USER's client was sent (every user's join, link, "
-                       "unlink and leave, broadcasts, sends) while linked, and what it did")
-    p.add_argument("-t", "--type", action="append",
-                   help=f"only events of this type (repeatable): {', '.join(EVENT_TYPES)}")
-    p.add_argument("--since", help="from this time: ISO 8601 (UTC unless a zone is given) or HH:MM[:SS] on the "
-                   "date of the session or log that has it")
-    p.add_argument("--until", help="up to this time (same forms as --since)")
-    p.add_argument("--from-seq", type=_nonnegative, help="from this seq")
-    p.add_argument("--to-seq", type=_nonnegative, help="up to this seq")
+    _filters(p)
     _json(p)
 
     p = _add(commands, "state", _state, "the registry at a point",
@@ -557,8 +563,7 @@ def _add_commands(commands: Any) -> None:
              "Export a session, a seq range or the whole log as JSON lines (one event per line).")
     _db(p)
     _session(p, "session id or prefix (default: the whole log)")
-    p.add_argument("--from-seq", type=_nonnegative, help="from this seq")
-    p.add_argument("--to-seq", type=_nonnegative, help="up to this seq")
+    _filters(p)
     p.add_argument("-o", "--output", help="the file to write (default: stdout)")
 
     p = _add(commands, "redrive", _redrive, "replay a session's client inputs against a fresh server (exit 1 if "

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Iterable
 from typing import IO
 
 import orjson
 
 from .reader import check_output, open_log, progress
 from .render import event_json
-from .timeline import select
+from .timeline import Moment, select
 
 __all__ = ["export"]
 
@@ -22,17 +23,23 @@ def export(
     *,
     session: str | None = None,
     lobby: str | None = None,
+    users: Iterable[str] | None = None,
+    types: Iterable[str] | None = None,
+    since: Moment | None = None,
+    until: Moment | None = None,
     from_seq: int | None = None,
     to_seq: int | None = None,
+    seen_by: str | None = None,
 ) -> int:
-    """Write the events of ``session`` (or of the seq range, or of the whole log) to ``output`` (a path,
-    a binary file, or standard output) as JSON lines: ``event.to_dict()`` plus an ISO ``time``. Returns
-    how many events were written. A file path is written whole or not at all (a temporary file, then renamed);
+    """Write the events of ``session`` (or of the seq range, or of the whole log), filtered as
+    :func:`replay.timeline` filters them, to ``output`` (a path, a binary file, or standard output) as JSON lines:
+    ``event.to_dict()`` plus an ISO ``time``. Returns how many events were written. A file path is written whole or not at all (a temporary file, then renamed);
     an existing FIFO, device or symlink is written through as it is."""
     if output is not None and not hasattr(output, "write"):
         check_output(path, output)  # type: ignore[arg-type]
     with open_log(path) as log:
-        selection = select(log, session, lobby=lobby, from_seq=from_seq, to_seq=to_seq)
+        selection = select(log, session, lobby=lobby, users=users, types=types, since=since, until=until,
+                           from_seq=from_seq, to_seq=to_seq, seen_by=seen_by)
         total = max(0, selection.to_seq - selection.from_seq + 1)
         events = progress(selection.read(log), total=total, description="exporting")
         if output is None:

@@ -511,3 +511,16 @@ def test_state_in_the_gap_after_a_crash_says_the_server_was_down(crash_log, caps
     assert code == 0 and out.splitlines()[-1].startswith("the session ended here without a close (the server died)")
     code, out, _ = run(capsys, "state", db, "--at-seq", crashed.last_seq - 1, "--json")
     assert orjson.loads(out)["died_until"] is None
+
+
+def test_export_takes_the_timelines_filters(game_log, capsys):
+    """export had no user, type or time filter: `timeline --json` was the way round."""
+    first = replay.sessions(game_log)[0].session
+    code, out, _ = run(capsys, "export", game_log, "-s", first, "-u", "bob", "--since", "21:02", "--until", "21:03:02")
+    assert code == 0 and [orjson.loads(line)["seq"] for line in out.splitlines()] == [10, 11, 12]
+    code, out, _ = run(capsys, "export", game_log, "-t", "link", "--to-seq", "5")
+    assert [orjson.loads(line)["username"] for line in out.splitlines()] == ["alice", "bob"]
+    code, out, _ = run(capsys, "export", game_log, "--seen-by", "bob")
+    seen = [orjson.loads(line) for line in out.splitlines()]
+    assert [row["seq"] for row in seen] == [e.seq for e in replay.timeline(game_log, seen_by="bob")]
+    assert any(row["type"] == "broadcast" for row in seen)
