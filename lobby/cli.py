@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from events import LobbyError
 from replay.cli import Parser, add_replay_commands
 
@@ -132,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class UsageError(Exception):
-    pass
+    """Exit 2 with one line on stderr: ``lobby: ...``, or the server's own log line that said it already."""
+
+    def __init__(self, message: str, *, logged: bool = False) -> None:
+        super().__init__(message)
+        self.logged = logged
 
 
 def _option(args: argparse.Namespace, flag: str, default: str | None = None) -> str | None:
@@ -204,11 +210,14 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         return server.run(keep_users_on_stop=on_stop == "keep")
     except LobbyError as error:  # the log cannot be used: not ours, in use, or it does not fold
-        raise UsageError(str(error)) from None
+        problem = str(error)
     except socket.gaierror as error:  # a host name that does not resolve: a usage error, not a busy port
-        raise UsageError(f"--host / LOBBY_HOST: cannot resolve {server.config.host!r}: {error.strerror}") from None
+        problem = f"--host / LOBBY_HOST: cannot resolve {server.config.host!r}: {error.strerror}"
     except OSError as error:  # the port is taken, the address is not this machine's: the flags must change
-        raise UsageError(f"cannot listen on {server.config.host}:{server.config.port}: {error}") from None
+        problem = f"cannot listen on {server.config.host}:{server.config.port}: {error}"
+    if log_format == "json":  # said as every other line is: a JSON-only log pipeline would drop a plain one
+        structlog.get_logger("lobby").critical("cannot start", error=problem)
+    raise UsageError(problem, logged=log_format == "json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve_command(args)
         return int(args.run(args))
     except UsageError as error:
-        print(f"lobby: {error}", file=sys.stderr)
+        if not error.logged:
+            print(f"lobby: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -151,8 +151,8 @@ def test_a_port_in_use_exits_2_with_one_line(tmp_path, capsys):
         taken.listen()
         port = taken.getsockname()[1]
         assert main(["serve", "--port", str(port), "--db", str(tmp_path / "lobby.db")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"lobby: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
+    [line] = capsys.readouterr().err.splitlines()  # as the log's other lines are: JSON by default
+    assert orjson.loads(line)["error"].startswith(f"cannot listen on 127.0.0.1:{port}: ")
 
 
 @pytest.mark.parametrize(
@@ -642,7 +642,7 @@ def test_serve_on_a_lobby_in_use_exits_2(tmp_path, capsys):
 
 def test_serve_on_a_log_with_a_page_that_does_not_read_exits_2(tmp_path, capsys):
     path = garbled_log(tmp_path / "garbled.db")
-    assert main(["serve", "--port", "0", "--db", str(path)]) == 2
+    assert main(["serve", "--port", "0", "--db", str(path), "--log-format", "console"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lobby: {path}: ") and err.count("\n") == 1 and "Traceback" not in err
 
@@ -714,3 +714,16 @@ def test_words_are_read_in_any_case(tmp_path, monkeypatch):
     monkeypatch.setenv("LOBBY_LOG_LEVEL", "WARNING")
     assert main(["serve", "--db", str(tmp_path / "x.db"), "--on-stop", "Keep", "--log-format", "JSON"]) == 0
     assert logging.getLogger().getEffectiveLevel() == logging.WARNING
+
+
+def test_a_start_that_fails_says_why_in_the_json_log_too(tmp_path, capsys):
+    """With JSON logs (the default), the one line saying why a service does not start was plain text: a JSON-only
+    log pipeline dropped it, and a crash-looping service said nothing."""
+    missing = tmp_path / "nope" / "lobby.db"
+    assert main(["serve", "--db", str(missing)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    record = orjson.loads(line)
+    assert (record["event"], record["level"]) == ("cannot start", "critical")
+    assert record["error"] == f"{missing}: folder {str(missing.parent)!r} does not exist"
+    assert main(["serve", "--db", str(missing), "--log-format", "console"]) == 2
+    assert capsys.readouterr().err == f"lobby: {record['error']}\n"
