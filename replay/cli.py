@@ -159,6 +159,10 @@ def _diff(args: argparse.Namespace) -> int:
     for label, names in (("joined", result.joined), ("left", result.left), ("linked", result.linked),
                          ("unlinked", result.unlinked)):
         _out(f"  {label + ':':<10}{', '.join(names) if names else '-'}")
+    for label, names, how in (("rejoined", result.rejoined, "left and joined again"),
+                              ("relinked", result.relinked, "unlinked and linked again")):
+        if names:
+            _out(f"  {label + ':':<10}{', '.join(names)} ({how})")
     _out(f"  {'before:':<10}{registry_line(before.registry)}")
     _out(f"  {'after:':<10}{registry_line(after.registry)}")
     return 0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from events import Event, Registry, apply
@@ -42,7 +43,8 @@ class StatePoint:
 
 @dataclass(frozen=True, slots=True)
 class StateDiff:
-    """What changed between two points: users who joined, left, got linked, got unlinked (net changes)."""
+    """What changed between two points: users who joined, left, got linked, got unlinked (net changes), and
+    those back as they were that left and joined again (a kick, then a rejoin) or unlinked and linked again."""
 
     before: StatePoint
     after: StatePoint
@@ -50,10 +52,12 @@ class StateDiff:
     left: list[str]
     linked: list[str]
     unlinked: list[str]
+    rejoined: list[str] = field(default_factory=list)
+    relinked: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.joined or self.left or self.linked or self.unlinked)
+        return bool(self.joined or self.left or self.linked or self.unlinked or self.rejoined or self.relinked)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +67,8 @@ class StateDiff:
             "left": self.left,
             "linked": self.linked,
             "unlinked": self.unlinked,
+            "rejoined": self.rejoined,
+            "relinked": self.relinked,
         }
 
 
@@ -169,7 +175,19 @@ def diff(
         _, second = point_of(log, lobby=name, session=session, at_seq=to_seq, at_time=to_time)
         if first > second:  # as timeline and step refuse a range backwards
             raise ReplayError(f"the first point (after seq {first}) is after the second (after seq {second})")
-        return compare(state_in(log, name, first), state_in(log, name, second))
+        result = compare(state_in(log, name, first), state_in(log, name, second))
+        old, new = result.before.registry.users, result.after.registry.users
+        gone: dict[str, set[str]] = {"leave": set(), "unlink": set()}
+        events = log.read(first + 1, second, lobby=name, types=["leave", "unlink"])
+        try:
+            for event in events:
+                gone[event.type].add(event.username)  # type: ignore[attr-defined]
+        finally:
+            events.close()  # type: ignore[attr-defined]
+        rejoined = [user for user in new if user in old and user in gone["leave"]]
+        relinked = [user for user, linked in new.items() if linked and old.get(user) and user in gone["unlink"]
+                    and user not in rejoined]
+        return dataclasses.replace(result, rejoined=rejoined, relinked=relinked)
 
 
 def compare(before: StatePoint, after: StatePoint) -> StateDiff:

@@ -418,3 +418,24 @@ def test_a_time_in_another_session_names_the_bounds_it_missed(tmp_path):
         replay.state(log, session="fri", at_time="2026-11-28T21:05:00Z")
     assert str(refused.value) == ("time 2026-11-28T21:05:00Z is not in session fri (before 2026-11-28 21:00:00.000, "
                                   "when the next began)")
+
+
+def test_diff_names_who_left_and_came_back_within_the_window(tmp_path, capsys):
+    """Net changes only: a kick and a rejoin, or a drop and a relink, between the two points showed as nothing."""
+    log = _timed_log(tmp_path / "back.db", {"s": [
+        ("2026-11-27T21:00:00Z", "listen", ()), ("2026-11-27T21:01:00Z", "join", ("alice",)),
+        ("2026-11-27T21:01:01Z", "link", ("alice",)), ("2026-11-27T21:02:00Z", "join", ("bob",)),
+        ("2026-11-27T21:02:01Z", "link", ("bob",)),
+        ("2026-11-27T21:10:00Z", "unlink", ("bob", "kick")), ("2026-11-27T21:10:00Z", "leave", ("bob", "kick")),
+        ("2026-11-27T21:11:00Z", "join", ("bob",)), ("2026-11-27T21:11:01Z", "link", ("bob",)),
+        ("2026-11-27T21:12:00Z", "unlink", ("alice", "dropped")), ("2026-11-27T21:12:30Z", "link", ("alice",)),
+        ("2026-11-27T21:13:00Z", "join", ("carol",)),
+    ]})
+    result = replay.diff(log, from_time="21:05", to_time="21:20")
+    assert (result.joined, result.left, result.linked, result.unlinked) == (["carol"], [], [], [])
+    assert (result.rejoined, result.relinked) == (["bob"], ["alice"]) and result.changed
+    quiet = replay.diff(log, from_time="21:05", to_time="21:09")
+    assert not quiet.changed and (quiet.rejoined, quiet.relinked) == ([], [])
+    assert main(["replay", "diff", str(log), "--from-time", "21:05", "--to-time", "21:20"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "  rejoined: bob (left and joined again)" in out and "  relinked: alice (unlinked and linked again)" in out
