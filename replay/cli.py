@@ -299,7 +299,7 @@ def _logs(args: argparse.Namespace) -> int:
             _out(f"  ... and {summary.more_problems} more")
         return 0
     entries = logs(args.logfile, args.db, around_seq=args.around_seq, window=args.window, session=args.session,
-                   level=args.level, username=args.user)
+                   level=args.level, username=args.user, since=args.since, until=args.until)
     if args.json:
         for entry in entries:
             _json_line(entry.to_dict())
@@ -560,6 +560,8 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("-s", "--session", help="only lines of this session")
     p.add_argument("--level", choices=LEVELS, help="only lines at this level or above")
     p.add_argument("-u", "--user", help="only lines about this user")
+    p.add_argument("--since", help="only lines logged from this time (as for timeline)")
+    p.add_argument("--until", help="only lines logged up to this time (as for timeline)")
     p.add_argument("--summary", action="store_true", help="counts and problems instead of the lines")
     _json(p)
 

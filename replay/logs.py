@@ -24,7 +24,7 @@ import orjson
 
 from events import EVENT_TYPES, Event
 
-from .reader import Log, ReplayError, SessionRange, iso_time, open_log, progress
+from .reader import ClockSpan, Log, ReplayError, SessionRange, iso_time, open_log, parse_time, progress
 from .render import event_json
 
 __all__ = ["LogLine", "Entry", "LogSummary", "read_log_lines", "logs", "log_summary", "LEVELS"]
@@ -177,21 +177,29 @@ def logs(
     session: str | None = None,
     level: str | None = None,
     username: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
 ) -> Iterator[Entry]:
     """The lines of the server log ``logfile``, each joined to the event of ``db`` its seq names, as they
     are read (a log of millions of lines is never held whole).
 
     With ``around_seq``: the events ``around_seq - window`` .. ``around_seq + window`` (of ``session``'s
     lobby, when given) with, after each, the lines about it, and the lines without seq of that time span,
-    in time order. Otherwise every line (of ``session``, at ``level`` or above, about ``username``), with
-    its event. Bad arguments raise before the first entry.
+    in time order. Otherwise every line (of ``session``, at ``level`` or above, about ``username``, logged from
+    ``since`` up to ``until``: times as ``timeline`` reads them), with its event. Bad arguments raise before
+    the first entry.
     """
     _check_level(level)
     if window < 0:
         raise ReplayError("--window must be 0 or more")
+    if around_seq is not None and (since is not None or until is not None):
+        raise ReplayError("give --around-seq or a time range (--since, --until), not both")
     log = open_log(db)
     try:
         info = log.session(session) if session is not None else None
+        span = ClockSpan.of(info) if info is not None else log.clock_span()
+        low = parse_time(since, span) if since is not None else None
+        high = parse_time(until, span, end=True, whole=True) if until is not None else None
         lines = read_log_lines(logfile)
         if around_seq is not None:
             entries: Iterator[Entry] = iter(_around(log, lines, around_seq, window, level, username, info))
@@ -203,11 +211,19 @@ def logs(
                 if _level_ok(line, level)
                 and (info is None or (line.record or {}).get("session") == info.session)
                 and (username is None or line.username == username)
+                and _in_time(line, low, high)
             )
     except BaseException:
         log.close()
         raise
     return _closing(entries, log)
+
+
+def _in_time(line: LogLine, low: int | None, high: int | None) -> bool:
+    if low is None and high is None:
+        return True
+    at = line.at  # a line without a time is outside any range
+    return at is not None and (low is None or at >= low) and (high is None or at <= high)
 
 
 def _closing(entries: Iterator[Entry], log: Log) -> Iterator[Entry]:

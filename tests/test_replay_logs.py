@@ -217,3 +217,19 @@ def test_a_line_without_seq_in_a_window_whose_events_have_no_lines_is_shown_by_i
     assert [(e.kind, e.seq, e.line.message if e.line else None) for e in replay.logs(logfile, db, around_seq=5, window=1)] == [
         ("event", 4, None), ("event", 5, None), ("log", None, "link rejected"), ("event", 6, None),
     ]
+
+
+def test_lines_filtered_by_time(crash_log, capsys):
+    """From a report's time to the log lines, without going through a seq first."""
+    from replay.reader import iso_time
+
+    db, logfile = crash_log
+    crashed, restarted = replay.sessions(db)
+    since, until = iso_time(crashed.start), iso_time(crashed.last_at)
+    lines = list(replay.logs(logfile, db, since=since, until=until))
+    assert lines and all(crashed.start <= entry.line.at <= crashed.last_at for entry in lines)
+    every = [entry.line for entry in replay.logs(logfile, db)]
+    assert len(lines) == sum(1 for line in every if line.at is not None and crashed.start <= line.at <= crashed.last_at)
+    assert {entry.line.record.get("session") for entry in lines} == {crashed.session}
+    assert main(["replay", "logs", str(logfile), "--db", str(db), "--around-seq", "3", "--since", since]) == 2
+    assert "not both" in capsys.readouterr().err
