@@ -586,10 +586,13 @@ class EventStore:
         if identity != self._identity:
             raise EventLogError(f"{self.path}: was replaced by another file while the log was open")
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
         """Fold the write-ahead file into the log's file, the one this store has open wherever it is now: a log
-        moved under a running server keeps its last events (SQLite skips that at close once its file moved)."""
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        moved under a running server keeps its last events (SQLite skips that at close once its file moved).
+        Without waiting: False when a reader holds part of it back (its events stay in the -wal file)."""
+        self.db.execute("PRAGMA busy_timeout=0")
+        busy, frames, folded = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy and frames == folded
 
     def close(self) -> None:
         if getattr(self, "_wal_fd", None) is not None:

@@ -4,6 +4,7 @@ frames written as they go on the wire, and why a connection ended."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HANDSHAKE_SLACK", "CloseDeadlineDrain", "LobbyConnection", "text_frame", "respond", "unlink_reason", "close_quietly",
+    "drop_unread",
 ]
 
 #: Sockets open at most beyond max_connections: upgrades in their handshake, /health and /metrics requests, and
@@ -148,7 +150,7 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
         taken = self._taken()
         if taken_halfway is None:
             self._pong_watch = self.loop.call_later(half, self._watch_pong, pong, half, taken)
-        elif taken > taken_halfway:
+        elif taken > taken_halfway and not _reading_held_since_ping(self):  # else its pong may wait on our side
             self.lobby_server._cut_off(self, self.lobby_label, "slow consumer")
 
     def _taken(self) -> int:
@@ -329,6 +331,21 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
         self.lobby_server._frame(self, data)
 
 
+_RESET = struct.pack("ii", 1, 0)
+
+
+def drop_unread(transport: asyncio.Transport) -> None:
+    """Abort, and have the kernel drop what the peer has not taken yet, with a reset: a plain abort closes the
+    socket, but the kernel goes on delivering its send buffer (megabytes to a slow consumer) for a minute."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:
+            pass
+    transport.abort()
+
+
 def unlink_reason(ws: LobbyConnection) -> str:
     """Why a connection ended, from the close frame we sent (if we closed it: a close frame sent in answer to
     the peer's is its code echoed, not a limit of ours)."""
@@ -344,11 +361,15 @@ def unlink_reason(ws: LobbyConnection) -> str:
     if sent is not None and sent.code == 1011 and "ping" in sent.reason:
         # Not read from after the ping was sent (its frames waited beyond INPUT_BACKLOG), its pong waited behind
         # them: it sent more than the lobby could handle, for about a ping timeout.
-        resumed, pinged = ws.lobby_resumed_at, ws.lobby_pinged_at
-        if ws.lobby_reading_paused or (resumed is not None and (pinged is None or resumed >= pinged)):
-            return "flood"
-        return "ping timeout"
+        return "flood" if _reading_held_since_ping(ws) else "ping timeout"
     return "dropped"
+
+
+def _reading_held_since_ping(ws: LobbyConnection) -> bool:
+    """Whether the lobby stopped reading from ``ws`` after its last ping was sent (or does now): its pong may
+    have waited behind its own frames, on our side."""
+    resumed, pinged = ws.lobby_resumed_at, ws.lobby_pinged_at
+    return ws.lobby_reading_paused or (resumed is not None and (pinged is None or resumed >= pinged))
 
 
 async def close_quietly(ws: ServerConnection, reason: str) -> None:

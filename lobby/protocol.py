@@ -69,19 +69,22 @@ def is_valid_username(username: str) -> bool:
 
 # -- effects ------------------------------------------------------------------------------------------------
 
-#: An auth string in a frame, even one cut short: never shown (see ``frame_excerpt``).
-_AUTH_VALUE = re.compile(r'("auth"\s*:\s*)"(?:[^"\\]|\\.)*"?')
+#: Where a frame may start to hold an auth string, in any spelling a broken frame may have (a key in any case,
+#: quoted or not, or escaped): a log line shows what comes before, never from there on.
+_MAY_HOLD_AUTH = re.compile(r"auth|\\u|\\x", re.IGNORECASE)
 FRAME_EXCERPT = 80
 
 
 def frame_excerpt(data: str | bytes) -> str:
     """The start of a frame, for a log line about why it unlinked its user: at most FRAME_EXCERPT characters,
-    any auth string masked (a malformed link may hold one)."""
-    text = data[: FRAME_EXCERPT * 8]
+    and nothing from where an auth string may start (a malformed link may hold one)."""
+    text = data[: FRAME_EXCERPT + 1]
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
-    text = _AUTH_VALUE.sub(r'\1"***"', text)
-    return text if len(text) <= FRAME_EXCERPT and len(data) <= FRAME_EXCERPT * 8 else text[:FRAME_EXCERPT] + "..."
+    secret = _MAY_HOLD_AUTH.search(text)
+    if secret is not None:
+        return text[: secret.start()] + "[cut: may hold auth]"
+    return text if len(text) <= FRAME_EXCERPT else text[:FRAME_EXCERPT] + "..."
 
 
 @dataclass(slots=True)

@@ -42,7 +42,7 @@ from events import Event, EventLogError, EventStore, InconsistentEvent, now_us
 from events.store import SCHEMA_VERSION
 
 from .config import DEFAULT_MAX_FRAME_SIZE, QueryRule, ServerConfig
-from .connection import HANDSHAKE_SLACK, LobbyConnection, close_quietly, respond, text_frame, unlink_reason
+from .connection import HANDSHAKE_SLACK, LobbyConnection, close_quietly, drop_unread, respond, text_frame, unlink_reason
 from .errors import ServerError
 from .health import METRICS_CONTENT_TYPE, VERSION, Metrics
 from .logs import configure_logging
@@ -365,10 +365,16 @@ class Server:
         try:
             self.store.check_file()
         except EventLogError as error:
-            try:
-                self.store.checkpoint()  # moved (not deleted): its last events go into it, not a stray -wal
+            try:  # moved (not deleted): its last events go into it, not a stray -wal
+                folded = self.store.checkpoint()
             except sqlite3.Error as failure:
-                self._log.error("event log checkpoint failed", error=str(failure))
+                folded, error_text = False, str(failure)
+            else:
+                error_text = "a reader held part of it"
+            if not folded:
+                self._log.error("event log not folded into the moved file", error=error_text,
+                                hint=f"its last events are in {self.store.path}-wal: put the moved log back at "
+                                f"{self.store.path} and start a server on it to keep them")
             self._die(error, "event log file gone; stopping")
             return
         self._loop.call_later(LOG_FILE_CHECK_INTERVAL, self._check_log_file)
@@ -751,7 +757,7 @@ class Server:
         if ws is not None:
             ws.lobby_cut = True
             if reason == "slow consumer":
-                ws.transport.abort()  # what it has not read yet is dropped, not written
+                drop_unread(ws.transport)  # what it has not read yet is dropped, not written
         self._submit(ws, lambda: self._require_core().cut_off(ws, label, reason))
 
     def _connection_class(self) -> type[LobbyConnection]:
@@ -1158,7 +1164,10 @@ class Server:
                 transport.write(payload)  # one write for a whole burst
                 ws.lobby_written += len(payload)  # type: ignore[attr-defined]
                 if transport.get_write_buffer_size() > max_buffer:
-                    self._cut_off(ws, ws.lobby_label, "slow consumer")  # type: ignore[arg-type]
+                    if ws.lobby_cut:  # cut off already, for what it sent: bounded all the same
+                        drop_unread(transport)
+                    else:
+                        self._cut_off(ws, ws.lobby_label, "slow consumer")  # type: ignore[arg-type]
             except Exception as error:  # the peer went away mid-write: its close unlinks it
                 self._log.debug("write failed", error=str(error))
         for close in closes:

@@ -280,9 +280,8 @@ def open_log(path: str | os.PathLike[str]) -> Log:
 # -- times --------------------------------------------------------------------------------------------------
 
 _CLOCK = re.compile(r"^\d{1,2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?$", re.IGNORECASE)
-#: The time of day in a time, after its date if it has one, up to its zone.
-_TIME_OF_DAY = re.compile(r"(?:^|[T ])(\d{1,2}(?::\d{2}(?::\d{2}(?:\.(\d{1,6}))?)?)?)(?:Z|[+-]\d{2}:?\d{2})?$",
-                          re.IGNORECASE)
+#: A time's zone, at its end: Z, +01, +0100, +01:00.
+_ZONE = re.compile(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$", re.IGNORECASE)
 _DAY = 86_400_000_000
 
 
@@ -301,14 +300,18 @@ def parse_time(text: str, span: ClockSpan | None = None, *, end: bool = False, w
 
 
 def _width(text: str) -> int:
-    """Microseconds of the last unit ``text`` gives: a day, an hour, a minute, a second, a fraction."""
-    found = _TIME_OF_DAY.search(text)
-    if found is None:
-        return _DAY
-    clock, fraction = found.groups()
+    """Microseconds of the last unit ``text`` gives: a day, an hour, a minute, a second, a fraction (in every
+    form ``fromisoformat`` reads: 21:03, 2103, 2026-11-27T21, 20261127T210300Z, ...)."""
+    if not _CLOCK.match(text):
+        _, separator, text = text.replace(" ", "T", 1).partition("T")
+        if not separator:
+            return _DAY  # a date alone
+    clock = _ZONE.sub("", text) if len(text) > 2 else text
+    clock, _, fraction = clock.replace(",", ".").partition(".")
     if fraction:
-        return 10 ** (6 - len(fraction))
-    return (3_600_000_000, 60_000_000, 1_000_000)[clock.count(":")]
+        return 10 ** max(0, 6 - len(fraction))
+    digits = len(clock.replace(":", ""))
+    return {2: 3_600_000_000, 4: 60_000_000}.get(digits, 1_000_000)
 
 
 def _parse_time(text: str, span: ClockSpan | None, width: int) -> int:

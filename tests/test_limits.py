@@ -38,6 +38,18 @@ def cutoffs_and_unlinks(server: Server) -> list[tuple]:
     return [(e.type, e.username, e.reason) for e in events]
 
 
+def _kernel_sockets(port: int, peer_port: int) -> list[str]:
+    """The kernel's TCP sockets from ``port`` to ``peer_port`` (Linux's /proc/net/tcp): state and send queue."""
+    found = []
+    with open("/proc/net/tcp") as table:
+        for row in list(table)[1:]:
+            fields = row.split()
+            local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
+            if local == port and remote == peer_port:
+                found.append(f"state {fields[3]} queue {fields[4]}")
+    return found
+
+
 async def http_get(server: Server, path: str) -> tuple[int, str, bytes]:
     def get():
         try:
@@ -107,6 +119,36 @@ async def test_a_flood_gets_the_replies_to_the_frames_it_was_allowed_then_the_cl
         await server.close()
 
 
+async def test_a_connection_cut_off_for_what_it_sent_is_still_bounded_by_max_buffer(tmp_path):
+    """It is written the replies to its frames within the limits, up to max_buffer: past it, dropped at once
+    (the write was unbounded: 30 MB for a max_buffer of 1 MiB, until the close)."""
+    server = Server(port=0, db=str(tmp_path / "lobby.db"), ping_interval=None, message_rate=0.001, message_burst=40,
+                    max_frame_size=2**20, max_buffer=2**20)
+
+    @server.on("message")
+    def big(username, message):
+        server.send(username, {"type": "game/big", "payload": "x" * 900_000})
+
+    await server.start()
+    try:
+        reader, writer = await raw_linked(server.port, "hog", limit=4096)  # reads nothing past the 101
+        [ws] = await server_side(server, 1)
+        frame = Frame(Opcode.TEXT, orjson.dumps({"type": "game/x"})).serialize(mask=True, extensions=[])
+        writer.write(frame * 50)  # 39 within the burst (the link took one), then one over: rate limit
+        peak = 0
+        for _ in range(100):
+            if ws.transport.is_closing():
+                break
+            peak = max(peak, ws.transport.get_write_buffer_size())
+            await asyncio.sleep(0.01)
+        assert server.metrics.cutoffs == {"rate limit": 1}
+        assert ws.transport.is_closing() and ws.transport.get_write_buffer_size() == 0
+        assert peak <= 2**20 + 900_100  # one reply past the bound at most
+        writer.close()
+    finally:
+        await server.close()
+
+
 @pytest.mark.parametrize(
     ("options", "broadcasts", "size"),
     [
@@ -135,8 +177,11 @@ async def test_a_client_that_stops_reading_is_cut_off_as_a_slow_consumer(tmp_pat
                 break
             await asyncio.sleep(0)
         await honest.expect(unlinked("slow"))
-        # Aborted at once: what it has not read is dropped, not kept for a close handshake it cannot answer.
+        # Aborted at once: what it has not read is dropped, not kept for a close handshake it cannot answer, nor
+        # delivered on by the kernel (a reset, not a close that leaves megabytes queued for a minute).
         assert slow_side.transport.is_closing() and slow_side.transport.get_write_buffer_size() == 0
+        await asyncio.sleep(0.1)
+        assert _kernel_sockets(server.port, slow.ws.transport.get_extra_info("sockname")[1]) == []
         assert cutoffs_and_unlinks(server)[-2:] == [
             ("cutoff", "slow", "slow consumer"), ("unlink", "slow", "slow consumer"),
         ]
@@ -919,9 +964,11 @@ with connect(f"ws://127.0.0.1:{sys.argv[1]}/", max_size=None, close_timeout=1) a
 """
 
 
-async def test_a_client_whose_frames_wait_longer_than_a_ping_timeout_is_cut_off_as_a_flood(tmp_path):
+@pytest.mark.parametrize("others_play", [False, True])
+async def test_a_client_whose_frames_wait_longer_than_a_ping_timeout_is_cut_off_as_a_flood(tmp_path, others_play):
     """Not read from, its pong waits behind its frames: it answered the ping, so 'ping timeout' blamed it
-    wrongly. It sent more than the lobby could handle, for longer than a ping timeout: a flood."""
+    wrongly. It sent more than the lobby could handle, for longer than a ping timeout: a flood. While other
+    players' moves reach it meanwhile, it still reads: not a slow consumer either."""
     import sys
 
     server = await started(tmp_path, ping_interval=1.0, message_rate=1e6, message_burst=1_000_000)
@@ -930,6 +977,12 @@ async def test_a_client_whose_frames_wait_longer_than_a_ping_timeout_is_cut_off_
     def slow(username, message):
         time.sleep(0.0002)
 
+    async def others() -> None:
+        while others_play:
+            server.broadcast({"type": "game/tick", "payload": "x" * 200})
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(others())
     try:
         with capture_logs() as logs:
             client = await asyncio.create_subprocess_exec(
@@ -945,6 +998,7 @@ async def test_a_client_whose_frames_wait_longer_than_a_ping_timeout_is_cut_off_
             assert [(e.type, e.reason) for e in store.read(types=["cutoff", "unlink"])] == [("cutoff", "flood"),
                                                                                            ("unlink", "flood")]
     finally:
+        ticker.cancel()
         await server.close()
 
 

@@ -4,6 +4,7 @@ from snapshots, from the sidecar index or from nothing; the log file is never wr
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 import os
 import sqlite3
 import tempfile
@@ -389,6 +390,11 @@ def test_a_clock_time_is_on_the_day_of_the_log_that_has_it(tmp_path, capsys):
     assert [e.type for e in replay.timeline(friday, since="21:14:30", until="21:14:30")] == ["unlink", "leave"]
     assert [e.type for e in replay.timeline(friday, since="21:14", until="21:14")] == ["unlink", "leave"]
     assert replay.state(friday, at_time="22:14:30+01:00").seq == replay.state(friday, at_time="21:14:30Z").seq == 5
+    # every ISO form names its own unit (a zone of two digits, the compact form: not a whole day)
+    end = us(datetime.fromisoformat("2026-11-27T20:03:00.999999+00:00"))
+    assert parse_time("2026-11-27T21:03:00+01", end=True, whole=True) == end
+    assert parse_time("20261127T200300Z", end=True, whole=True) == end
+    assert parse_time("2026-11-27T20:03Z", end=True, whole=True) == end + 59_000_000
     two_evenings = _timed_log(tmp_path / "evenings.db", {
         "fri": _evening("2026-11-27", "fri"), "sat": _evening("2026-11-28", "sat")})
     with pytest.raises(ReplayError, match=r"'21:14' is on more than one day of the log \(2026-11-27, 2026-11-28\); "

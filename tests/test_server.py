@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from events import EventStore, rebuild
+from events import EventLogError, EventStore, rebuild
 from lobby import Server, ServerError
 from lobby import server as server_module
 
@@ -212,6 +212,31 @@ async def test_a_log_file_deleted_or_replaced_under_the_server_stops_it(tmp_path
             assert [(e.type, getattr(e, "username", None)) for e in archived.read()][-2:] == [
                 ("join", "alice"), ("link", "alice")]
         EventStore(db).close()  # nothing of it is left at the old path: a new log starts there
+
+
+async def test_a_log_moved_while_a_reader_holds_it_says_where_its_last_events_are(tmp_path, monkeypatch):
+    """A reader (a replay of the live log) keeps the checkpoint from folding everything into the moved file: the
+    server waited 5 s on it, blocking its loop, then said nothing, and the events stayed in the stray -wal."""
+    monkeypatch.setattr(server_module, "LOG_FILE_CHECK_INTERVAL", 0.02)
+    db = tmp_path / "lobby.db"
+    server = echo_app(Server(port=0, db=str(db), ping_interval=None))
+    with capture_logs() as logs:
+        await server.start()
+        alice = await Raw.open(url(server))
+        await alice.link("alice")
+        reader = sqlite3.connect(db)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchall()
+        await (await Raw.open(url(server))).link("bob")  # after the reader's snapshot
+        db.rename(tmp_path / "archived.db")
+        started = time.monotonic()
+        await asyncio.wait_for(server.wait_closed(), 10)
+        assert time.monotonic() - started < 2
+        reader.close()
+    [line] = [line for line in logs if line["event"] == "event log not folded into the moved file"]
+    assert line["log_level"] == "error" and f"{db}-wal" in line["hint"]
+    with pytest.raises(EventLogError, match="it holds the last events"):
+        EventStore(db)  # the stray -wal is kept for them, not thrown away by a new log
 
 
 async def test_a_relative_log_path_stays_the_same_file_after_the_app_changes_directory(tmp_path, monkeypatch):
@@ -1803,15 +1828,18 @@ async def test_an_unlink_for_what_the_client_sent_logs_what_it_was_without_auth(
     start of the frame (never an auth string, even in a broken one); the event log keeps the reason only."""
     bob = await Raw.open(url(server))
     with capture_logs() as logs:
-        for frame in ('{"type": "krmx/foo"}', '{not json', '{"type": "krmx/link", "payload": {"auth": "hunter2", '):
+        for frame in ('{"type": "krmx/foo"}', '{not json', '{"type": "krmx/link", "payload": {"auth": "hunter2", ',
+                      "{'type': 'krmx/link', 'payload': {'AUTH': 'hunter2'}}", '{"\\u0061uth": {"token": "hunter2"'):
             await bob.link("bob")
             await bob.send_raw(frame)
             assert await bob.next() == unlinked("bob")
     assert [(line["reason"], line["frame"]) for line in logs if line["event"] == "unlink"] == [
         ("reserved type", "krmx/foo"), ("invalid message", "{not json"),
-        ("invalid message", '{"type": "krmx/link", "payload": {"auth": "***", '),
+        ("invalid message", '{"type": "krmx/link", "payload": {"[cut: may hold auth]'),
+        ("invalid message", "{'type': 'krmx/link', 'payload': {'[cut: may hold auth]"),
+        ("invalid message", '{"[cut: may hold auth]'),
     ]
     assert "hunter2" not in str(logs)
     with EventStore.open_readonly(server.config.db) as store:
         assert [e.data() for e in store.read(types=["unlink"])] == [
-            {"reason": "reserved type"}, {"reason": "invalid message"}, {"reason": "invalid message"}]
+            {"reason": "reserved type"}] + [{"reason": "invalid message"}] * 4
