@@ -178,20 +178,27 @@ class LobbyConnection(CloseDeadlineDrain, ServerConnection):
         server = self.lobby_server
         if server.open_sockets >= server.config.max_connections + HANDSHAKE_SLACK:
             # Sockets that never finish their handshake (a slowloris) are held for websockets' open timeout:
-            # bounded too, or past the process's file limit honest connections fail, unlogged. Answered before
-            # the request is read (the slack above the websocket limit lets /health and the 503 through).
-            self.lobby_refused = True
-            transport.write(_TOO_MANY_SOCKETS)
-            transport.close()
-            server._cut_off(None, None, "too many connections", peer=self)
-            return
+            # bounded too, or past the process's file limit honest connections fail, unlogged. The oldest one
+            # still sending its request makes room (else a slowloris locked out every newcomer, /health too); with
+            # none, this one is answered before its request is read.
+            stalled = next((ws for ws in server.handshaking if ws.request is None), None)
+            if stalled is None:
+                self.lobby_refused = True
+                transport.write(_TOO_MANY_SOCKETS)
+                transport.close()
+                server._cut_off(None, None, "too many connections", peer=self)
+                return
+            del server.handshaking[stalled]  # counted open until its connection_lost
+            stalled.transport.write(_TOO_MANY_SOCKETS)
+            stalled.transport.close()
+            server._cut_off(None, None, "too many connections", peer=stalled)
         server.open_sockets += 1
-        server.handshaking.add(self)
+        server.handshaking[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lobby_refused:
             self.lobby_server.open_sockets -= 1
-        self.lobby_server.handshaking.discard(self)
+        self.lobby_server.handshaking.pop(self, None)
         self.lobby_server._reading_paused.discard(self)
         for timer in (self._stall_timer, self._close_watch, self.lobby_deadline, self._pong_watch):
             if timer is not None:

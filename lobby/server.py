@@ -84,8 +84,9 @@ Listener = Callable[..., Any]
 _L = TypeVar("_L", bound=Listener)
 LISTENER_EVENTS = ("listen", "authenticate", "join", "link", "message", "unlink", "leave", "close", "event")
 #: Files a server holds besides its sockets: the log, its WAL and shared memory, the lobby's lock, the log
-#: file check, stdio, the event loop's own.
-FILES_BESIDES_SOCKETS = 32
+#: file check, stdio, the event loop's own (32); and sockets closing while as many new ones take their place
+#: (a stalled handshake making room: up to the 100 a listening socket accepts at once).
+FILES_BESIDES_SOCKETS = 32 + 100
 #: Bytes of one connection's frames waiting for a turn, at most, before it is no longer read from.
 INPUT_BACKLOG = 1024 * 1024
 #: Inputs of one connection handled in one turn at most (see Server._take_inputs).
@@ -137,7 +138,7 @@ class Server:
         self._auth_tasks: set[asyncio.Task[None]] = set()
         self._listener_tasks: set[asyncio.Future[Any]] = set()
         #: Connections in their opening handshake (websockets' own set has only open ones).
-        self.handshaking: set[LobbyConnection] = set()
+        self.handshaking: dict[LobbyConnection, None] = {}  # oldest first
         #: Sockets open, in any state (handshaking, open, closing), but those refused at once.
         self.open_sockets = 0
         #: Connections not read from while more than INPUT_BACKLOG bytes of their frames wait for a turn.
@@ -680,7 +681,7 @@ class Server:
 
     def _opened(self, ws: LobbyConnection) -> None:
         if ws.lobby_label is None:
-            self.handshaking.discard(ws)
+            self.handshaking.pop(ws, None)
             self._connections_opened += 1
             ws.lobby_label = f"c{self._connections_opened}"
             ws.lobby_tokens = float(self.config.message_burst)

@@ -779,8 +779,9 @@ async def test_a_connection_is_cut_off_once(tmp_path):
 async def test_sockets_that_never_finish_their_handshake_are_bounded_too(tmp_path):
     """A slowloris: sockets that send nothing were held for websockets' open timeout, uncounted, until the
     process ran out of files and honest connections failed unlogged. Beyond max_connections and the slack for
-    handshakes and health checks, a socket is answered 503 at once (and logged); while the websockets alone
-    fill the lobby, /health still answers."""
+    handshakes and health checks, the oldest socket still sending its request is answered 503 and closed (and
+    logged) to make room: the new one was refused instead, and a slowloris locked out players and /health. While
+    the websockets alone fill the lobby, /health still answers."""
     from lobby.connection import HANDSHAKE_SLACK
 
     server = await started(tmp_path, max_connections=2)
@@ -788,7 +789,9 @@ async def test_sockets_that_never_finish_their_handshake_are_bounded_too(tmp_pat
     try:
         first = await Raw.open(url(server))
         await first.link("first")
-        for _ in range(HANDSHAKE_SLACK + 1):
+        oldest, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        idle.append(writer)
+        for _ in range(HANDSHAKE_SLACK):
             _, writer = await asyncio.open_connection("127.0.0.1", server.port)
             idle.append(writer)
         for _ in range(100):
@@ -797,9 +800,9 @@ async def test_sockets_that_never_finish_their_handshake_are_bounded_too(tmp_pat
             await asyncio.sleep(0.01)
         assert server.open_sockets == HANDSHAKE_SLACK + 2
         with capture_logs() as logs:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            answer = await asyncio.wait_for(reader.read(), 5)
-            writer.close()
+            status, _, _ = await http_get(server, "/health")  # a health check gets in
+            answer = await asyncio.wait_for(oldest.read(), 5)  # the oldest stalled socket made room
+        assert status == 200
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and answer.endswith(b"\r\n\r\ntoo many connections\n")
         assert [(line["event"], line["reason"]) for line in logs if line["event"] == "cut off"] == [
             ("cut off", "too many connections")]
@@ -880,7 +883,7 @@ async def test_refusals_are_recorded_up_to_a_rate_and_the_rest_counted(tmp_path,
 
 
 @pytest.mark.parametrize(("limits", "raised_to", "warned"), [
-    ((256, 1_000_000), 10_000 + 64 + 32, False),  # raised as far as needed
+    ((256, 1_000_000), 10_000 + 64 + 132, False),  # raised as far as needed
     ((256, 4096), 4096, True),  # the hard limit is short: raised to it, and said
     ((1_000_000, 1_000_000), None, False),  # enough already
 ])
@@ -899,11 +902,11 @@ async def test_the_open_files_limit_is_raised_for_max_connections(tmp_path, monk
         # Lowered to fit: beyond the limit the kernel dropped connections unanswered (and asyncio's own loop
         # logged a traceback for each); within it the lobby answers 503.
         assert said == ([{"event": "open files limit below max_connections", "log_level": "warning", "limit": 4096,
-                          "max_connections": 10_000, "lowered_to": 4096 - 64 - 32, "lobby": "main",
+                          "max_connections": 10_000, "lowered_to": 4096 - 64 - 132, "lobby": "main",
                           "session": server.session,
                           "hint": "raise it (LimitNOFILE= in a systemd unit, ulimit -n) or lower --max-connections"}]
                         if warned else [])
-        assert server.config.max_connections == (4096 - 64 - 32 if warned else 10_000)
+        assert server.config.max_connections == (4096 - 64 - 132 if warned else 10_000)
     finally:
         await server.close()
 
