@@ -928,13 +928,14 @@ class Server:
         client looping on a bad link, or a hostile one, wrote a line per frame: a gigabyte an hour)."""
         connection: Any = rejection.connection
         connection.lobby_rejections += 1
+        count = connection.lobby_rejections
+        if count > REJECTIONS_LOGGED and not self._log_debug:
+            return
         line = {"reason": rejection.reason, "username": _shown(rejection.username), **_whom(connection)}
-        if connection.lobby_rejections < REJECTIONS_LOGGED:
-            self._log.info("link rejected", **line)
-        elif connection.lobby_rejections == REJECTIONS_LOGGED:
-            self._log.info("link rejected", **line, further="at debug level")
-        elif self._log_debug:
+        if count > REJECTIONS_LOGGED:
             self._log.debug("link rejected", **line)
+        else:
+            self._log.info("link rejected", **line, **({"further": "at debug level"} if count == REJECTIONS_LOGGED else {}))
 
     def _drain(self, connection: Any, next_stage: list[list[Effect]]) -> None:
         """Handle the next frame that waited behind a link, in the next stage; past TURN_SHARE of them in one

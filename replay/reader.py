@@ -328,10 +328,11 @@ def _parse_time(text: str, span: ClockSpan | None, width: int) -> int:
         moment = datetime.fromisoformat(text.replace(" ", "T", 1))
     except ValueError:
         raise ReplayError(f"cannot read time {text!r}; use ISO 8601 like 2026-11-27T21:03:00Z or 21:03") from None
-    return _microseconds(moment)
+    return microseconds(moment)
 
 
-def _microseconds(moment: datetime) -> int:
+def microseconds(moment: datetime) -> int:
+    """UTC microseconds of a datetime (one without a zone is UTC)."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -344,7 +345,7 @@ def _on_its_day(text: str, of_day: time, span: ClockSpan, width: int) -> int:
     first = datetime.fromtimestamp(span.start / 1_000_000, tz=timezone.utc).date()
     last = datetime.fromtimestamp(span.last / 1_000_000, tz=timezone.utc).date()
     days = [first + timedelta(days=n) for n in range(-1, (last - first).days + 2)]  # a zone may move it a day
-    moments = {day: _microseconds(datetime.combine(day, of_day)) for day in days}
+    moments = {day: microseconds(datetime.combine(day, of_day)) for day in days}
     within = [day for day, moment in moments.items() if moment <= span.last and moment + width > span.start]
     if len(within) == 1:
         return moments[within[0]]

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 from events import EVENT_TYPES, Event
 
 from .index import registry_at
-from .reader import ClockSpan, Log, ReplayError, open_log, parse_time
+from .reader import ClockSpan, Log, ReplayError, microseconds, open_log, parse_time
 
 __all__ = ["Selection", "seen_by", "select", "timeline", "to_microseconds"]
 
@@ -22,8 +22,7 @@ def to_microseconds(value: Moment, span: ClockSpan | None = None, *, end: bool =
     """UTC microseconds from a datetime, an int (already microseconds) or a string (see ``parse_time``,
     and its ``end`` and ``whole``)."""
     if isinstance(value, datetime):
-        moment = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-        return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+        return microseconds(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if not isinstance(value, str):
@@ -184,7 +183,7 @@ def timeline(
     """The events of ``session`` (id or prefix; the whole log without one) in seq order, lazily.
 
     Filters combine: ``users`` and ``types`` are sets to keep, ``since``/``until`` a time range (ISO 8601,
-    ``21:03`` on the session's date, a datetime or UTC microseconds), ``from_seq``/``to_seq`` a seq range.
+    ``21:03`` on the date of the session or log that has it, a datetime or UTC microseconds), ``from_seq``/``to_seq`` a seq range.
     ``seen_by`` (instead of ``users``) keeps what that user's client was sent, and what it did (see
     :func:`seen_by`). A bad filter raises at once; the log is closed when the iterator is exhausted or closed.
     """
